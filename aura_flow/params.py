@@ -1,0 +1,157 @@
+"""Parameter names, defaults, ranges and validation shared by the engine, the CLI, the nodes and the remote client.
+
+Torch-free on purpose: the ComfyUI nodes build their widgets from these tables at import time.
+Defaults and ranges are those of the hosted Aura Flow API (shared/seed/aura-flow-hosted-api.txt); the local
+engine differs only in image size, where it accepts what ComfyUI accepts (multiples of 8 from 64 up).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+MAX_SEED = 2**64 - 1
+OUTPUT_FORMATS = ("webp", "jpg", "png")
+
+# Local sizes follow ComfyUI's EmptyLatentImage: multiples of 8, 16 .. MAX_RESOLUTION (16384).
+LOCAL_MIN_SIZE = 64
+LOCAL_MAX_SIZE = 16384
+SIZE_STEP = 8
+# The hosted service's own limit.
+REMOTE_MIN_SIZE = 512
+REMOTE_MAX_SIZE = 2048
+
+
+class ParameterError(ValueError):
+    """A parameter is out of range or unknown. The message names the parameter, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float
+    hi: float
+    default: float | int
+    kind: type
+    help: str
+
+
+# name -> (range, default). Order is the hosted API's widget order used by both one-node generators.
+RANGES: dict[str, Range] = {
+    "cfg": Range(0.0, 20.0, 5.0, float, "classifier-free guidance scale; 1 disables the negative prompt pass"),
+    "shift": Range(0.0, 10.0, 1.73, float, "timestep shift of the flow schedule; higher spends more steps at high noise"),
+    "steps": Range(1, 100, 25, int, "number of sampling steps"),
+    "number_of_images": Range(1, 10, 1, int, "how many images to generate"),
+    "output_quality": Range(0, 100, 80, int, "webp/jpg quality, 0 worst to 100 best (ignored for png)"),
+    "denoise": Range(0.0, 1.0, 1.0, float, "fraction of the schedule to run; below 1 starts from the given latent"),
+}
+
+DEFAULTS = {
+    "prompt": "",
+    "negative_prompt": "",
+    "cfg": 5.0,
+    "seed": None,
+    "shift": 1.73,
+    "steps": 25,
+    "width": 1024,
+    "height": 1024,
+    "sampler": "uni_pc",
+    "scheduler": "normal",
+    "number_of_images": 1,
+    "output_format": "webp",
+    "output_quality": 80,
+}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_range(name: str, value, rng: Range | None = None):
+    """Return ``value`` converted to the parameter's type, or raise ParameterError naming it and its range."""
+    rng = rng or RANGES[name]
+    if rng.kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ParameterError(f"{name}={value!r} is not an integer; allowed: {rng.lo}..{rng.hi}")
+    else:
+        if not _is_number(value) or not math.isfinite(float(value)):
+            raise ParameterError(f"{name}={value!r} is not a finite number; allowed: {rng.lo}..{rng.hi}")
+        value = float(value)
+    if not (rng.lo <= value <= rng.hi):
+        raise ParameterError(f"{name}={value!r} is out of range; allowed: {rng.lo}..{rng.hi}")
+    return value
+
+
+def check_size(name: str, value, *, remote: bool = False) -> int:
+    lo, hi = (REMOTE_MIN_SIZE, REMOTE_MAX_SIZE) if remote else (LOCAL_MIN_SIZE, LOCAL_MAX_SIZE)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ParameterError(f"{name}={value!r} is not an integer; allowed: {lo}..{hi}")
+    if not (lo <= value <= hi):
+        raise ParameterError(f"{name}={value} is out of range; allowed: {lo}..{hi}"
+                             + ("" if remote else f" in steps of {SIZE_STEP}"))
+    if not remote and value % SIZE_STEP:
+        lower = value - value % SIZE_STEP
+        raise ParameterError(f"{name}={value} is not a multiple of {SIZE_STEP} (the VAE's downscale factor); "
+                             f"use {lower} or {lower + SIZE_STEP}")
+    return value
+
+
+def check_seed(seed) -> int:
+    """A seed from 0 to 2**64-1; None draws a random one (the caller reports the seed it used)."""
+    if seed is None:
+        return random.SystemRandom().randrange(0, 2**53)
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParameterError(f"seed={seed!r} is not an integer; allowed: 0..{MAX_SEED}")
+    if not (0 <= seed <= MAX_SEED):
+        raise ParameterError(f"seed={seed} is out of range; allowed: 0..{MAX_SEED}")
+    return seed
+
+
+def check_choice(name: str, value, choices) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ParameterError(f"{name}={value!r} is not known; valid names: {', '.join(choices)}")
+    return value
+
+
+def check_text(name: str, value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ParameterError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def validate_generation(params: dict, *, remote: bool = False) -> dict:
+    """Validate and normalise a full set of hosted-API parameters (missing ones take their defaults).
+
+    Raises ParameterError on the first bad one, before any model work. Unknown keys are refused too, so a typo
+    is not silently ignored.
+    """
+    from .registry import SAMPLER_NAMES, SCHEDULER_NAMES, REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES
+
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    p = {**DEFAULTS, **{k: v for k, v in params.items()}}
+    out = {
+        "prompt": check_text("prompt", p["prompt"]),
+        "negative_prompt": check_text("negative_prompt", p["negative_prompt"]),
+        "cfg": check_range("cfg", p["cfg"]),
+        "seed": check_seed(p["seed"]),
+        "shift": check_range("shift", p["shift"]),
+        "steps": check_range("steps", p["steps"]),
+        "width": check_size("width", p["width"], remote=remote),
+        "height": check_size("height", p["height"], remote=remote),
+        "sampler": check_choice("sampler", p["sampler"], REMOTE_SAMPLER_NAMES if remote else SAMPLER_NAMES),
+        "scheduler": check_choice("scheduler", p["scheduler"], REMOTE_SCHEDULER_NAMES if remote else SCHEDULER_NAMES),
+        "number_of_images": check_range("number_of_images", p["number_of_images"]),
+        "output_format": check_choice("output_format", p["output_format"], OUTPUT_FORMATS),
+        "output_quality": check_range("output_quality", p["output_quality"]),
+    }
+    return out
