@@ -1,0 +1,157 @@
+"""`AuraFlowPipeline`: prompt encoding, the velocity model, sampling and VAE decode, with ComfyUI's semantics."""
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .params import validate_generation
+from .sampling import sample as _sample
+from .schedules import LATENT_SCALE
+from .text import encode_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _pos_embed_forward(self, latent):
+    """AuraFlow patch embedding with ComfyUI's position grid: crop the centre of the learned square grid, and
+    interpolate the grid bilinearly when the image has more patches a side than the grid (diffusers crashes)."""
+    b, c, h, w = latent.shape
+    p = self.patch_size
+    hp, wp = h // p, w // p
+    x = latent.view(b, c, hp, p, wp, p).permute(0, 2, 4, 1, 3, 5).flatten(-3).flatten(1, 2)
+    x = self.proj(x)
+    side = int(self.pos_embed_max_size ** 0.5)
+    grid = self.pos_embed.reshape(1, side, side, -1)
+    cur = side
+    if max(hp, wp) > side:
+        cur = max(hp, wp)
+        grid = F.interpolate(grid.movedim(-1, 1).float(), (cur, cur), mode="bilinear").movedim(1, -1)
+    top, left = (cur - hp) // 2, (cur - wp) // 2
+    pe = grid[:, top:top + hp, left:left + wp].reshape(1, hp * wp, -1)
+    return x + pe.to(x.dtype)
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images
+    tensor: torch.Tensor  # (B, H, W, 3) float32 in [0, 1] (ComfyUI IMAGE)
+    seed: int  # the seed used for the whole batch (ComfyUI semantics: one noise tensor for all images)
+    params: dict = field(default_factory=dict)  # the validated parameters
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed] * len(self.images)
+
+
+class AuraFlowPipeline:
+    """Loaded AuraFlow: ``generate()`` for the whole job, or the parts (``encode_prompt``, ``velocity``,
+    ``sample``, ``decode``, ``encode``) for the ComfyUI nodes."""
+
+    def __init__(self, transformer, text_encoder, tokenizer, vae, *, device, compute_dtype, sources=None,
+                 prompt_cache_size: int = 8):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.device = torch.device(device)
+        self.dtype = compute_dtype
+        self.sources = sources or {}
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache_size = prompt_cache_size
+        pe = transformer.pos_embed
+        pe.forward = types.MethodType(_pos_embed_forward, pe)
+        self.to(self.device)
+
+    # -------------------------------------------------------------- devices
+    def to(self, device):
+        self.device = torch.device(device)
+        for m in (self.transformer, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(self.device)
+        return self
+
+    @property
+    def patch_size(self) -> int:
+        return self.transformer.config.patch_size
+
+    @property
+    def context_dim(self) -> int:
+        return self.transformer.config.joint_attention_dim
+
+    # -------------------------------------------------------------- parts
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        """(1, tokens >= 256, context_dim) in the compute dtype; the last few prompts are cached."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise RuntimeError("this pipeline was loaded without a text encoder; encode prompts elsewhere")
+        hit = self._prompt_cache.get(text)
+        if hit is not None:
+            return hit
+        ctx = encode_prompt(self.text_encoder, self.tokenizer, text, self.device, self.dtype)
+        if len(self._prompt_cache) >= self._prompt_cache_size:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        self._prompt_cache[text] = ctx
+        return ctx
+
+    @torch.inference_mode()
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Flow velocity for model-space latents x (N,4,h,w) at per-row sigma (N,) given context (N,T,D).
+
+        Sizes that are not a multiple of the patch size are padded circularly and cropped back (as ComfyUI).
+        """
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        ph, pw = (-h) % p, (-w) % p
+        xin = F.pad(x, (0, pw, 0, ph), mode="circular") if (ph or pw) else x
+        out = self.transformer(hidden_states=xin.to(self.device, self.dtype),
+                               encoder_hidden_states=context.to(self.device, self.dtype),
+                               timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
+        return out[..., :h, :w].to(x.dtype)
+
+    def sample(self, positive, negative, latent, **kwargs):
+        """`aura_flow.sample` with this pipeline's transformer as the model."""
+        return _sample(self.velocity, positive, negative, latent, **kwargs)
+
+    @torch.inference_mode()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Raw VAE-space latent (B,4,h,w) -> images (B,H,W,3) float32 in [0,1]. Always fp32 (fp16 overflows)."""
+        if self.vae is None:
+            raise RuntimeError("this pipeline was loaded without a VAE")
+        z = latent.to(self.device, torch.float32)
+        img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B,H,W,3) in [0,1] -> raw VAE-space latent (B,4,H/8,W/8) (the distribution's mean)."""
+        if self.vae is None:
+            raise RuntimeError("this pipeline was loaded without a VAE")
+        h, w = images.shape[1] // 8 * 8, images.shape[2] // 8 * 8
+        x = images[:, :h, :w, :3].to(self.device, torch.float32).permute(0, 3, 1, 2) * 2 - 1
+        return self.vae.encode(x).latent_dist.mean.float().cpu()
+
+    # -------------------------------------------------------------- the whole job
+    def generate(self, *, callback: Callable | None = None, should_stop: Callable | None = None,
+                 noise: torch.Tensor | None = None, **params) -> GenerationResult:
+        """Text to image with the hosted API's parameters (see aura_flow.params); validated before any work.
+
+        callback(step, total, x0) after each step; should_stop() polled before every model call.
+        noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
+        """
+        p = validate_generation(params)
+        from PIL import Image
+
+        b, h, w = p["number_of_images"], p["height"] // 8, p["width"] // 8
+        positive = self.encode_prompt(p["prompt"])
+        negative = self.encode_prompt(p["negative_prompt"]) if p["cfg"] != 1.0 else positive
+        latent = torch.zeros(b, 4, h, w)
+        out = self.sample(positive, negative, latent, seed=p["seed"], steps=p["steps"], cfg=p["cfg"],
+                          sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"], callback=callback,
+                          should_stop=should_stop, noise=noise)
+        images = self.decode(out)
+        pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
+        return GenerationResult(images=pil, tensor=images, seed=p["seed"], params=p)
