@@ -1,0 +1,146 @@
+"""Image files with the generation's metadata: encode to webp / jpg / png, save atomically, read the metadata back.
+
+Torch-free (Pillow only), shared by the Save node, the command line and the headless runner.
+
+Metadata is a dict of JSON-serialisable values (ComfyUI passes ``{"prompt": <API graph>, "workflow": <editor
+graph>}``); each value is stored as JSON text, ASCII-escaped so any prompt survives every container:
+- png: one text chunk per key, as ComfyUI's own Save Image writes it;
+- webp and jpg: EXIF, in the layout ComfyUI's animated-WEBP saver uses and its editor reads back when an image is
+  dropped on it: ``prompt`` in tag 0x0110 (Model) as ``"prompt:<json>"``, every other key in the tags below
+  0x010F (Make, then ImageDescription, ...) as ``"<key>:<json>"``.
+A jpg's EXIF segment holds at most 64 KiB; keys that do not fit are dropped, largest first, with a warning.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+
+from .params import OUTPUT_FORMATS, check_choice, check_range
+
+log = logging.getLogger(__name__)
+
+EXT = {"webp": ".webp", "jpg": ".jpg", "png": ".png"}
+_PIL_FORMAT = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+_EXIF_PROMPT_TAG = 0x0110  # Model
+_EXIF_FIRST_OTHER_TAG = 0x010F  # Make; further keys count down from here
+_EXIF_LAST_OTHER_TAG = 0x010D  # DocumentName: three free ASCII tags below Model are enough for prompt+workflow+1
+_JPEG_EXIF_LIMIT = 65533 - 8  # one APP1 segment, less its "Exif\0\0" header and length field
+
+
+def _exif_for(metadata: dict, *, limit: int | None = None):
+    """An EXIF block holding ``metadata`` in ComfyUI's key:json layout; keys over ``limit`` bytes are dropped."""
+    from PIL import Image
+
+    texts = {key: f"{key}:{json.dumps(value)}" for key, value in metadata.items()}
+    while True:
+        exif = Image.Exif()
+        tag = _EXIF_FIRST_OTHER_TAG
+        for key, text in texts.items():
+            if key == "prompt":
+                exif[_EXIF_PROMPT_TAG] = text
+                continue
+            if tag < _EXIF_LAST_OTHER_TAG:
+                log.warning("image metadata: no EXIF tag left for key %r; it is not saved", key)
+                continue
+            exif[tag] = text
+            tag -= 1
+        if limit is None or not texts:
+            return exif
+        size = len(exif.tobytes())
+        if size <= limit:
+            return exif
+        largest = max(texts, key=lambda k: len(texts[k]))
+        log.warning("image metadata: %r (%d bytes) does not fit a jpg's 64 KiB EXIF segment and is not saved; "
+                    "save as png or webp to keep it", largest, len(texts[largest]))
+        del texts[largest]
+
+
+def encode_image(pil, fmt: str, quality: int = 80, metadata: dict | None = None) -> bytes:
+    """Encode a PIL image as ``fmt`` ("webp", "jpg" or "png") at ``quality`` (0-100; png ignores it).
+
+    ``metadata`` (a dict of JSON-serialisable values) is embedded as described in the module docstring; None or
+    an empty dict writes none.
+    """
+    fmt = check_choice("output_format", fmt, OUTPUT_FORMATS)
+    quality = check_range("output_quality", quality)
+    metadata = dict(metadata or {})
+    image = pil
+    if fmt == "jpg" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    elif image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    options: dict = {}
+    if fmt == "png":
+        options["compress_level"] = 4  # ComfyUI's Save Image level: fast, a little larger
+        if metadata:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for key, value in metadata.items():
+                info.add_text(key, json.dumps(value))
+            options["pnginfo"] = info
+    else:
+        options["quality"] = quality
+        if fmt == "webp":
+            options["method"] = 4
+        if metadata:
+            options["exif"] = _exif_for(metadata, limit=_JPEG_EXIF_LIMIT if fmt == "jpg" else None)
+    buf = io.BytesIO()
+    image.save(buf, format=_PIL_FORMAT[fmt], **options)
+    return buf.getvalue()
+
+
+def save_image_atomic(pil, path, fmt: str, quality: int = 80, metadata: dict | None = None) -> str:
+    """Encode and write ``pil`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader never sees a half-written file, and a failed save leaves nothing behind. Returns the path.
+    """
+    data = encode_image(pil, fmt, quality, metadata)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def read_metadata(source) -> dict:
+    """The metadata embedded by `encode_image`, from a path, bytes or an open PIL image: ``{key: value}``."""
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    out: dict = {}
+    if image.format == "PNG":
+        for key, text in getattr(image, "text", {}).items():
+            try:
+                out[key] = json.loads(text)
+            except ValueError:
+                out[key] = text
+        return out
+    exif = image.getexif()
+    for tag in range(_EXIF_LAST_OTHER_TAG, _EXIF_PROMPT_TAG + 1):
+        text = exif.get(tag)
+        if not isinstance(text, str) or ":" not in text:
+            continue
+        key, _, payload = text.partition(":")
+        try:
+            out[key] = json.loads(payload)
+        except ValueError:
+            continue  # a camera's own Make/Model string, not ours
+    return out
