@@ -1,0 +1,91 @@
+"""HTTP routes the pack adds to ComfyUI's server.
+
+``GET /auraflow/sigmas?scheduler=normal&steps=25&shift=1.73&denoise=1&sampler=uni_pc`` answers
+``{"sigmas": [...]}``: exactly the schedule the AuraFlow Sampler will run with those settings (the editor draws it
+on the node, web/auraflow.js), or HTTP 400 with ``{"error": "<which parameter, what is allowed>"}``.
+
+The logic is the plain function `sigmas_response`, testable without ComfyUI; `register()` adds the route to
+``server.PromptServer.instance.routes`` only when ComfyUI's server is running (the pack's ``__init__`` calls it).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+
+try:  # inside the ComfyUI pack
+    from ..aura_flow.params import ParameterError
+
+    _ENGINE = __package__.rpartition(".")[0] + ".aura_flow"
+except ImportError:  # imported from the repository root (tests, tools)
+    from aura_flow.params import ParameterError
+
+    _ENGINE = "aura_flow"
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/auraflow/sigmas"
+DEFAULTS = {"scheduler": "normal", "steps": 25, "shift": 1.73, "denoise": 1.0, "sampler": None}
+
+_registered = False
+
+
+def _number(query: dict, name: str, kind: type):
+    text = query.get(name)
+    if text is None or text == "":
+        return DEFAULTS[name]
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={text!r} is not a number (e.g. {name}={DEFAULTS[name]})") from None
+    if kind is int:
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"{name}={text!r} is not a whole number (e.g. {name}={DEFAULTS[name]})")
+        return int(value)
+    return value
+
+
+def sigmas_response(query: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for the query parameters of ``GET /auraflow/sigmas``.
+
+    Missing parameters take the sampler node's defaults (normal, 25 steps, shift 1.73, denoise 1, no sampler).
+    Every parameter error is a 400 whose ``error`` names the parameter, the value and what is allowed.
+    """
+    try:
+        steps = _number(query, "steps", int)
+        shift = _number(query, "shift", float)
+        denoise = _number(query, "denoise", float)
+    except ValueError as exc:
+        return 400, {"error": str(exc)}
+    scheduler = query.get("scheduler") or DEFAULTS["scheduler"]
+    sampler = query.get("sampler") or None
+    try:
+        sigmas = importlib.import_module(_ENGINE + ".schedules").sigmas  # torch: loaded on first request
+        values = sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler)
+    except ParameterError as exc:
+        return 400, {"error": str(exc)}
+    return 200, {"sigmas": [float(v) for v in values.tolist()]}
+
+
+def register() -> bool:
+    """Add the routes to ComfyUI's server; False (and nothing done) outside a running ComfyUI."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:  # ComfyUI's modules are importable but its server was not started
+        return False
+
+    @instance.routes.get(ROUTE)
+    async def auraflow_sigmas(request):
+        status, body = sigmas_response(dict(request.rel_url.query))
+        return web.json_response(body, status=status)
+
+    _registered = True
+    log.debug("AuraFlow: added GET %s", ROUTE)
+    return True
