@@ -60,7 +60,11 @@ class RemoteError(RuntimeError):
 
     ``status`` is the HTTP status (None for network faults), ``index`` the image of a batch it concerns,
     ``billed`` True/False/None (unknown), ``data`` the body bytes of an image that arrived but was rejected.
+    Raised by `RemoteClient.generate`, it carries the whole call's `RemoteResult` as ``result`` (its
+    ``failures`` hold every image's error, with their ``data``).
     """
+
+    result = None
 
     def __init__(self, message, *, status=None, index=None, billed=False, data=None):
         super().__init__(message)
@@ -169,6 +173,11 @@ def save_api_key(key: str, path) -> Path:
         fh.write(key + "\n")
     os.replace(tmp, path)
     return path
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` of a batch: one request per image, seeds seed, seed+1, ... modulo 2**64."""
+    return (seed + index) % (MAX_SEED + 1)
 
 
 def image_extension(data: bytes) -> str:
@@ -607,7 +616,7 @@ class RemoteClient:
         raise self._fatal(resp, index)
 
     def _one_image(self, ctx: "_Call", index: int) -> RemoteImage:
-        seed = (ctx.params["seed"] + index) % (MAX_SEED + 1)
+        seed = batch_seed(ctx.params["seed"], index)
         body = self._request_body(ctx.params, seed)
         retries = rate_retries = 0
         while True:
@@ -679,8 +688,9 @@ class RemoteClient:
                         continue
                     arrived[i] = img
                     result.remaining_credits = _lower_credits(result.remaining_credits, img.remaining_credits)
-                    log.info("AuraFlow remote: image %d/%d arrived (seed %d, %s s, cost %s)", i + 1, n, img.seed,
-                             img.headers.get("x-generation-time", "?"), img.headers.get("x-cost", "?"))
+                    log.info("AuraFlow remote: image %d/%d arrived (seed %d, %s s, cost %s, credits left %s)", i + 1,
+                             n, img.seed, img.headers.get("x-generation-time", "?"), img.headers.get("x-cost", "?"),
+                             img.remaining_credits or "?")
                 ctx.check_deadlines()
                 now = time.monotonic()
                 if should_stop is not None and should_stop():
@@ -700,13 +710,12 @@ class RemoteClient:
         result.failures = [failed[i] for i in sorted(failed)]
         if not result.images:
             if len(result.failures) == 1:
-                raise result.failures[0]
-            err = RemoteError(f"no image arrived: {result.failure_summary()}",
-                              status=result.failures[0].status, billed=None)
-            err.failures = result.failures
+                err = result.failures[0]
+            else:
+                err = RemoteError(f"no image arrived: {result.failure_summary()}",
+                                  status=result.failures[0].status, billed=None)
+            err.result = result
             raise err
-        if result.remaining_credits is not None:
-            log.info("AuraFlow remote: remaining credits %s", result.remaining_credits)
         return result
 
 

@@ -1,0 +1,59 @@
+"""``python -m aura_flow remote``: generate with the hosted Aura Flow API, write the images, print their paths.
+
+Same flags as ``generate``; the key comes from ``SEGMIND_API_KEY`` or the key file (``--key-file``, default
+``~/.config/auraflow/segmind_api_key``), never from the command line, where it would land in shell history.
+"""
+from __future__ import annotations
+
+import sys
+
+from . import remote as remote_api
+from .cli_generate import add_generation_flags, generation_params
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("remote", help="generate with the hosted Aura Flow API (needs SEGMIND_API_KEY)",
+                              description="Generate with the hosted Aura Flow API (Segmind), write the "
+                              "images to --out and print their paths. The key comes from SEGMIND_API_KEY or the key "
+                              "file, never from the command line.")
+    add_generation_flags(p, remote=True)
+    p.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
+                                                    "or ~/.config/auraflow/segmind_api_key)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests at a time (default %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Exit codes: 0 all images written, 1 some or all failed (what arrived is still written), 130 interrupted."""
+    params = remote_api.validate_generation(generation_params(args), remote=True)  # before the key is read
+    try:
+        client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=args.timeout,
+                                                          max_concurrency=args.concurrency)
+        result = client.generate(params)
+    except remote_api.RemoteError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        if exc.result is not None:
+            _write(exc.result, args.out, report_failures=False)
+        return 130 if isinstance(exc, remote_api.RemoteInterrupted) else 1
+    _write(result, args.out, report_failures=True)
+    sys.stderr.write(f"seed: {result.seed}\n")
+    if result.remaining_credits is not None:
+        sys.stderr.write(f"remaining credits: {result.remaining_credits}\n")
+    return 1 if result.failures else 0
+
+
+def _write(result, out, *, report_failures: bool) -> None:
+    """Write every image that arrived and print its path; bytes billed but rejected (wrong size) are kept too."""
+    for im in result.images:
+        sys.stdout.write(f"{remote_api.write_new_file(out, f'auraflow_{im.seed}', im.data)}\n")
+    sys.stdout.flush()
+    n = result.params["number_of_images"]
+    for failure in result.failures:
+        kept = ""
+        if failure.data:
+            seed = remote_api.batch_seed(result.params["seed"], failure.index)
+            path = remote_api.write_new_file(out, f"auraflow_{seed}_rejected", failure.data)
+            kept = f"; its bytes are kept as {path}"
+        if report_failures or kept:
+            sys.stderr.write(f"image {failure.index + 1}/{n}: {failure if report_failures else 'rejected'}{kept}\n")
