@@ -37,15 +37,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from .loader import LoadError
     from .params import ParameterError
 
     try:
         return int(args.func(args) or 0)
-    except ParameterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ParameterError, LoadError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        sys.stderr.write("interrupted\n")
         return 130
 
 

@@ -51,21 +51,10 @@ class _Reader:
             except Exception as exc:  # safetensors raises its own error types
                 raise LoadError(f"{f}: not a readable safetensors file ({exc}); the file is truncated, corrupt or "
                                 f"of another format. Download it again.") from None
-            size = f.stat().st_size
-            header_end = _header_end(f)
-            self._check_length(f, size, header_end)
             self._handles[f] = h
             self.metadata.update(h.metadata() or {})
             for k in keys:
                 self.key_file[k] = f
-
-    @staticmethod
-    def _check_length(path: Path, size: int, header_end: int):
-        header = json.loads(path.open("rb").read(header_end)[8:])
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if header_end + end > size:
-            raise LoadError(f"{path}: truncated: the header promises {header_end + end} bytes, the file has {size}. "
-                            f"Download it again.")
 
     def keys(self):
         return self.key_file.keys()
@@ -82,14 +71,6 @@ class _Reader:
             if k.startswith(prefix):
                 out[k[len(prefix):] if strip else k] = self.get(k, dtype)
         return out
-
-
-def _header_end(path: Path) -> int:
-    with path.open("rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8:
-        raise LoadError(f"{path}: empty or truncated file ({len(head)} bytes). Download it again.")
-    return 8 + int.from_bytes(head, "little")
 
 
 # ---------------------------------------------------------------- what a file is

@@ -38,7 +38,7 @@ class PromptTokenizer:
                 raise LoadError(f"{path}: cannot load the tokenizer ({exc}); {TOKENIZER_HINT}") from None
             pad = tok.pad_token_id if tok.pad_token_id is not None else PAD_ID
             end = tok.eos_token_id if tok.eos_token_id is not None else END_ID
-            return cls(lambda text: list(tok(text, add_special_tokens=False)["input_ids"]), str(path), pad, end)
+            return cls(lambda text: list(tok(text, add_special_tokens=False, verbose=False)["input_ids"]), str(path), pad, end)
         if path.is_dir() and (path / "tokenizer.model").exists():
             path = path / "tokenizer.model"
         if path.is_file():
