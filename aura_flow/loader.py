@@ -431,7 +431,14 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         c.transformer = _transformer_from_sd(reader.take(t_prefix, strip=False), ckpt, reader.metadata, storage,
                                              compute)
         if need_text_encoder and te_path is None and any(k.startswith("text_encoders.") for k in keys):
-            c.text_encoder = _t5_from_sd(reader.take("text_encoders."), ckpt, compute)
+            te_sd = reader.take("text_encoders.")
+            spiece = next((k for k in te_sd if k.endswith("spiece_model")), None)
+            if spiece is not None:  # ComfyUI serializes the tokenizer into the checkpoint
+                blob = te_sd.pop(spiece)
+                if tok_path is None:
+                    c.tokenizer = PromptTokenizer.from_sentencepiece_bytes(blob.numpy().tobytes(), f"{ckpt}:{spiece}")
+                    c.sources["tokenizer"] = c.tokenizer.source
+            c.text_encoder = _t5_from_sd(te_sd, ckpt, compute)
             c.sources["text_encoder"] = str(ckpt)
         if need_vae and vae_path is None and any(k.startswith(("vae.", "first_stage_model.")) for k in keys):
             c.vae = _vae_from_sd(reader.take("vae." if any(k.startswith("vae.") for k in keys)
@@ -452,7 +459,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
                             f"folder; in ComfyUI put it in models/vae)")
         c.vae = _load_vae_path(vae_path)
         c.sources["vae"] = str(vae_path)
-    if need_text_encoder:
+    if need_text_encoder and c.tokenizer is None:
         if tok_path is None and te_path is not None and te_path.is_dir():
             for cand in (te_path / "tokenizer", te_path.parent / "tokenizer", te_path / "tokenizer.model"):
                 if cand.exists():

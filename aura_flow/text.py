@@ -53,6 +53,15 @@ class PromptTokenizer:
             return cls(lambda text: list(sp.encode(text)), str(path), pad, end)
         raise LoadError(f"{path}: no tokenizer there; {TOKENIZER_HINT}")
 
+    @classmethod
+    def from_sentencepiece_bytes(cls, data: bytes, source: str) -> "PromptTokenizer":
+        """A sentencepiece model serialized into a checkpoint (ComfyUI saves Pile-T5's as ``spiece_model``)."""
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+        return cls(lambda text: list(sp.encode(text)), source, sp.pad_id() if sp.pad_id() >= 0 else PAD_ID,
+                   sp.eos_id() if sp.eos_id() >= 0 else END_ID)
+
     def __call__(self, text: str, min_length: int = MIN_LENGTH):
         """-> (ids, mask) lists of equal length >= min_length; never truncates."""
         ids = self._encode(text) + [self.end_id]

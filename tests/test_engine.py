@@ -81,6 +81,21 @@ def test_dtypes_fp8_and_bf16_stay_close(tiny_models, tiny_pipe):
         assert psnr >= min_psnr, (dtype, psnr)
 
 
+def test_tokenizer_serialized_in_the_checkpoint(tmp_path, tiny_models, tiny_pipe):
+    """ComfyUI saves Pile-T5's sentencepiece model into checkpoints as text_encoders.<name>.spiece_model."""
+    from safetensors.torch import load_file, save_file
+
+    src = Path(tiny_models["single_file"]["checkpoint"])
+    sd = load_file(str(src))
+    blob = (src.parent / "tokenizer.model").read_bytes()
+    sd["text_encoders.pile_t5xl.spiece_model"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    alone = tmp_path / "with_tokenizer.safetensors"  # no tokenizer.model beside it
+    save_file(sd, str(alone), metadata={"aura_flow.attention_head_dim": "8"})
+    pipe = aura_flow.load(alone, device="cpu")
+    assert pipe.tokenizer.source.endswith(":pile_t5xl.spiece_model")
+    assert pipe.tokenizer("a photo of a cat") == tiny_pipe.tokenizer("a photo of a cat")
+
+
 # ------------------------------------------------------------------ generation
 def test_generate_matches_diffusers_pipeline(tiny_models, tiny_pipe):
     from diffusers import AuraFlowPipeline
