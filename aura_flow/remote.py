@@ -225,9 +225,9 @@ class Endpoint:
 
     @property
     def display(self) -> str:
-        """The URL without any user:password part, for messages."""
+        """The URL without user:password or query, for messages."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.path}"
+        return f"{self.scheme}://{host}:{self.port}{self.path.split('?')[0]}"
 
 
 def parse_endpoint(url: str) -> Endpoint:
@@ -428,6 +428,10 @@ class RemoteClient:
             exchange.attach(conn)
             try:
                 conn.connect()
+            except ssl.SSLCertVerificationError as exc:
+                raise RemoteError(f"the TLS certificate of {ep.host} is not trusted ({exc.verify_message}); "
+                                  f"nothing was sent. Check the system's CA certificates, or {API_URL_ENV}",
+                                  billed=False) from None
             except (OSError, http.client.HTTPException) as exc:
                 if exchange.reason:
                     raise _Cancelled() from None
@@ -505,6 +509,9 @@ class RemoteClient:
                 text = f"not enough credits (406): {msg}. Top up at https://cloud.segmind.com/console/billing"
             else:
                 text = f"the service refused the request (406 not acceptable: credits or content type): {msg}"
+        elif 300 <= s < 400:
+            text = (f"{where} redirects ({s}) to {self._scrub(resp.headers.get('location', '(no location)'))}; not "
+                    f"followed, so the key goes nowhere else. If the API moved, set {API_URL_ENV} to the new address")
         else:
             text = f"the service answered HTTP {s}: {msg}"
         return RemoteError(text, status=s, index=index, billed=False)
@@ -605,6 +612,7 @@ class RemoteClient:
                                   f"{self.retry.max_rate_limit_wait:g} s this client waits: {msg}. Try again later "
                                   "or lower number_of_images", status=429, index=index, billed=False)
             wait_s = self.retry.rate_limit_default_wait if delay is None else max(0.0, delay)
+            ctx.pause_until(time.monotonic() + wait_s)  # the other requests of the batch wait for the reset too
             raise _Retry(RemoteError(f"rate limited (429): {msg}", status=429, index=index, billed=False),
                          delay=wait_s, rate_limited=True)
         if resp.status == 408 or resp.status >= 500:
@@ -620,7 +628,7 @@ class RemoteClient:
         body = self._request_body(ctx.params, seed)
         retries = rate_retries = 0
         while True:
-            if ctx.cancelled.is_set():
+            if ctx.cancelled.wait(max(0.0, ctx.not_before - time.monotonic())):  # a shared rate-limit pause
                 raise _Cancelled()
             if ctx.halted is not None:
                 raise RemoteError(f"not sent, because {ctx.halted}", index=index, billed=False)
@@ -642,7 +650,7 @@ class RemoteClient:
                     retries += 1
                 log.warning("AuraFlow remote: image %d/%d: %s; retrying in %.1f s", index + 1, ctx.total,
                             r.error, delay)
-                if ctx.cancelled.wait(delay):
+                if not r.rate_limited and ctx.cancelled.wait(delay):  # a 429's wait is the shared pause above
                     raise _Cancelled() from None
             except RemoteError as e:
                 if e.status in (400, 401, 402, 403, 404, 405, 406, 422):
@@ -737,6 +745,7 @@ class _Call:
         self.total = total
         self.cancelled = threading.Event()
         self.halted: str | None = None  # set when a failure means no further request can succeed
+        self.not_before = 0.0  # monotonic time before which no request is sent (a rate-limit reset)
         self._active: set[_Exchange] = set()
         self._lock = threading.Lock()
 
@@ -749,6 +758,10 @@ class _Call:
     def unregister(self, ex: _Exchange):
         with self._lock:
             self._active.discard(ex)
+
+    def pause_until(self, when: float):
+        with self._lock:
+            self.not_before = max(self.not_before, when)
 
     def check_deadlines(self):
         now = time.monotonic()

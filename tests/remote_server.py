@@ -9,7 +9,8 @@ Faults are scripted per request: `fail_next(*faults)` applies to the next reques
 `fail_seed(seed, *faults)` to the requests carrying that seed (so concurrent batches stay deterministic). A fault is
 a dict: ``{"status": 500, "body": b"...", "type": "text/html", "headers": {...}}`` for an error answer, or
 ``{"kind": K, ...}`` with K one of ``slow`` (``seconds`` before answering normally), ``drop`` (close mid-body),
-``garbage`` (a 200 with non-image bytes), ``huge`` (announce a 2 GB body), ``stream`` (send ``bytes`` of data
+``garbage`` (a 200 with non-image bytes), ``hangup`` (close without answering), ``redirect``
+(a 302 elsewhere), ``huge`` (announce a 2 GB body), ``stream`` (send ``bytes`` of data
 without a length), ``size`` (a correct image of ``width``x``height`` instead).
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ def make_image(width: int, height: int, seed: int, fmt: str, quality: int = 80) 
 class FakeService:
     """``with FakeService() as svc: svc.url ...``; ``svc.requests`` lists what arrived (headers, body)."""
 
-    def __init__(self, key: str = KEY, credits: float = 100.0, cost: float = 0.5):
+    def __init__(self, key: str = KEY, credits: float = 100.0, cost: float = 0.5, tls=None):
+        """``tls=(certfile, keyfile)`` serves https."""
         self.key = key
         self.credits = credits
         self.cost = cost
@@ -60,6 +62,14 @@ class FakeService:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._server.block_on_close = False
+        self.scheme = "http"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
 
@@ -73,7 +83,7 @@ class FakeService:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1/aura-flow"
+        return f"{self.scheme}://{host}:{port}/v1/aura-flow"
 
     def __enter__(self):
         self._thread.start()
@@ -149,6 +159,11 @@ class FakeService:
                 kind = (fault or {}).get("kind")
                 if kind == "slow":
                     svc.sleep(fault["seconds"])
+                if kind == "hangup":
+                    self.close_connection = True
+                    return
+                if kind == "redirect":
+                    return self._send(302, b"", "text/plain", {"Location": "https://elsewhere.example/v1/aura-flow"})
                 if self.headers.get("x-api-key") != svc.key:
                     return self._error(401, "Unauthorized: invalid or missing API key")
                 if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":

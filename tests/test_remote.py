@@ -318,6 +318,65 @@ def test_dropped_connection_retried_and_billing_said(svc, caplog):
     assert any("connection dropped during a 200 response" in m and "billed" in m for m in warned)
 
 
+def test_hangup_without_answer_retried(svc, caplog):
+    svc.fail_next({"kind": "hangup"})
+    result = client(svc).generate({"seed": 8, "width": 512, "height": 512})
+    assert len(svc.requests) == 2 and result.images[0].seed == 8
+    assert any("the dropped request may have been billed" in r.getMessage() for r in caplog.records)
+
+
+def test_redirect_not_followed(svc):
+    svc.fail_next({"kind": "redirect"})
+    err = fails(lambda: client(svc).generate({}))
+    assert "redirects (302) to https://elsewhere.example/v1/aura-flow; not followed" in str(err)
+    assert len(svc.requests) == 1
+
+
+def test_rate_limit_pauses_the_whole_batch(svc):
+    svc.fail_seed(40, {"status": 429, "body": json_body("rate"), "headers": {"x-ratelimit-reset": "0.5"}})
+    svc.fail_seed(41, {"kind": "slow", "seconds": 0.2})
+    result = client(svc, max_concurrency=2).generate({"seed": 40, "number_of_images": 3, "width": 512,
+                                                       "height": 512})
+    assert [im.seed for im in result.images] == [40, 41, 42]
+    first = svc.requests[0]["time"]
+    later = {r["body"]["seed"]: r["time"] for r in svc.requests[1:]}
+    assert later[42] - first >= 0.5  # sent after the reset, though a worker was free at 0.2 s
+    assert len(svc.requests) == 4
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+def test_https_with_trusted_and_untrusted_certificates(tls_cert):
+    import ssl
+
+    with FakeService(tls=tls_cert) as svc:
+        trusted = ssl.create_default_context(cafile=tls_cert[0])
+        result = client(svc, ssl_context=trusted).generate({"seed": 2, "width": 512, "height": 512,
+                                                            "output_format": "png"})
+        assert_bands(pixels(result.images[0]), 2, tol=0)
+        svc.fail_next({"kind": "slow", "seconds": 10})  # interrupting shuts a TLS socket down as well
+        t0 = time.monotonic()
+        fails(lambda: client(svc, ssl_context=trusted).generate(
+            {}, should_stop=lambda: time.monotonic() - t0 > 0.3), R.RemoteInterrupted)
+        assert time.monotonic() - t0 < 1.0
+        n = len(svc.requests)
+        err = fails(lambda: client(svc).generate({}))  # the system's CAs do not know this certificate
+        assert "TLS certificate of 127.0.0.1 is not trusted" in str(err) and "nothing was sent" in str(err)
+        assert len(svc.requests) == n  # not retried, nothing sent
+
+
 def test_refused_connection_retried_then_explained():
     import socket
     s = socket.socket()
