@@ -1,0 +1,77 @@
+"""AuraFlow Loader: one node that reads any checkpoint layout and hands out the model, its text encoder and a VAE."""
+from __future__ import annotations
+
+import logging
+
+from . import comfy_compat as compat
+from .vae import AuraFlowVAE
+
+log = logging.getLogger(__name__)
+
+FROM_CHECKPOINT = "(from checkpoint)"
+WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # aura_flow.loader.DTYPES, torch-free
+
+
+def _checkpoint_names() -> list[str]:
+    names = []
+    for folder in compat.CHECKPOINT_FOLDERS:
+        names += compat.model_names(folder)
+    return sorted(set(names)) + compat.diffusers_names()
+
+
+class AuraFlowLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (_checkpoint_names(), {
+                    "tooltip": "The AuraFlow model: an all-in-one .safetensors (models/checkpoints), a transformer-only "
+                               ".safetensors (models/diffusion_models), or a diffusers folder with model_index.json "
+                               "(models/diffusers)."}),
+                "text_encoder": ([FROM_CHECKPOINT] + compat.model_names("text_encoders"), {
+                    "default": FROM_CHECKPOINT,
+                    "tooltip": "Pile-T5-XL text encoder from models/text_encoders; needed when the checkpoint has "
+                               "none (transformer-only files)."}),
+                "vae": ([FROM_CHECKPOINT] + compat.model_names("vae"), {
+                    "default": FROM_CHECKPOINT,
+                    "tooltip": "SDXL VAE from models/vae; needed when the checkpoint has none."}),
+                "tokenizer": ([FROM_CHECKPOINT] + compat.tokenizer_names(), {
+                    "default": FROM_CHECKPOINT,
+                    "tooltip": "Pile-T5 tokenizer (tokenizer.model or tokenizer.json under models/text_encoders). "
+                               "By default the checkpoint's own, one beside the file, or the one ComfyUI ships."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {
+                    "default": "auto",
+                    "tooltip": "Weight precision of the transformer and text encoder. auto: what ComfyUI picks for "
+                               "this GPU (bf16 or fp16); fp8 halves the memory and computes in bf16/fp16. "
+                               "The VAE always runs in fp32."}),
+            }
+        }
+
+    RETURN_TYPES = ("AURAFLOW_MODEL", "AURAFLOW_TEXT_ENCODER", "VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = ("The AuraFlow transformer, for AuraFlow Sampler and AuraFlow Generate.",
+                       "The Pile-T5-XL text encoder, for AuraFlow Text Encode.",
+                       "The SDXL VAE; works with ComfyUI's VAE Decode / VAE Encode and the AuraFlow VAE nodes.")
+    FUNCTION = "load"
+    CATEGORY = "AuraFlow/loaders"
+    DESCRIPTION = "Loads AuraFlow from a diffusers folder, an all-in-one file or a transformer-only file."
+
+    def load(self, checkpoint, text_encoder=FROM_CHECKPOINT, vae=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT,
+             weight_dtype="auto"):
+        ckpt = compat.resolve_model(checkpoint, compat.CHECKPOINT_FOLDERS, what="checkpoint", diffusers=True)
+
+        def optional(name, folder, what, **kw):
+            if name in (None, "", FROM_CHECKPOINT):
+                return None
+            return compat.resolve_model(name, (folder,), what=what, **kw)
+
+        device, auto_dtype = compat.load_placement()
+        pipeline = compat.engine.load(
+            ckpt,
+            text_encoder=optional(text_encoder, "text_encoders", "text encoder"),
+            vae=optional(vae, "vae", "VAE"),
+            tokenizer=optional(tokenizer, "text_encoders", "tokenizer", tokenizer=True),
+            dtype=auto_dtype if weight_dtype == "auto" else weight_dtype,
+            device=device,
+        )
+        return (pipeline, pipeline, AuraFlowVAE(pipeline))

@@ -1,0 +1,75 @@
+"""AuraFlow Save Image: webp / jpg / png into ComfyUI's output folder, with the prompt and workflow embedded."""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import comfy_compat as compat
+
+log = logging.getLogger(__name__)
+
+
+class AuraFlowSaveImage:
+    def __init__(self):
+        self.output_dir = compat.output_directory()
+        self.type = "output"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        P = compat.engine.params
+        quality = P.RANGES["output_quality"]
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to save."}),
+                "filename_prefix": ("STRING", {
+                    "default": "AuraFlow",
+                    "tooltip": "File name prefix, optionally with sub-folders ('AuraFlow/cat') and ComfyUI's "
+                               "%date:...% / %Node.widget% variables; it must stay inside the output folder."}),
+                "format": (list(P.OUTPUT_FORMATS), {"default": P.DEFAULTS["output_format"],
+                                                    "tooltip": "File format: webp, jpg or png (lossless)."}),
+                "quality": ("INT", {"default": quality.default, "min": int(quality.lo), "max": int(quality.hi),
+                                    "step": 1, "tooltip": "webp/jpg quality, 0 worst to 100 best (png ignores it)."}),
+                "embed_workflow": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Embed the prompt and workflow in the file (PNG text, or EXIF for webp/jpg) so "
+                               "dropping it on ComfyUI restores the graph. ComfyUI's --disable-metadata turns this "
+                               "off for every image."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The same images, passed through.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "AuraFlow/image"
+    DESCRIPTION = "Saves images as webp, jpg or png to the output folder, with the workflow embedded."
+
+    def save(self, images, filename_prefix="AuraFlow", format="webp", quality=80, embed_workflow=True, prompt=None,
+             extra_pnginfo=None):
+        import numpy as np
+        from PIL import Image
+
+        imageio = compat.engine_module("imageio")
+        P = compat.engine.params
+        fmt = P.check_choice("format", format, P.OUTPUT_FORMATS)
+        quality = P.check_range("output_quality", quality)
+        metadata = None
+        if embed_workflow and not compat.metadata_disabled():
+            metadata = {}
+            if prompt is not None:
+                metadata["prompt"] = prompt
+            for key, value in (extra_pnginfo or {}).items():
+                metadata[key] = value
+        height, width = int(images.shape[1]), int(images.shape[2])
+        folder, stem, counter, subfolder = compat.save_image_path(filename_prefix, self.output_dir, width, height)
+        results = []
+        for batch_number, image in enumerate(images):
+            pixels = (image.detach().float().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+            name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_{imageio.EXT[fmt]}"
+            imageio.save_image_atomic(Image.fromarray(pixels), os.path.join(folder, name), fmt, quality, metadata)
+            results.append({"filename": name, "subfolder": subfolder, "type": self.type})
+            counter += 1
+        log.debug("saved %d %s image(s) to %s", len(results), fmt, folder)
+        return {"ui": {"images": results}, "result": (images,)}

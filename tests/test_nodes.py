@@ -1,0 +1,409 @@
+"""The pack's nodes, called directly on tiny random models (no ComfyUI here): definitions, numbers, files.
+
+ComfyUI itself is stood in for by small fake modules where its behaviour matters (progress, cancel, devices,
+model folders, --disable-metadata).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from workflow_exec import CORE_NODES, ROOT, inputs_of, is_widget, load_pack
+
+pack = load_pack()
+N = pack.NODE_CLASS_MAPPINGS
+engine = sys.modules[f"{pack.__name__}.aura_flow"]
+imageio = importlib.import_module(f"{pack.__name__}.aura_flow.imageio")
+compat = sys.modules[f"{pack.__name__}.nodes.comfy_compat"]
+SIZE, STEPS = 64, 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):  # tests/conftest.py builds them once per session
+    return tiny_models["diffusers"]["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return N["AuraFlowLoader"]().load(str(tiny), weight_dtype="fp32")
+
+
+def run(node_id, **kwargs):
+    cls = N[node_id]
+    return getattr(cls(), cls.FUNCTION)(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- definitions
+def test_mappings_come_from_one_table():
+    ids = [row[0] for row in sys.modules[f"{pack.__name__}.nodes"].NODES]
+    assert list(N) == ids and list(pack.NODE_DISPLAY_NAME_MAPPINGS) == ids
+    assert pack.WEB_DIRECTORY == "./web"
+    for node_id, display in pack.NODE_DISPLAY_NAME_MAPPINGS.items():
+        assert node_id.startswith("AuraFlow") and " " in display and display.startswith("AuraFlow ")
+        assert not set(ids) & set(CORE_NODES)
+
+
+@pytest.mark.parametrize("node_id", list(N))
+def test_input_types_are_valid(node_id):
+    cls = N[node_id]
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    for name, (kind, opts) in inputs_of(cls).items():
+        assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if isinstance(kind, (list, tuple)):
+            assert all(isinstance(o, str) for o in kind)
+            if "default" in opts and kind:
+                assert opts["default"] in kind, f"{node_id}.{name} default {opts['default']!r} not an option"
+        elif kind in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"], f"{node_id}.{name}"
+            if kind == "INT":
+                assert all(isinstance(opts[k], int) for k in ("min", "max", "default"))
+        elif kind in ("STRING", "BOOLEAN"):
+            assert "default" in opts
+        else:
+            assert kind.isupper() and not is_widget(kind)
+    assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION.endswith(".")
+    assert cls.CATEGORY.startswith("AuraFlow")
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+    assert (ROOT / "web" / "docs" / f"{node_id}.md").is_file(), f"web/docs/{node_id}.md missing"
+
+
+def has(spec, **expected) -> bool:
+    return {k: spec[1].get(k) for k in expected} == expected
+
+
+def test_hosted_api_defaults_and_ranges():
+    sampler = inputs_of(N["AuraFlowSampler"])
+    generate = inputs_of(N["AuraFlowGenerate"])
+    for inputs, sampler_key in ((sampler, "sampler_name"), (generate, "sampler")):
+        assert has(inputs["cfg"], default=5.0, min=0.0, max=20.0)
+        assert has(inputs["steps"], default=25, min=1, max=100)
+        assert has(inputs["shift"], default=1.73, min=0.0, max=10.0)
+        assert has(inputs["seed"], min=0, max=2**64 - 1, control_after_generate=True)
+        assert inputs["width"][1]["default"] == inputs["height"][1]["default"] == 1024
+        assert inputs["width"][1]["step"] == 8
+        assert inputs[sampler_key][1]["default"] == "uni_pc" and inputs["scheduler"][1]["default"] == "normal"
+    assert list(generate)[1:] == ["prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height",
+                                  "sampler", "scheduler", "number_of_images", "output_format", "output_quality"]
+    save = inputs_of(N["AuraFlowSaveImage"])
+    assert save["format"][1]["default"] == "webp" and save["quality"][1]["default"] == 80
+    remote = inputs_of(N["AuraFlowRemoteGenerate"])
+    assert list(remote) == list(generate)[1:]  # the two one-node generators can swap
+
+
+def test_pack_imports_fast_without_torch_like_comfyui_does(tmp_path):
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tests')!r}); t = time.perf_counter(); "
+            "import workflow_exec; p = workflow_exec.load_pack('custom_nodes_x_auraflow'); "
+            "dt = time.perf_counter() - t; heavy = [m for m in ('torch', 'diffusers', 'transformers') "
+            "if m in sys.modules]; print(dt, heavy, len(p.NODE_CLASS_MAPPINGS))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[1] == "[]", f"heavy modules imported at import time: {out[1:]}"
+    assert float(out[0]) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def test_loader_outputs(loaded, tiny):
+    model, text_encoder, vae = loaded
+    assert model is text_encoder and model.transformer is not None
+    assert vae.spacial_compression_decode() == vae.spacial_compression_encode() == vae.downscale_ratio == 8
+    assert vae.temporal_compression_decode() is None and vae.latent_channels == 4
+    assert vae.first_stage_model is model.vae
+
+
+def test_loader_separate_parts_as_plain_paths(tiny_models):
+    path = tiny_models["transformer_only"]["checkpoint"]
+    tmp_path = path.parent
+    with pytest.raises(Exception, match="text encoder"):
+        run("AuraFlowLoader", checkpoint=str(path), tokenizer=str(tmp_path / "tokenizer.model"))
+    model, _te, vae = run("AuraFlowLoader", checkpoint=str(path), text_encoder=str(tmp_path / "text_encoder.safetensors"),
+                          vae=str(tmp_path / "vae.safetensors"), tokenizer=str(tmp_path / "tokenizer.model"),
+                          weight_dtype="fp32")
+    assert model.encode_prompt("a cat").shape[0] == 1
+    with pytest.raises(FileNotFoundError, match="checkpoint 'nope.safetensors' not found"):
+        run("AuraFlowLoader", checkpoint="nope.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- conditioning
+def test_text_encode_gives_comfyui_conditioning(loaded):
+    model = loaded[0]
+    (cond,) = run("AuraFlowTextEncode", text_encoder=model, text="a cat on a mat")
+    assert isinstance(cond, list) and len(cond) == 1 and cond[0][1] == {}
+    tensor = cond[0][0]
+    assert tensor.ndim == 3 and tensor.shape[0] == 1 and tensor.shape[1] >= 256
+    assert tensor.shape[2] == model.context_dim and tensor.device.type == "cpu"
+    assert torch.equal(tensor, model.encode_prompt("a cat on a mat").cpu())
+
+
+def cond_of(model, text):
+    return run("AuraFlowTextEncode", text_encoder=model, text=text)[0]
+
+
+def sampler_args(model, **over):
+    args = dict(model=model, positive=cond_of(model, "a cat"), negative=cond_of(model, ""), seed=7, steps=STEPS,
+                cfg=5.0, sampler_name="euler", scheduler="normal", shift=1.73, denoise=1.0, width=SIZE,
+                height=SIZE, batch_size=2)
+    args.update(over)
+    return args
+
+
+def test_sampler_equals_engine_sample(loaded):
+    model = loaded[0]
+    args = sampler_args(model)
+    (out,) = run("AuraFlowSampler", **args)
+    assert set(out) == {"samples"} and out["samples"].shape == (2, 4, SIZE // 8, SIZE // 8)
+    ref = engine.sample(model.velocity, args["positive"][0][0], args["negative"][0][0],
+                        torch.zeros(2, 4, SIZE // 8, SIZE // 8), seed=7, steps=STEPS, cfg=5.0, sampler="euler",
+                        scheduler="normal", shift=1.73)
+    assert torch.allclose(out["samples"], ref, atol=1e-6)
+    assert out["samples"].abs().sum() > 0
+
+
+def test_sampler_img2img_does_not_touch_its_inputs(loaded):
+    model = loaded[0]
+    torch.manual_seed(1)
+    latent = {"samples": torch.randn(1, 4, SIZE // 8, SIZE // 8), "batch_index": [0]}
+    before = latent["samples"].clone()
+    args = sampler_args(model, latent_image=latent, denoise=0.6, sampler_name="uni_pc", steps=3)
+    pos_before = args["positive"][0][0].clone()
+    (out,) = run("AuraFlowSampler", **args)
+    assert torch.equal(latent["samples"], before) and set(latent) == {"samples", "batch_index"}
+    assert torch.equal(args["positive"][0][0], pos_before)
+    assert out is not latent and out["batch_index"] == [0]
+    ref = engine.sample(model.velocity, pos_before, args["negative"][0][0], before, seed=7, steps=3, cfg=5.0,
+                        sampler="uni_pc", scheduler="normal", shift=1.73, denoise=0.6)
+    assert torch.allclose(out["samples"], ref, atol=1e-6)
+    # denoise 0.6 keeps most of the start latent; denoise 1 keeps none of it
+    (full,) = run("AuraFlowSampler", **{**args, "denoise": 1.0})
+    assert (out["samples"] - before).abs().mean() < (full["samples"] - before).abs().mean()
+
+
+def test_sampler_refuses_conditioning_it_cannot_use(loaded):
+    model = loaded[0]
+    good = cond_of(model, "x")
+    with pytest.raises(ValueError, match="Conditioning Combine"):
+        run("AuraFlowSampler", **sampler_args(model, positive=good + good))
+    wide = [[torch.zeros(1, 256, 4096), {}]]
+    with pytest.raises(ValueError, match="width 4096"):
+        run("AuraFlowSampler", **sampler_args(model, negative=wide))
+    with pytest.raises(ValueError, match="width=100 is not a multiple of 8"):
+        run("AuraFlowSampler", **sampler_args(model, width=100))
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def generate_args(model, **over):
+    args = dict(model=model, prompt="a cat", negative_prompt="", cfg=5.0, seed=3, shift=1.73, steps=STEPS,
+                width=SIZE, height=SIZE, sampler="euler", scheduler="normal", number_of_images=1,
+                output_format="png", output_quality=80)
+    args.update(over)
+    return args
+
+
+def test_generate_matches_the_pipeline(loaded):
+    model = loaded[0]
+    images, seed = run("AuraFlowGenerate", **generate_args(model))
+    assert images.shape == (1, SIZE, SIZE, 3) and images.dtype == torch.float32 and seed == 3
+    ref = model.generate(**{k: v for k, v in generate_args(model).items() if k != "model"})
+    assert torch.equal(images, ref.tensor)
+    webp, _ = run("AuraFlowGenerate", **generate_args(model, output_format="webp", output_quality=80))
+    err = (webp - ref.tensor).abs().mean().item()
+    assert 0 < err < 0.1  # the hosted API's lossy encoding, decoded back
+    assert torch.equal(webp * 255, (webp * 255).round())
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def test_vae_nodes_and_core_interface(loaded):
+    model, _te, vae = loaded
+    latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.manual_seed(0))}
+    (images,) = run("AuraFlowVAEDecode", samples=latent, vae=vae)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0
+    assert torch.allclose(images, model.decode(latent["samples"]), atol=1e-5)
+    (core,) = CORE_NODES["VAEDecode"]().decode(vae=vae, samples=latent)
+    assert torch.equal(core, images)
+    odd = torch.rand(1, 70, 75, 4)  # RGBA, not multiples of 8: centre-cropped to 64x72, alpha dropped
+    (enc,) = run("AuraFlowVAEEncode", pixels=odd, vae=vae)
+    assert enc["samples"].shape == (1, 4, 8, 9)
+    ref = model.encode(odd[:, 3:67, 1:73, :3])
+    assert torch.allclose(enc["samples"], ref, atol=1e-5)
+    assert vae.decode_tiled(latent["samples"][:1], tile_x=32, tile_y=32, overlap=8).shape == (1, 64, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+@pytest.fixture
+def saver(tmp_path, monkeypatch):
+    monkeypatch.setenv("AURAFLOW_OUTPUT_DIR", str(tmp_path))
+    return N["AuraFlowSaveImage"]()
+
+
+def gradient(n=2, h=48, w=40):
+    ramp = torch.linspace(0, 1, w).expand(h, w)
+    return torch.stack([torch.stack([ramp, ramp.T[:h, :w] if h == w else ramp.flip(1), ramp * 0 + i / n], -1)
+                        for i in range(n)])
+
+
+@pytest.mark.parametrize("fmt,pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_save_writes_format_size_and_metadata(saver, tmp_path, fmt, pil_format):
+    prompt = {"1": {"class_type": "AuraFlowGenerate", "inputs": {"prompt": "żółw ✓"}}}
+    workflow = {"nodes": [{"id": 1}], "links": []}
+    images = gradient()
+    out = saver.save(images, "cats/AuraFlow", fmt, 90, True, prompt=prompt, extra_pnginfo={"workflow": workflow})
+    files = out["ui"]["images"]
+    assert [f["filename"] for f in files] == [f"AuraFlow_0000{i}_.{fmt}" for i in (1, 2)]
+    assert all(f["subfolder"] == "cats" and f["type"] == "output" for f in files)
+    assert out["result"][0] is images
+    for f in files:
+        path = tmp_path / "cats" / f["filename"]
+        with Image.open(path) as im:
+            assert im.format == pil_format and im.size == (40, 48)
+            assert imageio.read_metadata(im) == {"prompt": prompt, "workflow": workflow}
+            pixels = torch.from_numpy(__import__("numpy").asarray(im.convert("RGB"), dtype="float32") / 255)
+    assert (pixels - images[1]).abs().mean() < (0.0 if fmt == "png" else 0.03) + 1 / 255
+    assert sorted(p.name for p in (tmp_path / "cats").iterdir()) == [f["filename"] for f in files]  # no temp files
+    again = saver.save(images[:1], "cats/AuraFlow", fmt, 90, True)
+    assert again["ui"]["images"][0]["filename"] == f"AuraFlow_00003_.{fmt}"
+
+
+def test_save_without_metadata(saver, tmp_path, monkeypatch):
+    prompt = {"1": {"class_type": "X", "inputs": {}}}
+    out = saver.save(gradient(1), "plain", "png", 80, False, prompt=prompt, extra_pnginfo={"workflow": {}})
+    assert imageio.read_metadata(tmp_path / out["ui"]["images"][0]["filename"]) == {}
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_metadata=True)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    out = saver.save(gradient(1), "plain", "webp", 80, True, prompt=prompt, extra_pnginfo={"workflow": {}})
+    assert imageio.read_metadata(tmp_path / out["ui"]["images"][0]["filename"]) == {}
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "a/../../escape", "/tmp/escape", ".."])
+def test_save_refuses_prefixes_that_leave_the_output_folder(saver, tmp_path, prefix):
+    with pytest.raises(ValueError, match="outside the output folder"):
+        saver.save(gradient(1), prefix, "png", 80, True)
+    assert not list(tmp_path.parent.glob("escape*"))
+
+
+# ---------------------------------------------------------------------------------------------- inside ComfyUI (fakes)
+class Stop(BaseException):
+    """Stands for comfy.model_management.InterruptProcessingException."""
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path):
+    """The parts of ComfyUI the nodes use: devices, memory calls, progress bar, previews, interrupt, folders."""
+    calls = types.SimpleNamespace(free=[], empty=0, bars=[], interrupt_after=None, steps=0)
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = Stop
+    mm.get_torch_device = lambda: torch.device("cpu", 0)  # differs from the offload device, as a GPU would
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.free_memory = lambda need, device: calls.free.append((need, device))
+    mm.should_use_bf16 = lambda device=None: False
+    mm.should_use_fp16 = lambda device=None: False
+
+    def soft_empty_cache(force=False):
+        calls.empty += 1
+
+    def interrupted():
+        return calls.interrupt_after is not None and calls.steps >= calls.interrupt_after
+
+    def throw():
+        if interrupted():
+            raise Stop()
+
+    mm.soft_empty_cache, mm.processing_interrupted, mm.throw_exception_if_processing_interrupted = (
+        soft_empty_cache, interrupted, throw)
+
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.updates = []
+            calls.bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls.steps += 1
+            self.updates.append((value, total, preview))
+            throw()
+
+    utils.ProgressBar = ProgressBar
+    formats = types.ModuleType("comfy.latent_formats")
+    formats.SDXL = lambda: "sdxl-format"
+    preview = types.ModuleType("latent_preview")
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            return (fmt, tuple(x0.shape), 512)
+
+    preview.get_previewer = lambda device, fmt: Previewer() if fmt == "sdxl-format" else None
+    folder_paths = types.ModuleType("folder_paths")
+    models = tmp_path / "models"
+    folder_paths.get_filename_list = lambda folder: sorted(p.name for p in (models / folder).glob("*"))
+    folder_paths.get_folder_paths = lambda folder: [str(models / folder)]
+    folder_paths.get_full_path = lambda folder, name: (str(models / folder / name)
+                                                       if (models / folder / name).exists() else None)
+    folder_paths.get_output_directory = lambda: str(tmp_path / "output")
+    comfy = types.ModuleType("comfy")
+    for name, module in {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
+                         "comfy.latent_formats": formats, "latent_preview": preview,
+                         "folder_paths": folder_paths}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    calls.models = models
+    return calls
+
+
+def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
+    model = loaded[0]
+    (out,) = run("AuraFlowSampler", **sampler_args(model, steps=3))
+    (bar,) = fake_comfy.bars
+    assert [u[:2] for u in bar.updates] == [(1, 3), (2, 3), (3, 3)]
+    assert all(u[2] == ("JPEG", (2, 4, SIZE // 8, SIZE // 8), 512) for u in bar.updates)
+    # two prompt encodings and the sampling, each after asking ComfyUI to free room, each moved back after
+    assert [device for _need, device in fake_comfy.free] == [torch.device("cpu", 0)] * 3
+    assert fake_comfy.free[-1][0] > sum(p.numel() * 4 for p in model.transformer.parameters())
+    assert model.device == torch.device("cpu") and fake_comfy.empty == 3
+
+
+def test_in_comfyui_cancel_stops_within_a_step(loaded, fake_comfy):
+    model = loaded[0]
+    fake_comfy.interrupt_after = 1
+    calls = []
+    original = model.velocity
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    model.velocity = counting
+    try:
+        with pytest.raises(Stop):
+            run("AuraFlowSampler", **sampler_args(model, steps=10))
+    finally:
+        del model.velocity
+    assert len(calls) <= 2  # stopped after the first step, not after ten
+
+
+def test_in_comfyui_loader_lists_and_resolves_model_folders(tiny, fake_comfy):
+    import shutil
+
+    (fake_comfy.models / "diffusers").mkdir(parents=True)
+    shutil.copytree(tiny, fake_comfy.models / "diffusers" / "AuraFlow-tiny")
+    for folder in ("checkpoints", "diffusion_models", "text_encoders", "vae"):
+        (fake_comfy.models / folder).mkdir()
+    (fake_comfy.models / "checkpoints" / "sdxl.safetensors").write_bytes(b"")
+    spec = inputs_of(N["AuraFlowLoader"])
+    assert spec["checkpoint"][0] == ["sdxl.safetensors", "AuraFlow-tiny"]
+    assert spec["vae"][0] == ["(from checkpoint)"]
+    model, _te, vae = run("AuraFlowLoader", checkpoint="AuraFlow-tiny")
+    assert model.dtype == torch.float32  # fake ComfyUI: neither bf16 nor fp16 on this device
+    with pytest.raises(FileNotFoundError, match="models/checkpoints"):
+        run("AuraFlowLoader", checkpoint="missing.safetensors")
