@@ -50,8 +50,9 @@ class CFGDenoiser:
     """
 
     def __init__(self, model, positive, negative, cfg: float, *, need_uncond: bool = False,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, model_sampling=None):
         self.model = model
+        self.model_sampling = model_sampling  # the shift's ModelSampling; a few log-SNR samplers read it
         self.positive = positive
         self.negative = negative
         self.cfg = float(cfg)
@@ -124,7 +125,8 @@ def sample(model, positive, negative, latent, *, seed: int, steps: int, cfg: flo
         latent_in = latent_in * LATENT_SCALE
     sig = sigmas.to(device=device, dtype=work_dtype)
 
-    denoiser = CFGDenoiser(model, positive, negative, cfg, need_uncond=info.needs_uncond, should_stop=should_stop)
+    denoiser = CFGDenoiser(model, positive, negative, cfg, need_uncond=info.needs_uncond, should_stop=should_stop,
+                            model_sampling=ms)
     total = len(sig) - 1
 
     def k_callback(d):
