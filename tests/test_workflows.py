@@ -1,0 +1,177 @@
+"""The bundled workflows: both formats sound against the nodes, in sync with workflows/build.py, and every API-format
+one executed node by node on a tiny model (the remote one against the fake hosted API)."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import workflow_exec as wx
+
+WORKFLOWS = wx.ROOT / "workflows"
+NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+pack = wx.load_pack()
+classes = wx.all_classes(pack)
+imageio = importlib.import_module(f"{pack.__name__}.aura_flow.imageio")
+sys.path.insert(0, str(WORKFLOWS))
+import build  # noqa: E402  (workflows/build.py)
+
+
+def editor(name):
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def api(name):
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def test_every_described_workflow_is_bundled_with_twin_and_thumbnail():
+    assert NAMES == sorted(build.WORKFLOWS)
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == NAMES
+    for name in NAMES:
+        thumb = WORKFLOWS / f"{name}.jpg"
+        assert thumb.stat().st_size < 50_000
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size == (320, 200)
+            assert np.asarray(im).std() > 10  # a picture, not a blank
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_files_equal_what_build_writes(name):
+    want_editor, want_api = build.build(name, classes)
+    assert editor(name) == json.loads(build.dumps(want_editor)), "run: python workflows/build.py"
+    assert api(name) == json.loads(build.dumps(want_api)), "run: python workflows/build.py"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_formats_fit_the_nodes(name):
+    assert wx.check_editor(editor(name), classes) == []
+    assert wx.check_api(api(name), classes) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_editor_and_api_formats_agree(name):
+    wf, prompt = editor(name), api(name)
+    assert {str(n["id"]) for n in wf["nodes"]} == set(prompt)
+    for node in wf["nodes"]:
+        twin = prompt[str(node["id"])]
+        assert twin["class_type"] == node["type"]
+        slots = wx.widget_slots(classes[node["type"]])
+        named = {slot[0]: value for slot, value in zip(slots, node["widgets_values"]) if slot is not None}
+        assert named == {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+    for link_id, src, src_slot, dst, dst_slot, _kind in wf["links"]:
+        dst_node = next(n for n in wf["nodes"] if n["id"] == dst)
+        assert prompt[str(dst)]["inputs"][dst_node["inputs"][dst_slot]["name"]] == [str(src), src_slot]
+
+
+def test_the_checks_catch_broken_workflows():
+    wf = editor("auraflow_txt2img_nodes")
+    wf["links"][0][5] = "IMAGE"
+    wf["nodes"][3]["widgets_values"] = wf["nodes"][3]["widgets_values"][:-1]
+    problems = wx.check_editor(wf, classes)
+    assert any("link 1" in p for p in problems) and any("widgets_values" in p for p in problems)
+    prompt = api("auraflow_txt2img_nodes")
+    prompt["4"]["inputs"]["cfg"] = 50
+    prompt["4"]["inputs"]["positive"] = ["5", 0]  # an IMAGE into a CONDITIONING input
+    prompt["6"]["class_type"] = "NoSuchNode"
+    problems = wx.check_api(prompt, classes)
+    assert any("cfg: 50 is above" in p for p in problems)
+    assert any("'positive' (CONDITIONING) fed by IMAGE" in p for p in problems)
+    assert any("unknown node type" in p for p in problems)
+
+
+# ---------------------------------------------------------------------------------------------- execution
+@pytest.fixture
+def env(tmp_path, monkeypatch, tiny_models):
+    """Output and input folders in tmp_path, example.png in the input folder, and the tiny model's path."""
+    monkeypatch.setenv("AURAFLOW_OUTPUT_DIR", str(tmp_path / "output"))
+    (tmp_path / "input").mkdir()
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                              np.full((64, 64), 128, np.uint8)], -1)).save(tmp_path / "input" / "example.png")
+    monkeypatch.setattr(wx.LoadImage, "input_dir", tmp_path / "input")
+    return tmp_path, str(tiny_models["diffusers"]["checkpoint"])
+
+
+def shrink(prompt: dict, checkpoint: str) -> dict:
+    """The API workflow pointed at the tiny model, at 64x64 and 2 steps (widgets a user would change)."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "AuraFlowLoader":
+            inputs.update(checkpoint=checkpoint, weight_dtype="fp32")
+        if node["class_type"] != "AuraFlowRemoteGenerate":
+            for key, value in (("width", 64), ("height", 64), ("steps", 2)):
+                if key in inputs:
+                    inputs[key] = value
+    return prompt
+
+
+def saved(tmp_path, ui: dict) -> list:
+    files = [f for entry in ui.values() for f in entry["images"]]
+    return [tmp_path / "output" / f["subfolder"] / f["filename"] for f in files]
+
+
+@pytest.mark.parametrize("name", ["auraflow_generate", "auraflow_txt2img_nodes", "auraflow_img2img"])
+def test_local_workflows_run_and_save_images_with_their_graph(env, name):
+    tmp_path, checkpoint = env
+    prompt = shrink(api(name), checkpoint)
+    workflow = editor(name)
+    outputs, ui = wx.execute(prompt, classes, workflow=workflow)
+    (path,) = saved(tmp_path, ui)
+    with Image.open(path) as im:
+        assert im.format == "WEBP" and im.size == (64, 64)
+        assert imageio.read_metadata(im) == {"prompt": prompt, "workflow": workflow}
+        assert np.asarray(im).std() > 1
+    images = outputs[next(k for k, v in prompt.items() if v["class_type"] == "AuraFlowSaveImage")][0]
+    assert images.shape == (1, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
+
+
+@pytest.mark.heavy
+def test_one_node_and_step_by_step_workflows_make_the_same_image(env):
+    _tmp, checkpoint = env
+    one = shrink(api("auraflow_generate"), checkpoint)
+    one["2"]["inputs"]["output_format"] = "png"  # no lossy round trip, to compare the pixels themselves
+    nodes = shrink(api("auraflow_txt2img_nodes"), checkpoint)
+    out_one, _ = wx.execute(one, classes)
+    out_nodes, _ = wx.execute(nodes, classes)
+    assert out_one["2"][1] == nodes["4"]["inputs"]["seed"]
+    assert torch.allclose(out_one["2"][0], out_nodes["5"][0], atol=1e-5)
+
+
+@pytest.mark.heavy
+def test_img2img_keeps_the_input_image(env):
+    _tmp, checkpoint = env
+    prompt = shrink(api("auraflow_img2img"), checkpoint)
+    out, _ = wx.execute(prompt, classes)
+    start = out["3"][0]["samples"]
+    result = out["6"][0]["samples"]
+    fresh = shrink(api("auraflow_img2img"), checkpoint)
+    fresh["6"]["inputs"]["denoise"] = 1.0
+    out_full, _ = wx.execute(fresh, classes)
+    assert (result - start).abs().mean() < (out_full["6"][0]["samples"] - start).abs().mean()
+
+
+def test_remote_workflow_against_the_fake_service(env, monkeypatch):
+    remote_server = pytest.importorskip("remote_server")
+    tmp_path, _checkpoint = env
+    prompt = api("auraflow_remote")
+    with remote_server.FakeService() as service:
+        monkeypatch.setenv("SEGMIND_API_KEY", remote_server.KEY)
+        monkeypatch.setenv("SEGMIND_API_URL", service.url)
+        outputs, ui = wx.execute(prompt, classes, workflow=editor("auraflow_remote"))
+    (path,) = saved(tmp_path, ui)
+    assert path.parent.name == "AuraFlow" and path.name.startswith("remote_")
+    with Image.open(path) as im:
+        assert im.format == "WEBP" and im.size == (1024, 1024)
+        assert imageio.read_metadata(im)["prompt"] == prompt
+        assert remote_server.KEY not in json.dumps(imageio.read_metadata(im))
+    images, seed = outputs["1"][0], outputs["1"][1]
+    assert seed == prompt["1"]["inputs"]["seed"]
+    top = tuple(round(float(c) * 255) for c in images[0, 10, 10])
+    assert max(abs(a - b) for a, b in zip(top, remote_server.seed_colour(seed))) <= 8

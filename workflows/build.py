@@ -1,0 +1,182 @@
+"""Writes the bundled workflows from one description each: the editor format (``workflows/<name>.json``, listed by
+ComfyUI as a template of this pack), the API format (``workflows/api/<name>.json``: ComfyUI lists every top-level
+``workflows/*.json`` as a template, so the API twins live one folder down) and a ``<name>.jpg`` thumbnail.
+
+Widget order, socket types and defaults come from the nodes' own INPUT_TYPES, so the files cannot drift from the
+nodes; tests/test_workflows.py checks that the committed files equal what this writes.
+
+    python workflows/build.py          # rewrite the files
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from workflow_exec import all_classes, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
+
+PROMPT = ("A mesmerizing 3D render of the words 'Happy birthday' in a dreamy, pastel-coloured cursive script, "
+          "floating above a gradient from deep purple to soft pink, with a rainbow, hearts and twinkling stars, "
+          "ukiyo-e and graffiti, vibrant, dark fantasy, typography")
+SEED = 2425367  # the hosted API's example seed
+FROM = "(from checkpoint)"
+LOADER = ("AuraFlowLoader", {"checkpoint": "aura_flow_0.3.safetensors"}, {})
+
+# name -> (title, [(node type, widget values that differ from the defaults, {input: (source index, output)})])
+WORKFLOWS = {
+    "auraflow_generate": ("AuraFlow: text to image in one node", [
+        LOADER,
+        ("AuraFlowGenerate", {"prompt": PROMPT, "seed": SEED}, {"model": (0, 0)}),
+        ("AuraFlowSaveImage", {}, {"images": (1, 0)}),
+    ]),
+    "auraflow_txt2img_nodes": ("AuraFlow: text to image, step by step", [
+        LOADER,
+        ("AuraFlowTextEncode", {"text": PROMPT}, {"text_encoder": (0, 1)}),
+        ("AuraFlowTextEncode", {"text": ""}, {"text_encoder": (0, 1)}),
+        ("AuraFlowSampler", {"seed": SEED}, {"model": (0, 0), "positive": (1, 0), "negative": (2, 0)}),
+        ("VAEDecode", {}, {"samples": (3, 0), "vae": (0, 2)}),
+        ("AuraFlowSaveImage", {}, {"images": (4, 0)}),
+    ]),
+    "auraflow_remote": ("AuraFlow: text to image with the hosted API", [
+        ("AuraFlowRemoteGenerate", {"prompt": PROMPT, "seed": SEED}, {}),
+        ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/remote"}, {"images": (0, 0)}),
+    ]),
+    "auraflow_img2img": ("AuraFlow: image to image", [
+        LOADER,
+        ("LoadImage", {"image": "example.png"}, {}),
+        ("AuraFlowVAEEncode", {}, {"pixels": (1, 0), "vae": (0, 2)}),
+        ("AuraFlowTextEncode", {"text": "a watercolor painting, soft light"}, {"text_encoder": (0, 1)}),
+        ("AuraFlowTextEncode", {"text": ""}, {"text_encoder": (0, 1)}),
+        ("AuraFlowSampler", {"seed": SEED, "denoise": 0.6},
+         {"model": (0, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (2, 0)}),
+        ("AuraFlowVAEDecode", {}, {"samples": (5, 0), "vae": (0, 2)}),
+        ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/img2img"}, {"images": (6, 0)}),
+    ]),
+}
+EXTRA_SLOT_VALUE = {"control_after_generate": "randomize", "image_upload": "image"}
+
+
+def _widget_values(cls, given: dict) -> dict:
+    values = {}
+    for name, (kind, opts) in inputs_of(cls).items():
+        if is_widget(kind):
+            default = opts.get("default", kind[0] if isinstance(kind, (list, tuple)) and kind else None)
+            values[name] = given.get(name, default)
+    unknown = set(given) - set(values)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: no widget(s) {sorted(unknown)}")
+    return values
+
+
+def build(name: str, classes: dict) -> tuple[dict, dict]:
+    """(editor-format workflow, API-format prompt) for one entry of WORKFLOWS."""
+    _title, spec = WORKFLOWS[name]
+    api, nodes, links = {}, [], []
+    for index, (kind, given, wires) in enumerate(spec):
+        node_id = index + 1
+        cls = classes[kind]
+        values = _widget_values(cls, given)
+        inputs = dict(values)
+        sockets = []
+        for input_name, (input_kind, _opts) in inputs_of(cls).items():
+            if is_widget(input_kind):
+                continue
+            link_id = None
+            if input_name in wires:
+                src, out = wires[input_name]
+                link_id = len(links) + 1
+                links.append([link_id, src + 1, out, node_id, len(sockets), input_kind])
+                inputs[input_name] = [str(src + 1), out]
+            sockets.append({"name": input_name, "type": input_kind, "link": link_id})
+        api[str(node_id)] = {"class_type": kind, "inputs": inputs}
+        slots = widget_slots(cls)
+        widgets = []
+        for slot_index, slot in enumerate(slots):
+            if slot is None:
+                opts = slots[slot_index - 1][2]
+                widgets.append(next(v for k, v in EXTRA_SLOT_VALUE.items() if opts.get(k)))
+            else:
+                widgets.append(values[slot[0]])
+        nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * _depth(spec, index), 60 + 150 * _row(spec, index)],
+                      "size": [340, 60 + 26 * (len(sockets) + len(widgets))], "flags": {}, "order": index, "mode": 0,
+                      "inputs": sockets, "outputs": [], "properties": {"Node name for S&R": kind},
+                      "widgets_values": widgets})
+    for node, (kind, _g, _w) in zip(nodes, spec):
+        cls = classes[kind]
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        node["outputs"] = [{"name": n, "type": t, "slot_index": i,
+                            "links": [link[0] for link in links if link[1] == node["id"] and link[2] == i]}
+                           for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+    editor = {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+              "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+    return editor, api
+
+
+def _depth(spec, index) -> int:
+    wires = spec[index][2]
+    return 1 + max((_depth(spec, src) for src, _o in wires.values()), default=-1)
+
+
+def _row(spec, index) -> int:
+    depth = _depth(spec, index)
+    return [i for i in range(len(spec)) if _depth(spec, i) == depth].index(index)
+
+
+def thumbnail(name: str, editor: dict, display: dict) -> bytes:
+    """A small drawn picture of the graph on AuraFlow-ish colours: the template list's preview."""
+    from PIL import Image, ImageDraw
+
+    width, height = 320, 200
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    for y in range(height):  # deep purple to soft pink, as in the example prompt
+        t = y / (height - 1)
+        draw.line([(0, y), (width, y)], fill=(int(60 + 180 * t), int(20 + 120 * t), int(110 + 90 * t)))
+    nodes = {n["id"]: n for n in editor["nodes"]}
+    columns = sorted({n["pos"][0] for n in nodes.values()})
+    rows = sorted({n["pos"][1] for n in nodes.values()})
+    col_w = (width - 12) / len(columns)
+    box_w = min(90, col_w - 10)
+
+    def box(node):
+        x = 8 + columns.index(node["pos"][0]) * col_w
+        y = 14 + rows.index(node["pos"][1]) * 44
+        return x, y, x + box_w, y + 30
+
+    for link in editor["links"]:
+        a, b = box(nodes[link[1]]), box(nodes[link[3]])
+        draw.line([(a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)], fill=(255, 230, 160), width=2)
+    for node in nodes.values():
+        x0, y0, x1, y1 = box(node)
+        draw.rounded_rectangle([x0, y0, x1, y1], radius=5, fill=(32, 28, 44), outline=(255, 255, 255))
+        label = display.get(node["type"], node["type"]).replace("AuraFlow ", "")
+        draw.text((x0 + 4, y0 + 9), label[:int(box_w // 6.2)], fill=(255, 255, 255))
+    draw.text((10, height - 18), WORKFLOWS[name][0][:52], fill=(255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def dumps(data) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> int:
+    pack = load_pack()
+    classes = all_classes(pack)
+    display = {**{k: k for k in classes}, **pack.NODE_DISPLAY_NAME_MAPPINGS,
+               "VAEDecode": "VAE Decode", "LoadImage": "Load Image"}
+    (HERE / "api").mkdir(exist_ok=True)
+    for name in WORKFLOWS:
+        editor, api = build(name, classes)
+        (HERE / f"{name}.json").write_text(dumps(editor), encoding="utf-8")
+        (HERE / "api" / f"{name}.json").write_text(dumps(api), encoding="utf-8")
+        (HERE / f"{name}.jpg").write_bytes(thumbnail(name, editor, display))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
