@@ -127,8 +127,10 @@ def comfyui_key_file(user_dir) -> Path:
 
 def _clean_key(raw: str, source: str) -> str:
     key = raw.strip()
+    if not key:
+        raise MissingKeyError(f"the API key in {source} is empty; set {API_KEY_ENV} or write the key into the key file")
     # Printable ASCII without spaces: anything else would make http.client raise with the value in its message.
-    if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
+    if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise MissingKeyError(f"the API key in {source} contains spaces, control or non-ASCII characters; "
                               "write the key alone (Segmind keys look like SG_ followed by 16 hex digits)")
     return key

@@ -23,11 +23,14 @@ _registered = False
 
 
 def key_file_path():
-    """``<ComfyUI user dir>/auraflow/segmind_api_key`` inside ComfyUI, else the command line's key file."""
+    """``$AURAFLOW_SEGMIND_KEY_FILE`` if set, else ``<ComfyUI user dir>/auraflow/segmind_api_key`` inside ComfyUI,
+    else the command line's ``~/.config/auraflow/segmind_api_key``."""
     remote = engine_module("remote")
     try:
         import folder_paths
     except ImportError:
+        folder_paths = None
+    if folder_paths is None or os.environ.get(remote.KEY_FILE_ENV):
         return remote.default_key_file()
     return remote.comfyui_key_file(folder_paths.get_user_directory())
 

@@ -675,3 +675,61 @@ def test_cli_partial_batch_and_rejected_bytes(svc, tmp_path, monkeypatch, capsys
     captured = capsys.readouterr()
     assert captured.out == "" and "error: the service returned a 512x512" in captured.err
     assert Image.open(out / "auraflow_30_rejected.png").size == (512, 512)
+
+
+def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch):
+    """Key file in ComfyUI's user folder, its progress bar, and Cancel turned into ComfyUI's own interrupt."""
+    import threading
+    import types
+
+    import torch
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    state = {"interrupted": False, "updates": []}
+    folder_paths = types.SimpleNamespace(get_user_directory=lambda: str(tmp_path / "user"),
+                                         get_output_directory=lambda: str(tmp_path / "comfy_out"))
+
+    def throw():
+        if state["interrupted"]:
+            state["interrupted"] = False
+            raise InterruptProcessingException()
+
+    mm = types.SimpleNamespace(processing_interrupted=lambda: state["interrupted"],
+                               throw_exception_if_processing_interrupted=throw,
+                               intermediate_device=lambda: torch.device("cpu"))
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state["updates"].append((value, total))
+
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, types.SimpleNamespace(ProgressBar=ProgressBar)
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    monkeypatch.setenv("SEGMIND_API_URL", svc.url)
+    node_mod, _ = load_node_module()
+    import importlib
+
+    routes = importlib.import_module("nodes.remote_routes")
+    err = fails(lambda: node_mod.AuraFlowRemoteGenerate().generate(**node_inputs()), R.MissingKeyError)
+    assert str(tmp_path / "user" / "auraflow" / "segmind_api_key") in str(err)
+    assert routes.save_key_response({"key": KEY})[0] == 200
+    assert (tmp_path / "user" / "auraflow" / "segmind_api_key").exists()
+
+    images, *_ = node_mod.AuraFlowRemoteGenerate().generate(**node_inputs(number_of_images=2))
+    assert tuple(images.shape) == (2, 640, 512, 3) and state["updates"][-1] == (2, 2)
+    assert svc.requests[-1]["headers"]["x-api-key"] == KEY
+
+    svc.fail_next({"kind": "slow", "seconds": 10})
+    threading.Timer(0.3, lambda: state.update(interrupted=True)).start()
+    t0 = time.monotonic()
+    with pytest.raises(InterruptProcessingException):
+        node_mod.AuraFlowRemoteGenerate().generate(**node_inputs())
+    assert time.monotonic() - t0 < 1.0
