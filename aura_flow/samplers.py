@@ -151,12 +151,17 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None)
         emit(callback, x, i, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
-            continue
-        sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
-        x_2 = x + d * (sigma_mid - sigmas[i])
-        d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
-        x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+        else:
+            x = dpm2_step(model, x, d, sigmas[i], sigmas[i + 1], extra_args)
     return x
+
+
+def dpm2_step(model, x, d, sigma, sigma_to, extra_args):
+    """One DPM-2 step: Euler to the log-sigma midpoint, then the whole step with the midpoint's derivative."""
+    sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * ones(x), **extra_args))
+    return x + d_2 * (sigma_to - sigma)
 
 
 # ------------------------------------------------------------------------------------------- multistep methods

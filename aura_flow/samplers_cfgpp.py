@@ -12,11 +12,15 @@ from .samplers import ancestral_step, emit, half_log_snr, ones, to_d
 from .samplers_sde import res_multistep, step_noise
 
 
+def _no_uncond(sampler):
+    return TypeError(f"sampler {sampler!r} is a CFG++ sampler: the model must set .last_uncond (the "
+                     "unconditional x0) on every call, as CFGDenoiser(need_uncond=True) does")
+
+
 def _uncond(model, sampler):
     u = getattr(model, "last_uncond", None)
     if u is None:
-        raise TypeError(f"sampler {sampler!r} is a CFG++ sampler: the model must set .last_uncond (the "
-                        "unconditional x0) on every call, as CFGDenoiser(need_uncond=True) does")
+        raise _no_uncond(sampler)
     return u
 
 
@@ -139,5 +143,4 @@ def sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callbac
 
 def _uncond_hook_check(model, sampler):
     if not hasattr(model, "last_uncond"):
-        raise TypeError(f"sampler {sampler!r} is a CFG++ sampler: the model must set .last_uncond (the "
-                        "unconditional x0) on every call, as CFGDenoiser(need_uncond=True) does")
+        raise _no_uncond(sampler)

@@ -11,10 +11,12 @@ work in the half-log-SNR lambda = log((1 - sigma) / sigma).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .samplers import (ancestral_step, emit, half_log_snr, model_sampling_of, offset_first_sigma, ones,
-                       sigma_of_half_log_snr, to_d)
+from .samplers import (ancestral_step, dpm2_step, emit, half_log_snr, model_sampling_of, offset_first_sigma,
+                       ones, sigma_of_half_log_snr, to_d)
 
 
 def step_noise(x, seed=None):
@@ -54,7 +56,10 @@ class BrownianNoise:
         device, dtype = lo.device, lo.dtype
         if self.cpu:
             lo, hi = lo.detach().cpu().float(), hi.detach().cpu().float()
-        w = self.tree(lo, hi).to(device=device, dtype=dtype) * sign
+        with warnings.catch_warnings():
+            # the float32 sigma_min read back as float64 sits 1 ulp outside the tree; torchsde clamps and warns
+            warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
+            w = self.tree(lo, hi).to(device=device, dtype=dtype) * sign
         return w / (s1 - s0).abs().sqrt()
 
 
@@ -110,11 +115,9 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
             continue
-        sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
-        x_2 = x + d * (sigma_mid - sigmas[i])
-        d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
-        x = x + d_2 * (sigma_down - sigmas[i])
-        x = scale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+        x = dpm2_step(model, x, d, sigmas[i], sigma_down, extra_args)
+        if eta > 0:  # ComfyUI renoises always; at eta = 0 its coefficient is sqrt(a rounding-negative 0) = nan
+            x = scale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
     return x
 
 
@@ -486,7 +489,8 @@ def _sa_exp_coeffs(s, t, order, tau):
     if tau > 0:
         coeff = coeff - depth * math.log(tau_mul)
     signs = torch.where(depth % 2 == 0, 1.0, -1.0)
-    return (coeff.exp() * signs).tril() @ products
+    lower = torch.where(depth >= 0, coeff.exp() * signs, 0.0)  # the lower triangle (Tensor.tril is slow here)
+    return lower @ products
 
 
 def _sa_b_coeffs(sigma_next, lambdas, lam_s, lam_t, tau):
@@ -558,10 +562,10 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
 
 @torch.no_grad()
 def sample_sa_solver_pece(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
-                          noise_sampler=None, predictor_order=3, corrector_order=4):
+                          noise_sampler=None, predictor_order=3, corrector_order=4, tau_eta=1.0):
     """SA-Solver in PECE mode: the corrected state is evaluated again (one more model call per step)."""
     return sample_sa_solver(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler,
-                            predictor_order, corrector_order, use_pece=True)
+                            predictor_order, corrector_order, use_pece=True, tau_eta=tau_eta)
 
 
 # ---------------------------------------------------------------------------------------- res_multistep family
