@@ -168,9 +168,10 @@ def save_api_key(key: str, path) -> Path:
         path.unlink(missing_ok=True)
         return path
     key = _clean_key(key, "the given key")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when a stale .tmp with wider permissions was there
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(key + "\n")
     os.replace(tmp, path)
@@ -275,7 +276,7 @@ class RemoteResult:
     params: dict  # the validated parameters of the whole call
     images: list = field(default_factory=list)  # RemoteImage, in batch order
     failures: list = field(default_factory=list)  # RemoteError with .index, in batch order
-    remaining_credits: Optional[str] = None  # as the last response reported it
+    remaining_credits: Optional[str] = None  # the lowest balance the responses reported (the latest)
 
     @property
     def seed(self) -> int:
