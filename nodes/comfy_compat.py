@@ -33,6 +33,7 @@ def engine_module(name: str):
     """An engine submodule (``"imageio"``, ``"sampling"``, ...), imported on first use."""
     return importlib.import_module(f"{engine.__name__}.{name}")
 
+
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")  # single files, searched in this order
 DIFFUSERS_FOLDER = "diffusers"  # folders holding a model_index.json
 TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "tokenizer.json")
@@ -44,10 +45,6 @@ def _comfy(module: str):
         return importlib.import_module(module)
     except ImportError:
         return None
-
-
-def in_comfyui() -> bool:
-    return _comfy("folder_paths") is not None and _comfy("comfy.model_management") is not None
 
 
 # ------------------------------------------------------------------------------------------------ model folders
@@ -113,15 +110,11 @@ def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: 
                 path = None
             if path:
                 return path
-        extra = []
-        if diffusers:
-            extra += [(base, DIFFUSERS_FOLDER) for base in _folder_paths(fp, DIFFUSERS_FOLDER)]
-        if tokenizer:
-            extra += [(base, "text_encoders") for base in _folder_paths(fp, "text_encoders")]
-        for base, _folder in extra:
-            path = os.path.join(base, os.path.normpath(name))
-            if os.path.commonpath((os.path.abspath(base), os.path.abspath(path))) == os.path.abspath(base) \
-                    and os.path.exists(path):
+        bases = (_folder_paths(fp, DIFFUSERS_FOLDER) if diffusers else []) + \
+            (_folder_paths(fp, "text_encoders") if tokenizer else [])
+        for base in map(os.path.abspath, bases):
+            path = os.path.abspath(os.path.join(base, name))
+            if os.path.commonpath((base, path)) == base and os.path.exists(path):
                 return path
     if os.path.exists(os.path.expanduser(name)):
         return os.path.expanduser(name)
@@ -177,12 +170,6 @@ def metadata_disabled() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ devices
-def torch_device():
-    """ComfyUI's compute device, or None outside ComfyUI (the engine keeps the device it loaded on)."""
-    mm = _comfy("comfy.model_management")
-    return mm.get_torch_device() if mm is not None else None
-
-
 def intermediate_device():
     """Where ComfyUI keeps LATENT / IMAGE / CONDITIONING tensors between nodes (the CPU unless --gpu-only)."""
     mm = _comfy("comfy.model_management")
@@ -216,12 +203,7 @@ def load_placement() -> tuple[str, str]:
 
 
 def _pipeline_bytes(pipeline) -> int:
-    total = 0
-    for part in ("transformer", "text_encoder", "vae"):
-        module = getattr(pipeline, part, None)
-        if module is not None:
-            total += sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    return total
+    return sum(_module_bytes(getattr(pipeline, part, None)) for part in ("transformer", "text_encoder", "vae"))
 
 
 @contextlib.contextmanager

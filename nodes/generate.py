@@ -29,7 +29,7 @@ class AuraFlowGenerate:
                        "API returns them (png is lossless).",
                        "The seed used (the whole batch shares one noise tensor, as in ComfyUI).")
     FUNCTION = "generate"
-    CATEGORY = "AuraFlow"
+    CATEGORY = "AuraFlow/generate"
     DESCRIPTION = "Generates images from a prompt with the local AuraFlow model and the hosted API's parameters."
 
     def generate(self, model, **params):
