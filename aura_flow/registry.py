@@ -4,13 +4,18 @@ Torch-free: the node widgets, the CLI choices and the validation messages are al
 import time; the implementations are imported only when a sampler or scheduler is first used.
 
 A new sampler is one `SamplerInfo` entry whose ``impl`` names a function with the k-diffusion calling convention
-``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``.
+``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``; `register_sampler` adds one at
+runtime (inside ComfyUI, a name the engine lacks can be served by ComfyUI's own function).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,7 @@ def register_sampler(info_or_name: SamplerInfo | str, fn: Callable | None = None
     if isinstance(info_or_name, SamplerInfo):
         info = info_or_name
         if fn is not None or kw:
-            from dataclasses import replace as _with
-
-            info = _with(info, **({"fn": fn} if fn is not None else {}), **kw)
+            info = dataclasses.replace(info, **({"fn": fn} if fn is not None else {}), **kw)
     else:
         if fn is None and "impl" not in kw:
             raise TypeError(f"register_sampler({info_or_name!r}): give fn= (a callable) or impl='module:function'")
@@ -140,6 +143,7 @@ def register_sampler(info_or_name: SamplerInfo | str, fn: Callable | None = None
         raise ValueError(f"sampler name must be a non-empty string, got {info.name!r}")
     if info.name in SAMPLERS and not replace:
         raise ValueError(f"sampler {info.name!r} is already registered; pass replace=True to override it")
+    log.info("sampler %r %s (%s)", info.name, "replaced" if info.name in SAMPLERS else "registered", info.impl)
     SAMPLERS[info.name] = info
     SAMPLER_NAMES = tuple(SAMPLERS)
     return info

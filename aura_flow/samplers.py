@@ -111,8 +111,8 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
 def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """Heun++ (three-point weighted derivative, weights sigma_k / (3 sigma_0)); Heun then Euler on the last steps.
 
-    The weights are not consistent (they do not sum the derivative to first order), so heunpp2 is not a convergent
-    ODE method; it is kept as ComfyUI has it.
+    The weights sum to one but do not cancel the second-order error term, so heunpp2 converges at first order
+    only; it is kept as ComfyUI has it.
     """
     extra_args = extra_args or {}
     s_in = ones(x)

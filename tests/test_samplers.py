@@ -250,6 +250,25 @@ def test_calls_per_step(name):
     assert len(calls) >= 6 * get_sampler(name).calls_per_step
 
 
+@pytest.mark.parametrize("name", SAMPLER_NAMES_COMFYUI_0_29)
+def test_callback_reports_each_step(name):
+    """The progress callback sees step i = 0..n-1 once each, with an x0 of the latent's shape (dpm_fast and
+    dpm_adaptive report their own internal steps: fewer, resp. as many as the controller takes)."""
+    den = ExactDenoiser(torch.full((1, 4, 1, 1), 0.3))
+    seen = []
+    sig = torch.linspace(1.0, 0.0, 9) ** 1.5
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    out = get_sampler(name).function()(den, x, sig, extra_args={"seed": 5},
+                                       callback=lambda d: seen.append((d["i"], tuple(d["denoised"].shape))))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert all(shape == tuple(x.shape) for _, shape in seen)
+    steps = [i for i, _ in seen]
+    if name in ("dpm_fast", "dpm_adaptive"):
+        assert steps == list(range(len(steps))) and len(steps) >= 1
+    else:
+        assert steps == list(range(len(sig) - 1))
+
+
 def test_unknown_sampler_is_a_parameter_error_listing_names():
     with pytest.raises(ParameterError) as err:
         get_sampler("euler_a")
