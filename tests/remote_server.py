@@ -44,6 +44,17 @@ def make_image(width: int, height: int, seed: int, fmt: str, quality: int = 80) 
     return buf.getvalue()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up (interrupt tests) is expected
+            super().handle_error(request, client_address)
+
+
 class FakeService:
     """``with FakeService() as svc: svc.url ...``; ``svc.requests`` lists what arrived (headers, body)."""
 
@@ -59,9 +70,7 @@ class FakeService:
         self._by_seed = defaultdict(deque)
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._server.block_on_close = False
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self.scheme = "http"
         if tls:
             import ssl
