@@ -139,20 +139,23 @@ def save_image_path(prefix: str, output_dir: str, width: int, height: int) -> tu
     outside it, a plain equivalent: the subfolder must stay inside ``output_dir``, and the counter continues after
     the highest ``<stem>_<NNNNN>_`` file already there.
     """
+    escaping = ParameterError(f"filename_prefix={prefix!r} would save outside the output folder {output_dir}; "
+                              "use a name or a relative sub-folder such as 'AuraFlow/cat'")
     fp = _comfy("folder_paths")
     if fp is not None:
         try:
             folder, stem, counter, subfolder, _prefix = fp.get_save_image_path(prefix, output_dir, width, height)
-        except Exception as exc:  # ComfyUI raises a bare Exception for a prefix that leaves the output folder
-            raise ParameterError(f"filename_prefix={prefix!r}: {exc}".strip()) from None
+        except Exception as exc:  # ComfyUI raises a bare Exception (and logs it) for a prefix that leaves the folder
+            if type(exc) is not Exception:
+                raise
+            raise escaping from None
         return folder, stem, counter, subfolder
     output_dir = os.path.abspath(output_dir)
     subfolder = os.path.dirname(os.path.normpath(prefix))
     stem = os.path.basename(os.path.normpath(prefix))
     folder = os.path.abspath(os.path.join(output_dir, subfolder))
     if os.path.commonpath((output_dir, folder)) != output_dir or not stem or stem in (".", ".."):
-        raise ParameterError(f"filename_prefix={prefix!r} would save outside the output folder {output_dir}; "
-                             "use a name or a relative sub-folder such as 'AuraFlow/cat'")
+        raise escaping
     os.makedirs(folder, exist_ok=True)
     counter = 0
     head = stem + "_"
