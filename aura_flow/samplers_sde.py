@@ -57,8 +57,8 @@ class BrownianNoise:
         if self.cpu:
             lo, hi = lo.detach().cpu().float(), hi.detach().cpu().float()
         with warnings.catch_warnings():
-            # the float32 sigma_min read back as float64 sits 1 ulp outside the tree; torchsde clamps and warns
-            warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
+            # float32 sigmas read back as float64 can sit 1 ulp outside the tree's ends; torchsde clamps and warns
+            warnings.filterwarnings("ignore", message="Should have t[ab][<>]=t[01]", category=UserWarning)
             w = self.tree(lo, hi).to(device=device, dtype=dtype) * sign
         return w / (s1 - s0).abs().sqrt()
 

@@ -269,6 +269,19 @@ def test_callback_reports_each_step(name):
         assert steps == list(range(len(sig) - 1))
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.parametrize("name", SAMPLER_NAMES_COMFYUI_0_29)
+def test_short_schedules_and_img2img_stay_finite(name):
+    """1-3 steps, txt2img from sigma 1 and img2img from a partial schedule: finite, and no torchsde warnings."""
+    model = toy_velocity(0.5, 0.3)
+    img = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(9))
+    for steps in (1, 2, 3):
+        for scheduler, denoise, latent in (("normal", 1.0, torch.zeros(1, 4, 2, 2)), ("karras", 0.5, img)):
+            out = sample(model, _context(1), _context(2), latent, seed=4, steps=steps, cfg=3.0, sampler=name,
+                         scheduler=scheduler, shift=1.73, denoise=denoise)
+            assert out.shape == latent.shape and torch.isfinite(out).all(), (steps, scheduler)
+
+
 def test_unknown_sampler_is_a_parameter_error_listing_names():
     with pytest.raises(ParameterError) as err:
         get_sampler("euler_a")
