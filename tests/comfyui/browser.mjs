@@ -1,0 +1,133 @@
+// Drives ComfyUI's editor in a real headless Chromium for tests/comfyui/test_comfyui.py.
+//
+//   node browser.mjs '<json job>'   (prints one JSON result line on stdout)
+//
+// job: { url, chromium, outDir, workflows: [{name, path}], plot: {nodeType, set: {widget: value}, expectCount} }
+// For each editor-format workflow: load it with app.loadGraphData and report the node types the editor does not
+// know and any missing-node error surfaced on screen. Then the sigma plot: put a plot node on the canvas, change
+// its widgets through their callbacks, wait for the plot to redraw with the new schedule, and screenshot it.
+// Needs the npm package playwright-core (found through NODE_PATH) and a system Chromium.
+import fs from "node:fs";
+import { createRequire } from "node:module";
+import path from "node:path";
+
+const { chromium } = createRequire(import.meta.url)("playwright-core"); // require() honours NODE_PATH
+
+const job = JSON.parse(process.argv[2]);
+const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"];
+const result = { consoleErrors: [], pageErrors: [], workflows: {}, plot: null };
+
+function missingText() {
+  // any visible element that talks about missing nodes (the dialog / error overlay the editor shows)
+  const hits = [];
+  for (const el of document.querySelectorAll("body *")) {
+    if (el.children.length || !el.offsetParent) continue;
+    const text = el.textContent?.trim() ?? "";
+    if (/missing node|not found|missing.*(custom|node)|nodes? (are|is) missing/i.test(text)) hits.push(text.slice(0, 200));
+  }
+  return hits;
+}
+
+const browser = await chromium.launch({ executablePath: job.chromium, args: FLAGS, headless: true });
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  page.on("console", (msg) => { if (msg.type() === "error") result.consoleErrors.push(msg.text().slice(0, 500)); });
+  page.on("pageerror", (err) => result.pageErrors.push(String(err).slice(0, 500)));
+  // a fresh user folder would open the template browser over the canvas on first load
+  await page.request.post(new URL("api/settings/Comfy.TutorialCompleted", job.url).href, { data: true });
+  await page.goto(job.url, { waitUntil: "domcontentloaded", timeout: 120000 });
+  await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types
+                             && Object.keys(window.LiteGraph.registered_node_types).length > 50,
+                             null, { timeout: 120000 });
+  result.extensions = await page.evaluate(() => (window.app.extensions ?? []).map((e) => e.name));
+
+  for (const wf of job.workflows) {
+    const data = JSON.parse(fs.readFileSync(wf.path, "utf8"));
+    const report = await page.evaluate(async (data) => {
+      const types = [...new Set((data.nodes ?? []).map((n) => n.type))];
+      const unknown = types.filter((t) => !window.LiteGraph.registered_node_types[t]);
+      await window.app.loadGraphData(data, true, false, null);
+      await new Promise((r) => setTimeout(r, 1500));
+      const nodes = window.app.graph.nodes;
+      return {
+        types, unknown,
+        fileNodes: (data.nodes ?? []).length,
+        loadedNodes: nodes.length,
+        brokenNodes: nodes.filter((n) => n.has_errors || !window.LiteGraph.registered_node_types[n.type])
+          .map((n) => `${n.id}:${n.type}`),
+      };
+    }, data);
+    report.missingText = await page.evaluate(missingText);
+    await page.screenshot({ path: path.join(job.outDir, `workflow-${wf.name}.png`) });
+    result.workflows[wf.name] = report;
+    // close any dialog so the next load starts clean
+    await page.keyboard.press("Escape");
+  }
+
+  if (job.plot) {
+    const { nodeType, set, expectCount } = job.plot;
+    await page.evaluate(async (nodeType) => {
+      await window.app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
+                                      config: {}, extra: {}, version: 0.4 }, true, false, null);
+      const node = window.LiteGraph.createNode(nodeType);
+      node.pos = [200, 120];
+      window.app.graph.add(node);
+      window.app.canvas.ds.scale = 1;
+      window.app.canvas.ds.offset = [0, 0];
+      window.app.canvas.setDirty(true, true);
+    }, nodeType);
+    const plot = page.locator("canvas.auraflow-sigma-plot");
+    await page.waitForFunction(() => document.querySelector("canvas.auraflow-sigma-plot")?.dataset.state === "ok",
+                               null, { timeout: 30000 });
+    const before = await plot.evaluate((c) => Number(c.dataset.count));
+    await page.evaluate(({ nodeType, set }) => {
+      const node = window.app.graph.nodes.find((n) => n.type === nodeType);
+      for (const [name, value] of Object.entries(set)) {
+        const w = node.widgets.find((x) => x.name === name);
+        w.value = value;
+        w.callback?.(value, window.app.canvas, node);
+      }
+      window.app.canvas.setDirty(true, true);
+    }, { nodeType, set });
+    await page.waitForFunction((n) => {
+      const c = document.querySelector("canvas.auraflow-sigma-plot");
+      return c?.dataset.state === "ok" && Number(c.dataset.count) === n;
+    }, expectCount, { timeout: 30000 });
+    await page.waitForTimeout(300);
+    await plot.screenshot({ path: path.join(job.outDir, "sigma-plot.png") });
+    await page.screenshot({ path: path.join(job.outDir, "sigma-plot-page.png") });
+    // the error path: a 400 from the route must show its message in place of the plot. Widgets clamp their
+    // values, so the 400 is answered here for the next request instead of by the pack.
+    await page.route("**/auraflow/sigmas?*", (route) => route.fulfill({
+      status: 400, contentType: "application/json",
+      body: JSON.stringify({ error: "shift=99.0 is out of range; allowed: 0.0..10.0" }) }), { times: 1 });
+    await page.evaluate((nodeType) => {
+      const node = window.app.graph.nodes.find((n) => n.type === nodeType);
+      const w = node.widgets.find((x) => x.name === "denoise");
+      w.value = 0.5;
+      w.callback?.(0.5, window.app.canvas, node);
+    }, nodeType);
+    await page.waitForFunction(() => document.querySelector("canvas.auraflow-sigma-plot")?.dataset.state === "error",
+                               null, { timeout: 30000 });
+    await page.waitForTimeout(300);
+    await plot.screenshot({ path: path.join(job.outDir, "sigma-plot-error.png") });
+    const box = await plot.boundingBox();
+    const serialized = await page.evaluate((nodeType) => {
+      const node = window.app.graph.nodes.find((n) => n.type === nodeType);
+      return { widgets_values: node.serialize().widgets_values, widgetNames: node.widgets.map((w) => w.name) };
+    }, nodeType);
+    result.plot = { before, after: expectCount, box, ...serialized };
+  }
+} catch (err) {
+  result.failure = String(err?.stack ?? err).slice(0, 2000);
+  try {
+    const page = browser.contexts()[0]?.pages()[0];
+    await page?.screenshot({ path: path.join(job.outDir, "failure.png") });
+    result.failureDom = await page?.evaluate(() => [...document.querySelectorAll("canvas.auraflow-sigma-plot")]
+      .map((c) => ({ ...c.dataset, visible: !!c.offsetParent })));
+  } catch {}
+} finally {
+  await browser.close();
+}
+process.stdout.write(JSON.stringify(result) + "\n");

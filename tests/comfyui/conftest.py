@@ -1,0 +1,97 @@
+"""Tests against a real ComfyUI checkout: ``pytest tests/comfyui --comfyui PATH`` (or ``AURAFLOW_COMFYUI=PATH``).
+
+Without a path every test here is skipped (CI has no ComfyUI). With one, a session fixture starts that ComfyUI on a
+free port on 127.0.0.1 with ``--base-directory`` set to a temp folder holding a copy of this pack in custom_nodes/,
+tiny random models under the names the bundled workflows use, and its own user/output folders, so nothing in the
+checkout is touched.
+
+Environment:
+- ``AURAFLOW_COMFYUI``: the checkout (instead of --comfyui).
+- ``AURAFLOW_COMFYUI_PYTHON``: the Python to run it with (default: the checkout's venv/ or .venv/, else this one).
+  It needs ComfyUI's requirements.txt and this pack's dependencies.
+- ``AURAFLOW_CHROMIUM`` (default /usr/bin/chromium) and ``NODE_PATH`` with the npm package playwright-core, for the
+  browser test; it is skipped, saying why, when either is missing.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_support import (PACK_DIR_NAME, ROOT, ComfyServer, build_models_for_workflows, comfy_python, copy_pack,
+                             free_port, provide_input_images, wait_until_up)
+
+
+def pytest_addoption(parser):
+    try:
+        parser.addoption("--comfyui", default=None, metavar="PATH",
+                         help="a ComfyUI checkout for the tests marked comfyui (or set AURAFLOW_COMFYUI)")
+    except ValueError:  # already added by a conftest higher up
+        pass
+
+
+def comfyui_checkout(config) -> str | None:
+    return config.getoption("--comfyui", default=None) or os.environ.get("AURAFLOW_COMFYUI") or None
+
+
+def pytest_collection_modifyitems(config, items):
+    if comfyui_checkout(config):
+        return
+    skip = pytest.mark.skip(reason="needs a ComfyUI checkout: pass --comfyui PATH or set AURAFLOW_COMFYUI")
+    for item in items:
+        if "comfyui" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy_base(request, tmp_path_factory):
+    """A ComfyUI --base-directory: the pack in custom_nodes/, tiny models, user/, input/, output/."""
+    checkout = Path(comfyui_checkout(request.config)).expanduser().resolve()
+    if not (checkout / "main.py").is_file() or not (checkout / "folder_paths.py").is_file():
+        pytest.fail(f"--comfyui {checkout}: not a ComfyUI checkout (no main.py / folder_paths.py there)")
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("custom_nodes", "models", "user", "input", "output", "temp"):
+        (base / sub).mkdir()
+    copy_pack(base / "custom_nodes")
+    build_models_for_workflows(base / "models", tmp_path_factory.mktemp("tiny_src"))
+    provide_input_images(checkout, base / "input")
+    return checkout, base
+
+
+@pytest.fixture(scope="session")
+def remote_service():
+    """The fake hosted Aura Flow API (tests/remote_server.py) for workflows with the remote node."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from remote_server import KEY, FakeService
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    with FakeService() as service:
+        yield service, KEY
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base, remote_service):
+    checkout, base = comfy_base
+    service, key = remote_service
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = base / "comfyui.log"
+    env = dict(os.environ, SEGMIND_API_KEY=key, SEGMIND_API_URL=service.url, PYTHONUNBUFFERED="1")
+    cmd = [comfy_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--disable-auto-launch", "--base-directory", str(base)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, cwd=checkout, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until_up(url, process, log_path)
+        yield ComfyServer(url, base, base / "custom_nodes" / PACK_DIR_NAME, log_path, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
