@@ -7,8 +7,8 @@ ComfyUI 0.29 sampler of the same name (``comfy/k_diffusion/sampling.py``), inclu
 matters it is named in the docstring. The stochastic samplers live in `samplers_sde`, the CFG++ ones in
 `samplers_cfgpp`, UniPC in `samplers_unipc`.
 
-Helpers shared by those modules (`to_d`, `emit`, `half_log_snr`, `offset_first_sigma`, `model_sampling_of`)
-are defined here.
+Helpers shared by those modules (`to_d`, `emit`, `half_log_snr`, `offset_first_sigma`, `model_sampling_of`,
+`ancestral_step`, `dpm2_step`) are defined here.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def ones(x):
 
 
 def emit(callback, x, i, sigma, denoised, sigma_hat=None):
+    """Report step ``i`` to a k-diffusion style callback (a dict with x, i, sigma, sigma_hat, denoised)."""
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
                   "denoised": denoised})
@@ -63,8 +64,9 @@ def offset_first_sigma(sigmas, model, sampler: str, percent: float = 1e-4):
 
 
 def ancestral_step(sigma_from, sigma_to, eta=1.0):
-    """k-diffusion's variance-exploding ancestral split (sigma_down, sigma_up); ComfyUI still uses it, not the RF
-    form, in dpmpp_2s_ancestral_cfg_pp and res_multistep_ancestral*."""
+    """k-diffusion's variance-exploding ancestral split (sigma_down, sigma_up). ComfyUI keeps it, not the RF form,
+    for flow models in the CFG++ ancestral samplers and res_multistep_ancestral*, and applies it to
+    sigma/alpha in dpmpp_sde; the engine does the same so the numbers match."""
     if not eta:
         return sigma_to, 0.0
     # python min() on purpose: with sigma_from = inf the second term is nan and min() keeps sigma_to, as ComfyUI does
