@@ -407,3 +407,105 @@ def test_in_comfyui_loader_lists_and_resolves_model_folders(tiny, fake_comfy):
     assert model.dtype == torch.float32  # fake ComfyUI: neither bf16 nor fp16 on this device
     with pytest.raises(FileNotFoundError, match="models/checkpoints"):
         run("AuraFlowLoader", checkpoint="missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- inside a real ComfyUI
+COMFYUI_SCRIPT = r'''
+import asyncio, json, os, sys
+checkout, pack_dir, models, out = sys.argv[1:5]
+sys.path.insert(0, checkout)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm, comfy.utils, folder_paths, nodes, torch
+from comfy.cli_args import args, LatentPreviewMethod
+from PIL import Image
+
+folder_paths.set_output_directory(out)
+folder_paths.add_model_folder_path("diffusers", models, is_default=True)
+assert asyncio.run(nodes.load_custom_node(pack_dir))
+N = nodes.NODE_CLASS_MAPPINGS
+ids = ["AuraFlowLoader", "AuraFlowTextEncode", "AuraFlowSampler", "AuraFlowGenerate", "AuraFlowRemoteGenerate",
+       "AuraFlowVAEDecode", "AuraFlowVAEEncode", "AuraFlowSaveImage"]
+assert all(i in N for i in ids), sorted(N)
+choices = N["AuraFlowLoader"].INPUT_TYPES()["required"]["checkpoint"][0]
+assert "diffusers" in choices, choices
+model, te, vae = N["AuraFlowLoader"]().load("diffusers")
+pos = N["AuraFlowTextEncode"]().encode(te, "a cat")[0]
+neg = N["AuraFlowTextEncode"]().encode(te, "")[0]
+
+events = []
+def hook(value, total, preview, node_id=None):
+    mm.throw_exception_if_processing_interrupted()
+    events.append((value, total, None if preview is None else preview[0]))
+comfy.utils.set_progress_bar_global_hook(hook)
+args.preview_method = LatentPreviewMethod.Latent2RGB
+sampler = N["AuraFlowSampler"]()
+lat = sampler.sample(model, pos, neg, 1, 3, 5.0, "uni_pc", "normal", 1.73, 1.0, 64, 64, 1)[0]
+assert events == [(1, 3, "JPEG"), (2, 3, "JPEG"), (3, 3, "JPEG")], events
+
+img = nodes.VAEDecode().decode(vae, lat)[0]
+assert img.shape == (1, 64, 64, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
+assert torch.allclose(nodes.VAEDecodeTiled().decode(vae, lat, 512, 64)[0], img)
+assert nodes.VAEEncode().encode(vae, torch.rand(1, 67, 70, 3))[0]["samples"].shape == (1, 4, 8, 8)
+inpaint = nodes.VAEEncodeForInpaint().encode(vae, torch.rand(1, 64, 64, 3), torch.zeros(1, 64, 64))[0]
+assert inpaint["samples"].shape == (1, 4, 8, 8)
+empty = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+assert sampler.sample(model, pos, neg, 1, 2, 5.0, "euler", "normal", 1.73, 1.0, latent_image=empty)[0][
+    "samples"].shape == (2, 4, 8, 8)
+mixed = sampler.sample(model, nodes.ConditioningConcat().concat(pos, neg)[0],
+                       nodes.ConditioningZeroOut().zero_out(neg)[0], 1, 2, 5.0, "euler", "normal", 1.73, 1.0,
+                       64, 64, 1)[0]
+assert mixed["samples"].shape == (1, 4, 8, 8)
+
+saver = N["AuraFlowSaveImage"]()
+ui = saver.save(img, "sub/AF", "webp", 80, True, prompt={"1": {}}, extra_pnginfo={"workflow": {"a": 1}})["ui"]
+exif = Image.open(os.path.join(out, "sub", ui["images"][0]["filename"])).getexif()
+assert exif[0x0110] == 'prompt:{"1": {}}' and exif[0x010F] == 'workflow:{"a": 1}', dict(exif)
+try:
+    saver.save(img, "../../escape", "png", 80, True)
+    raise AssertionError("escaping prefix accepted")
+except ValueError as exc:
+    assert "outside the output folder" in str(exc)
+args.disable_metadata = True
+ui = saver.save(img, "sub/AF", "png", 80, True, prompt={"1": {}}, extra_pnginfo={"workflow": {}})["ui"]
+assert Image.open(os.path.join(out, "sub", ui["images"][0]["filename"])).text == {}
+
+events.clear()
+def cancelling(value, total, preview, node_id=None):
+    events.append(value)
+    if value == 1:
+        mm.interrupt_current_processing(True)
+    mm.throw_exception_if_processing_interrupted()
+comfy.utils.set_progress_bar_global_hook(cancelling)
+try:
+    sampler.sample(model, pos, neg, 1, 10, 5.0, "euler", "normal", 1.73, 1.0, 64, 64, 1)
+    raise AssertionError("not cancelled")
+except mm.InterruptProcessingException:
+    assert events == [1], events
+print("ALL OK")
+'''
+
+
+@pytest.mark.comfyui
+def test_nodes_inside_a_real_comfyui(tmp_path, tiny_models):
+    """Core VAE/conditioning nodes on our objects, progress previews, Cancel, save paths and --disable-metadata,
+    all through a real ComfyUI's own modules (in a subprocess, so its top-level ``nodes`` cannot clash)."""
+    import shutil
+
+    checkout = os.environ.get("AURAFLOW_COMFYUI")
+    if not checkout:
+        pytest.skip("set AURAFLOW_COMFYUI to a ComfyUI checkout (AURAFLOW_COMFYUI_PYTHON: its Python) to run this")
+    pack_dir = tmp_path / "custom_nodes" / "ComfyUI-AuraFlow"
+    pack_dir.mkdir(parents=True)
+    for part in ("__init__.py", "aura_flow", "nodes", "web"):
+        copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy
+        copy(ROOT / part, pack_dir / part)
+    script = tmp_path / "run" / "inside_comfyui.py"
+    script.parent.mkdir()
+    script.write_text(COMFYUI_SCRIPT)
+    models = Path(tiny_models["diffusers"]["checkpoint"]).parent
+    python = os.environ.get("AURAFLOW_COMFYUI_PYTHON") or sys.executable
+    done = subprocess.run([python, str(script), checkout, str(pack_dir), str(models), str(tmp_path / "out")],
+                          cwd=checkout, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ALL OK" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
