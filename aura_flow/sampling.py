@@ -113,6 +113,9 @@ def sample(model, positive, negative, latent, *, seed: int, steps: int, cfg: flo
     device = samples.device
     if len(sigmas) == 0:  # denoise 0: nothing to do
         return dict(latent) if as_dict else samples.clone()
+    if torch.isnan(sigmas).any():  # ComfyUI samples these into a NaN (black) image; say why instead
+        raise ParameterError(f"scheduler={scheduler!r} gives no usable schedule for steps={steps} "
+                             f"(ComfyUI's formula yields NaN); use at least 2 steps or another scheduler")
 
     if noise is None:
         noise = prepare_noise(samples.shape, seed)
@@ -131,7 +134,8 @@ def sample(model, positive, negative, latent, *, seed: int, steps: int, cfg: flo
 
     def k_callback(d):
         if callback is not None:
-            callback(d["i"] + 1, total, d["denoised"])
+            # adaptive samplers count their own internal steps; keep progress within the schedule
+            callback(min(d["i"] + 1, total), total, d["denoised"])
 
     x = ModelSampling.noise_scaling(sig[0], noise, latent_in)
     fn = info.function()
