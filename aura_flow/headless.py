@@ -59,7 +59,8 @@ def check_workflow(data, where: str = "workflow") -> dict:
         data = data["prompt"]
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise ParameterError(f"{where}: this is the editor format (nodes and links); queue needs the API format. "
-                             "Use the workflow's .api.json twin, or export it from the editor with Export (API).")
+                             "Use its API twin (workflows/api/<name>.json for the bundled ones), or export it from "
+                             "the editor with Export (API).")
     if not isinstance(data, dict) or not data:
         raise ParameterError(f"{where}: expected an API-format workflow, a JSON object of "
                              '{"<node id>": {"class_type": ..., "inputs": {...}}}')
@@ -216,12 +217,39 @@ class ComfyClient:
         # ComfyUI writes the history entry only when the prompt has finished (PromptQueue.task_done)
         return data.get(prompt_id) or None
 
-    def wait(self, prompt_id: str, timeout: float = DEFAULT_TIMEOUT, poll: float = 0.5) -> dict:
-        """Poll /history until the prompt is finished; its outputs, or QueueError when it failed."""
+    def queue_state(self, prompt_id: str) -> str | None:
+        """"running", "queued (N ahead)" or None when ComfyUI's queue does not hold the prompt (GET /queue)."""
+        _, data = self.json("GET", "/queue")
+        running = data.get("queue_running") or []
+        pending = data.get("queue_pending") or []
+        if any(len(item) > 1 and item[1] == prompt_id for item in running):
+            return "running"
+        mine = [item for item in pending if len(item) > 1 and item[1] == prompt_id]
+        if not mine:
+            return None
+        ahead = len(running) + sum(1 for item in pending if item[0] < mine[0][0])
+        return f"queued ({ahead} ahead)"
+
+    def wait(self, prompt_id: str, timeout: float = DEFAULT_TIMEOUT, poll: float = 0.5,
+             check_every: float = 5.0) -> dict:
+        """Poll /history until the prompt is finished; its outputs, or QueueError when it failed or vanished.
+
+        Every ``check_every`` seconds /queue tells whether it is still queued or running (logged when that
+        changes); a prompt in neither place nor in the history was deleted or lost with a server restart.
+        """
         start = time.monotonic()
-        last_note = start
+        next_check, state = start + check_every, None
         while True:
             entry = self.history(prompt_id)
+            if entry is None and time.monotonic() >= next_check:
+                new_state = self.queue_state(prompt_id)
+                entry = self.history(prompt_id)  # it may have finished between the two requests
+                if entry is None and new_state is None:
+                    raise QueueError(f"prompt {prompt_id} is no longer in ComfyUI's queue nor in its history: it was "
+                                     "deleted from the queue, or the server restarted. Queue it again.")
+                if new_state != state:
+                    log.info("prompt %s: %s (%.0f s)", prompt_id, new_state, time.monotonic() - start)
+                next_check, state = time.monotonic() + check_every, new_state
             if entry is not None:
                 status = entry.get("status") or {}
                 if status.get("status_str") == "error":
@@ -231,9 +259,6 @@ class ComfyClient:
             if timeout and now - start > timeout:
                 raise ServerUnavailable(f"prompt {prompt_id} did not finish within {timeout:g} s; it is still in "
                                         f"ComfyUI's queue at {self.server} (raise --timeout to wait longer)")
-            if now - last_note >= 30:
-                log.info("waiting for prompt %s (%.0f s)", prompt_id, now - start)
-                last_note = now
             time.sleep(min(poll, max(0.05, (now - start) / 4)))
 
     def cancel(self, prompt_id: str) -> None:
@@ -270,14 +295,14 @@ def output_items(outputs: dict):
 
 
 def run_workflow(prompt: dict, server: str = DEFAULT_SERVER, *, sets=(), out_dir="out",
-                 timeout: float = DEFAULT_TIMEOUT, poll: float = 0.5) -> list[Path]:
+                 timeout: float = DEFAULT_TIMEOUT, poll: float = 0.5, check_every: float = 5.0) -> list[Path]:
     """Queue ``prompt`` on the ComfyUI at ``server``, wait for it and download its images into ``out_dir``."""
     prompt = apply_sets(check_workflow(prompt), sets)
     client = ComfyClient(server)
     prompt_id = client.submit(prompt)
     log.info("queued prompt %s on %s", prompt_id, client.server)
     try:
-        outputs = client.wait(prompt_id, timeout=timeout, poll=poll)
+        outputs = client.wait(prompt_id, timeout=timeout, poll=poll, check_every=check_every)
     except KeyboardInterrupt:
         client.cancel(prompt_id)
         raise
@@ -291,8 +316,12 @@ def run_workflow(prompt: dict, server: str = DEFAULT_SERVER, *, sets=(), out_dir
 # --------------------------------------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
     p = subparsers.add_parser("queue", help="run an API-format workflow on a running ComfyUI and download images",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("workflow", help="API-format workflow JSON (the editor's Export (API), or workflows/*.api.json)")
+                              description="Queue an API-format workflow on a running ComfyUI, wait for it and "
+                                          "download the images it made; prints the paths written.",
+                              epilog="exit codes: 0 done; 1 ComfyUI rejected or failed the prompt (its error text "
+                                     "on stderr); 2 bad arguments or workflow file; 3 ComfyUI unreachable or "
+                                     "--timeout passed; 130 interrupted (the prompt is cancelled)")
+    p.add_argument("workflow", help="API-format workflow JSON (the editor's Export (API), or workflows/api/*.json)")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI address (default {DEFAULT_SERVER})")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="change an input before queueing; NODE is a node id, title or class_type; VALUE is JSON "

@@ -48,12 +48,14 @@ EXECUTION_ERROR_MESSAGES = [
 
 
 class FakeComfyUI:
-    """Records every request; ``mode`` picks the answer: ok, invalid, fails, never (the prompt never finishes)."""
+    """Records every request; ``mode`` picks the answer: ok, invalid, fails, never (the prompt stays running),
+    vanish (the prompt is neither in the queue nor in the history, as after a server restart)."""
 
     def __init__(self):
         self.mode = "ok"
         self.requests: list[tuple[str, str, object]] = []
         self.history_polls = 0
+        self.queue_polls = 0
         self.finish_after_polls = 2  # the prompt shows up in /history only on the third poll
         self.prompt_ids: list[str] = []
         fake = self
@@ -92,9 +94,16 @@ class FakeComfyUI:
                 if url.path.startswith("/history/"):
                     prompt_id = urllib.parse.unquote(url.path[len("/history/"):])
                     fake.history_polls += 1
-                    if fake.mode == "never" or fake.history_polls <= fake.finish_after_polls:
+                    if fake.mode in ("never", "vanish") or fake.history_polls <= fake.finish_after_polls:
                         return self._json(200, {})
                     return self._json(200, {prompt_id: fake.history_entry(prompt_id)})
+                if url.path == "/queue":  # one other prompt ahead on the first look, then ours is running
+                    fake.queue_polls += 1
+                    mine = [[1, fake.prompt_ids[-1], {}, {}, []]] if fake.prompt_ids and fake.mode != "vanish" else []
+                    if fake.queue_polls == 1 and mine:
+                        return self._json(200, {"queue_running": [], "queue_pending": [[0, "other", {}, {}, []],
+                                                                                       *mine]})
+                    return self._json(200, {"queue_running": mine, "queue_pending": []})
                 if url.path == "/view":
                     files = {("AuraFlow_00001_.png", ""): PNG_A, ("AuraFlow_00002_.png", "batch"): PNG_B}
                     data = files.get((query.get("filename"), query.get("subfolder", "")))
@@ -247,3 +256,26 @@ def test_run_workflow_api_accepts_a_wrapped_prompt_and_returns_paths(comfy, tmp_
     paths = headless.run_workflow({"prompt": WORKFLOW}, comfy.url, out_dir=tmp_path, poll=0.01)
     assert [p.read_bytes() for p in paths] == [PNG_A, PNG_B]
     assert comfy.posted_prompts()[0]["prompt"] == WORKFLOW
+
+
+def test_wait_logs_queue_position_then_running(comfy, tmp_path, caplog):
+    comfy.finish_after_polls = 4
+    with caplog.at_level("INFO", logger="aura_flow.headless"):
+        paths = headless.run_workflow(WORKFLOW, comfy.url, out_dir=tmp_path, poll=0.01, check_every=0.0)
+    assert len(paths) == 2
+    states = [r.getMessage().split(": ", 1)[1].rsplit(" (", 1)[0] for r in caplog.records
+              if r.getMessage().startswith("prompt ")]
+    assert states == ["queued (1 ahead)", "running"]
+
+
+def test_a_prompt_that_vanished_from_comfyui_fails_instead_of_waiting(comfy, tmp_path):
+    comfy.mode = "vanish"
+    with pytest.raises(headless.QueueError, match="no longer in ComfyUI's queue nor in its history"):
+        headless.run_workflow(WORKFLOW, comfy.url, out_dir=tmp_path, poll=0.01, check_every=0.05, timeout=30)
+
+
+def test_cancel_removes_the_prompt_from_the_queue_and_interrupts_it(comfy):
+    client = headless.ComfyClient(comfy.url)
+    client.cancel("1234")
+    assert [(m, p, b) for m, p, b in comfy.requests] == [("POST", "/queue", {"delete": ["1234"]}),
+                                                       ("POST", "/interrupt", {"prompt_id": "1234"})]
