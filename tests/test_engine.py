@@ -237,7 +237,8 @@ def test_nan_schedule_is_refused_with_its_reason(tiny_pipe):
     """kl_optimal at 1 step divides by zero in ComfyUI's formula; refuse it instead of drawing a black image."""
     assert torch.isnan(aura_flow.sigmas("kl_optimal", 1)).any()  # the schedule itself stays ComfyUI's
     with pytest.raises(ParameterError, match="scheduler='kl_optimal' gives no usable schedule for steps=1"):
-        tiny_pipe.generate(prompt="a cat", seed=1, width=64, height=64, steps=1, scheduler="kl_optimal")
+        tiny_pipe.generate(prompt="a cat", seed=1, width=64, height=64, steps=1, scheduler="kl_optimal",
+                           sampler="euler")
 
 
 def test_not_auraflow_files_are_described(tmp_path):
