@@ -231,7 +231,19 @@ def on_device(pipeline):
         offload = mm.unet_offload_device()
         if pipeline.device != offload:
             pipeline.to(offload)
-            mm.soft_empty_cache()
+            empty_cache()
+
+
+def empty_cache():
+    """Release cached device memory (ComfyUI's soft_empty_cache; torch's own outside ComfyUI)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------ progress

@@ -7,6 +7,7 @@ Latents are raw VAE space (ComfyUI's LATENT convention); images are float32 in [
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from . import comfy_compat as compat
@@ -14,6 +15,7 @@ from . import comfy_compat as compat
 log = logging.getLogger(__name__)
 
 SCALE = 8  # the SDXL VAE's spatial compression
+DEFAULT_TILE, DEFAULT_OVERLAP = 512, 64  # pixels, for tiled runs without sizes (as ComfyUI's fallback)
 
 
 class AuraFlowVAE:
@@ -70,37 +72,70 @@ class AuraFlowVAE:
         return pixels[:, top:top + h, left:left + w, :self.output_channels]
 
     def decode(self, samples_in, vae_options=None):
-        """Raw latent (B, 4, h, w) -> images (B, 8h, 8w, 3) float32 in [0, 1] on ComfyUI's intermediate device."""
-        import torch
+        """Raw latent (B, 4, h, w) -> images (B, 8h, 8w, 3) float32 in [0, 1] on ComfyUI's intermediate device.
 
+        Like ComfyUI's own VAE, it falls back to tiled decoding when the device runs out of memory.
+        """
         self.throw_exception_if_invalid()
         if samples_in.ndim != 4 or samples_in.shape[1] != self.latent_channels:
             raise ValueError(f"AuraFlow VAE: expected a (batch, 4, height/8, width/8) SDXL latent, got shape "
                              f"{tuple(samples_in.shape)}; was this latent made for another model?")
-        with compat.on_device(self.pipeline):
-            out = [self.pipeline.decode(samples_in[i:i + 1]) for i in range(samples_in.shape[0])]
-        return torch.cat(out).to(compat.intermediate_device())
+        return self._run(self.pipeline.decode, samples_in, DEFAULT_TILE // SCALE, DEFAULT_OVERLAP / DEFAULT_TILE)
 
     def encode(self, pixel_samples):
         """Images (B, H, W, C) in [0, 1] -> raw latent (B, 4, H/8, W/8) (centre-cropped to multiples of 8)."""
-        import torch
-
         self.throw_exception_if_invalid()
         pixels = self.vae_encode_crop_pixels(pixel_samples)
         if pixels.shape[1] < SCALE or pixels.shape[2] < SCALE or pixels.shape[-1] != 3:
             raise ValueError(f"AuraFlow VAE: expected (batch, height, width, 3) images at least 8x8, got shape "
                              f"{tuple(pixel_samples.shape)}")
-        with compat.on_device(self.pipeline):
-            out = [self.pipeline.encode(pixels[i:i + 1]) for i in range(pixels.shape[0])]
-        return torch.cat(out).to(compat.intermediate_device())
+        return self._run(self.pipeline.encode, pixels, DEFAULT_TILE // SCALE, DEFAULT_OVERLAP / DEFAULT_TILE)
 
-    # VAE Decode (Tiled) / VAE Encode (Tiled) call these; one image at a time already bounds the memory, so
-    # the tile sizes are not needed.
+    # VAE Decode (Tiled) passes tile sizes in latent units, VAE Encode (Tiled) in pixels.
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        return self.decode(samples)
+        tile = min(tile_x or DEFAULT_TILE // SCALE, tile_y or tile_x or DEFAULT_TILE // SCALE)
+        return self._run(self.pipeline.decode, samples, tile, (overlap or 0) / tile, tiled=True)
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        return self.encode(pixel_samples)
+        tile = min(tile_x or DEFAULT_TILE, tile_y or tile_x or DEFAULT_TILE)
+        pixels = self.vae_encode_crop_pixels(pixel_samples)
+        return self._run(self.pipeline.encode, pixels, tile // SCALE, (overlap or 0) / tile, tiled=True)
+
+    def _run(self, fn, batch, tile_latent: int, overlap: float, tiled: bool = False):
+        """``fn`` one image at a time on ComfyUI's device; tiled (diffusers' VAE tiling with ``tile_latent``-sized
+        latent tiles overlapping by the fraction ``overlap``) when asked or after running out of memory."""
+        import torch
+
+        out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
+        with compat.on_device(self.pipeline):
+            out = []
+            for i in range(batch.shape[0]):
+                item = batch[i:i + 1]
+                if not tiled:
+                    try:
+                        out.append(fn(item))
+                        continue
+                    except out_of_memory:
+                        log.warning("AuraFlow VAE: out of memory; retrying with tiles of %d px", tile_latent * SCALE)
+                        compat.empty_cache()
+                with self._tiling(tile_latent, overlap):
+                    out.append(fn(item))
+        return torch.cat(out).to(compat.intermediate_device())
+
+    @contextlib.contextmanager
+    def _tiling(self, tile_latent: int, overlap: float):
+        vae = self.pipeline.vae
+        names = ("use_tiling", "tile_latent_min_size", "tile_sample_min_size", "tile_overlap_factor")
+        saved = {name: getattr(vae, name) for name in names}
+        vae.use_tiling = True
+        vae.tile_latent_min_size = max(1, int(tile_latent))
+        vae.tile_sample_min_size = vae.tile_latent_min_size * SCALE
+        vae.tile_overlap_factor = min(max(float(overlap), 0.0), 0.5)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(vae, name, value)
 
 
 class AuraFlowVAEDecode:

@@ -236,7 +236,29 @@ def test_vae_nodes_and_core_interface(loaded):
     assert enc["samples"].shape == (1, 4, 8, 9)
     ref = model.encode(odd[:, 3:67, 1:73, :3])
     assert torch.allclose(enc["samples"], ref, atol=1e-5)
-    assert vae.decode_tiled(latent["samples"][:1], tile_x=32, tile_y=32, overlap=8).shape == (1, 64, 64, 3)
+
+
+def test_vae_tiles_when_asked_and_after_running_out_of_memory(loaded, monkeypatch):
+    model, _te, vae = loaded
+    latent = torch.randn(1, 4, 16, 16, generator=torch.manual_seed(0))
+    whole = vae.decode(latent)
+    tiled = vae.decode_tiled(latent, tile_x=8, tile_y=8, overlap=2)  # VAE Decode (Tiled): latent units
+    assert tiled.shape == whole.shape == (1, 128, 128, 3)
+    assert not torch.equal(tiled, whole)  # tiles were used ...
+    assert (tiled - whole).abs().mean() < 0.2  # ... and blended into the same picture
+    assert model.vae.use_tiling is False and model.vae.tile_latent_min_size != 8  # settings restored
+    pixels = whole
+    assert vae.encode_tiled(pixels, tile_x=64, tile_y=64, overlap=16).shape == (1, 4, 16, 16)  # pixels
+
+    real = model.decode
+
+    def small_device(z):
+        if not model.vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(z)
+
+    monkeypatch.setattr(model, "decode", small_device)
+    assert torch.equal(vae.decode(latent), vae.decode_tiled(latent, tile_x=64, overlap=8))
 
 
 # ---------------------------------------------------------------------------------------------- saving
