@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from .params import validate_generation
 from .sampling import sample as _sample
-from .schedules import LATENT_SCALE
+from .schedules import LATENT_SCALE, sigmas as make_sigmas
+from .speed import resolve as resolve_speed, velocity_model
 from .text import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,18 @@ class AuraFlowPipeline:
         return ctx
 
     @torch.inference_mode()
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, *,
+                 transformer=None) -> torch.Tensor:
         """Flow velocity for model-space latents x (N,4,h,w) at per-row sigma (N,) given context (N,T,D).
 
         Sizes that are not a multiple of the patch size are padded circularly and cropped back (as ComfyUI).
+        transformer: a stand-in with the transformer's call signature (aura_flow.speed's compiled or cached one).
         """
         h, w = x.shape[-2:]
         p = self.patch_size
         ph, pw = (-h) % p, (-w) % p
         xin = F.pad(x, (0, pw, 0, ph), mode="circular") if (ph or pw) else x
-        out = self.transformer(hidden_states=xin.to(self.device, self.dtype),
+        out = (transformer or self.transformer)(hidden_states=xin.to(self.device, self.dtype),
                                encoder_hidden_states=context.to(self.device, self.dtype),
                                timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
         return out[..., :h, :w].to(x.dtype)
@@ -136,20 +139,26 @@ class AuraFlowPipeline:
 
     # -------------------------------------------------------------- the whole job
     def generate(self, *, callback: Callable | None = None, should_stop: Callable | None = None,
-                 noise: torch.Tensor | None = None, **params) -> GenerationResult:
+                 noise: torch.Tensor | None = None, speed=None, **params) -> GenerationResult:
         """Text to image with the hosted API's parameters (see aura_flow.params); validated before any work.
 
         callback(step, total, x0) after each step; should_stop() polled before every model call.
         noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
+        speed: None (exact), a mode name or an `aura_flow.speed.SpeedOptions` (opt-in, bounded fidelity loss).
         """
         p = validate_generation(params)
+        speed = resolve_speed(speed)
         from PIL import Image
 
         b, h, w = p["number_of_images"], p["height"] // 8, p["width"] // 8
         positive = self.encode_prompt(p["prompt"])
         negative = self.encode_prompt(p["negative_prompt"]) if p["cfg"] != 1.0 else positive
         latent = torch.zeros(b, 4, h, w)
-        out = self.sample(positive, negative, latent, seed=p["seed"], steps=p["steps"], cfg=p["cfg"],
+        model = self.velocity
+        if speed is not None:  # opt-in speed modes, see aura_flow.speed
+            model = velocity_model(self, speed, batch=b, cfg=p["cfg"], sigmas=make_sigmas(
+                p["scheduler"], p["steps"], shift=p["shift"], sampler=p["sampler"]))
+        out = _sample(model, positive, negative, latent, seed=p["seed"], steps=p["steps"], cfg=p["cfg"],
                           sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"], callback=callback,
                           should_stop=should_stop, noise=noise)
         images = self.decode(out)

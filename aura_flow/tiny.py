@@ -18,7 +18,8 @@ PRESETS = {
                                   num_attention_heads=4, pos_embed_max_size=256),
                  t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
                  vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
-    "medium": dict(transformer=dict(num_mmdit_layers=2, num_single_dit_layers=4, attention_head_dim=64,
+    # medium: one 256x256 image with 16 steps and CFG takes a few seconds on 2 CPU cores (benchmarks/run.py)
+    "medium": dict(transformer=dict(num_mmdit_layers=2, num_single_dit_layers=4, attention_head_dim=32,
                                     num_attention_heads=4, pos_embed_max_size=1024),
                    t5=dict(d_model=256, d_kv=32, d_ff=512, num_layers=4, num_heads=8),
                    vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1)),

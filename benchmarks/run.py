@@ -1,0 +1,389 @@
+"""Side-by-side benchmark: the pack against diffusers' AuraFlowPipeline (and ComfyUI) on the same random weights.
+
+    python -m benchmarks.run --preset medium            # CPU: a few seconds an image
+    python -m benchmarks.run --preset tiny --size 64 --steps 2 --repeats 1 --json out.json
+    /path/to/comfy-venv/bin/python -m benchmarks.run --comfyui /path/to/ComfyUI
+
+It builds a random-weight AuraFlow of the preset's size (cached under --cache), generates the same image with
+each contender in one process (same weights, prompt, start noise, euler/normal, steps, cfg), checks that the
+decoded images agree, and prints a table and a JSON object: seconds per image and per step, the ratio to
+diffusers, peak memory (RSS on CPU, allocated on GPU), load time and load peak against the weight bytes, the
+pack's import time, and for each opt-in speed mode (aura_flow.speed) its speed-up and PSNR against the exact image.
+Each contender is warmed up first; then the runs alternate for --repeats rounds and the best and the median
+are reported (the ratio uses the best, the least disturbed by other work on the machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TOLERANCE = 1e-4  # max abs difference allowed between the pack's and diffusers' decoded images (0..1 range)
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- memory
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss() -> int:
+    value = _status_bytes("VmRSS")
+    if value is not None:
+        return value
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
+
+
+class Peak:
+    """Peak memory of a block: RSS on the CPU (Linux resets the high-water mark through clear_refs), else the
+    CUDA allocator's peak."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            except OSError:
+                pass
+            self.base = rss()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = _status_bytes("VmHWM") or rss()
+        self.added = max(0, self.peak - self.base)
+
+
+# ---------------------------------------------------------------- model and probes
+def build_model(preset: str, cache: Path) -> Path:
+    """The diffusers-layout folder of a random-weight AuraFlow of ``preset``, built once into ``cache``."""
+    from aura_flow.tiny import build_tiny
+
+    folder = cache / f"{preset}-seed0"
+    root = folder / "diffusers"
+    if not (root / "model_index.json").exists():  # written last by build_tiny
+        t0 = time.perf_counter()
+        build_tiny(folder, "diffusers", preset=preset)
+        print(f"built the {preset} model in {time.perf_counter() - t0:.1f}s: {root}", flush=True)
+    return root
+
+
+def weight_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for part in ("transformer", "text_encoder", "vae")
+               for f in (root / part).glob("*.safetensors"))
+
+
+def probe(kind: str, arg: str, device: str = "cpu"):
+    """Run in a fresh interpreter by `_subprocess`: prints one JSON line."""
+    if kind == "import":  # exactly how ComfyUI imports a custom node folder (nodes.load_custom_node)
+        import importlib.util
+
+        path = Path(arg)
+        name = str(path).replace(".", "_x_")
+        t0 = time.perf_counter()
+        spec = importlib.util.spec_from_file_location(name, str(path / "__init__.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        seconds = time.perf_counter() - t0
+        print(json.dumps({"seconds": seconds, "torch_imported": "torch" in sys.modules}))
+        return
+    import torch  # noqa: F401  (imports are not part of the load)
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderKL  # noqa: F401
+    from transformers import UMT5EncoderModel  # noqa: F401
+
+    import aura_flow.loader
+    import aura_flow.pipeline  # noqa: F401
+
+    with Peak(device) as peak:
+        t0 = time.perf_counter()
+        if kind == "load-pack":
+            model = aura_flow.loader.load(arg, device=device)
+        else:
+            model = AuraFlowPipeline.from_pretrained(arg, local_files_only=True).to(device)
+        seconds = time.perf_counter() - t0
+    del model
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak.added}))
+
+
+def _subprocess(kind: str, arg, device: str = "cpu") -> dict:
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.run import probe; "
+            f"probe({kind!r}, {str(arg)!r}, {device!r})")
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} probe failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- contenders
+class Contender:
+    """One way of making the image; ``run()`` -> (image (H, W, 3) float32 in [0, 1], per-step timestamps)."""
+
+    def __init__(self, name: str, run, exact: bool = True):
+        self.name = name
+        self.run = run
+        self.exact = exact
+        self.times: list[float] = []
+        self.step_times: list[float] = []
+        self.peaks: list[int] = []
+        self.image = None
+        self.warmup_seconds = None
+
+    def measure(self, device: str, warmup: bool = False):
+        with Peak(device) as peak:
+            t0 = time.perf_counter()
+            image, stamps = self.run()
+            seconds = time.perf_counter() - t0
+        if warmup:
+            self.warmup_seconds = seconds
+            return
+        self.times.append(seconds)
+        if len(stamps) > 1:
+            self.step_times.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        self.peaks.append(peak.added)
+        self.image = image
+
+    def summary(self) -> dict:
+        return {"seconds_per_image": min(self.times), "seconds_per_image_median": statistics.median(self.times),
+                "seconds_per_step": min(self.step_times) if self.step_times else math.nan,
+                "seconds_per_step_median": statistics.median(self.step_times) if self.step_times else math.nan,
+                "peak_memory_bytes": max(self.peaks), "warmup_seconds": self.warmup_seconds,
+                "runs": len(self.times)}
+
+
+def pack_contender(pipe, args, noise, speed=None, name="pack"):
+    def run():
+        stamps = []
+        r = pipe.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                          height=args.height, steps=args.steps, cfg=args.cfg, seed=args.seed, sampler="euler",
+                          scheduler="normal", shift=1.73, noise=noise, speed=speed,
+                          callback=lambda i, n, x0: stamps.append(time.perf_counter()))
+        return r.tensor[0], stamps
+
+    return Contender(name, run, exact=speed is None)
+
+
+def diffusers_contender(dpipe, args, noise):
+    import torch
+
+    def run():
+        stamps = []
+
+        def on_step(p, i, t, kw):
+            stamps.append(time.perf_counter())
+            return {}
+
+        out = dpipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                    num_inference_steps=args.steps, guidance_scale=args.cfg, latents=noise.clone().to(args.device),
+                    output_type="np", callback_on_step_end=on_step)
+        return torch.from_numpy(out.images[0]), stamps
+
+    return Contender("diffusers", run)
+
+
+# ---------------------------------------------------------------- the whole benchmark
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="medium", choices=("tiny", "medium", "full"),
+                    help="model size (aura_flow.tiny.PRESETS); full is the real 6.8B shape (needs ~40 GB)")
+    ap.add_argument("--size", type=int, default=256, help="image width and height in pixels (default 256)")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt", default="a photo of a cat sitting on a mat, watercolor painting")
+    ap.add_argument("--negative-prompt", default="blurry")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating timed rounds after the warm-up")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--modes", default="compile,cfg_cutoff,step_cache",
+                    help="comma-separated aura_flow.speed modes to measure ('' for none)")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aura_flow_bench",
+                    help="folder for the built models")
+    ap.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time its native AuraFlow")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON result here")
+    args = ap.parse_args(argv)
+    args.width = args.height = args.size
+    args.modes = [m for m in args.modes.split(",") if m]
+    return args
+
+
+def run(args) -> dict:
+    import torch
+
+    from aura_flow.speed import MODES, psnr
+
+    unknown = [m for m in args.modes if m not in MODES or m == "exact"]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)}; valid: {', '.join(m for m in MODES if m != 'exact')}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    notes = []
+    root = build_model(args.preset, args.cache)
+    wbytes = weight_bytes(root)
+    result = {"preset": args.preset, "device": args.device, "width": args.width, "height": args.height,
+              "steps": args.steps, "cfg": args.cfg, "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "weight_bytes": wbytes, "model": str(root)}
+
+    # loading and importing, each in a fresh interpreter
+    load = {}
+    for name, kind in (("pack", "load-pack"), ("diffusers", "load-diffusers")):
+        r = min((_subprocess(kind, root, args.device) for _ in range(2)), key=lambda d: d["seconds"])
+        load[name] = {"seconds": r["seconds"], "peak_bytes": r["peak_bytes"], "peak_over_weights": r["peak_bytes"] / wbytes}
+    result["load"] = load
+    if (REPO / "__init__.py").exists():
+        imports = [_subprocess("import", REPO) for _ in range(3)]
+        result["import_seconds"] = min(i["seconds"] for i in imports)
+        result["import_loads_torch"] = any(i["torch_imported"] for i in imports)
+    else:
+        notes.append("no __init__.py at the repository root yet: the pack's import time was not measured")
+
+    # generation, side by side in this process
+    import aura_flow
+    from aura_flow.sampling import prepare_noise
+    from diffusers import AuraFlowPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.disable_progress_bar()
+    pipe = aura_flow.load(root, device=args.device)
+    dpipe = AuraFlowPipeline.from_pretrained(root, local_files_only=True).to(args.device)
+    dpipe.set_progress_bar_config(disable=True)
+    noise = prepare_noise((1, 4, args.height // 8, args.width // 8), args.seed)
+
+    with torch.inference_mode():  # what the uncached prompt encoding costs (the pack caches repeated prompts)
+        t0 = time.perf_counter()
+        for text in (args.prompt, args.negative_prompt):
+            pipe._prompt_cache.pop(text, None)
+            pipe.encode_prompt(text)
+        result["pack_prompt_encode_seconds"] = time.perf_counter() - t0
+
+    contenders = [pack_contender(pipe, args, noise), diffusers_contender(dpipe, args, noise)]
+    contenders += [pack_contender(pipe, args, noise, speed=m, name=f"pack[{m}]") for m in args.modes]
+    comfy = None
+    if args.comfyui is not None:
+        from benchmarks import comfy_native
+
+        comfy, why = comfy_native.contender(args, root, pipe, noise)
+        if comfy is None:
+            notes.append(f"ComfyUI not measured: {why}")
+        else:
+            contenders.insert(2, comfy)
+    for c in contenders:
+        print(f"warm-up: {c.name}", flush=True)
+        c.measure(args.device, warmup=True)
+    for r in range(args.repeats):
+        order = contenders if r % 2 == 0 else contenders[::-1]
+        for c in order:
+            c.measure(args.device)
+        print(f"round {r + 1}/{args.repeats} done", flush=True)
+
+    pack, diff = contenders[0], contenders[1]
+    runs = {}
+    for c in contenders:
+        s = c.summary()
+        s["speedup_vs_diffusers"] = diff.summary()["seconds_per_image"] / s["seconds_per_image"]
+        if c is not pack:
+            s["speedup_vs_pack"] = pack.summary()["seconds_per_image"] / s["seconds_per_image"]
+            s["max_abs_diff_vs_pack"] = (c.image - pack.image).abs().max().item()
+            s["psnr_vs_pack_db"] = min(psnr(c.image, pack.image), 999.0)  # JSON has no infinity
+        runs[c.name] = s
+    result["runs"] = runs
+    diffmax = runs["diffusers"]["max_abs_diff_vs_pack"]
+    result["agreement"] = {"max_abs_diff": diffmax, "tolerance": TOLERANCE, "passed": diffmax <= TOLERANCE}
+    result["ratio"] = runs["pack"]["speedup_vs_diffusers"]
+    result["ratio_median"] = runs["diffusers"]["seconds_per_image_median"] / runs["pack"]["seconds_per_image_median"]
+    result["targets"] = {
+        "pack_1.25x_vs_diffusers_within_1e-4": result["ratio"] >= 1.25 and result["agreement"]["passed"],
+        "modes_1.5x_at_30dB": {m: runs[f"pack[{m}]"]["speedup_vs_pack"] >= 1.5
+                               and runs[f"pack[{m}]"]["psnr_vs_pack_db"] >= 30 for m in args.modes},
+        "load_peak_within_1.2x_weights": load["pack"]["peak_over_weights"] <= 1.2,
+        "import_under_0.5s": result["import_seconds"] < 0.5 if "import_seconds" in result else None,
+    }
+    result["notes"] = notes
+    return result
+
+
+def table(result: dict) -> str:
+    mib = lambda b: f"{b / MIB:8.1f}"  # noqa: E731
+    lines = [f"AuraFlow {result['preset']} preset, {result['width']}x{result['height']}, {result['steps']} steps, "
+             f"cfg {result['cfg']}, euler/normal, {result['device']} ({result['threads']} threads, torch "
+             f"{result['torch']}), best of {result['repeats']} alternating runs",
+             "",
+             f"{'contender':<20} {'s/image':>8} {'median':>8} {'s/step':>8} {'peak MiB':>9} {'vs diffusers':>13} "
+             f"{'max|diff|':>10} {'PSNR dB':>8}"]
+    for name, r in result["runs"].items():
+        vs = (f"{r['max_abs_diff_vs_pack']:10.2e} {r['psnr_vs_pack_db']:8.1f}" if "psnr_vs_pack_db" in r
+              else f"{'(reference)':>19}")
+        lines.append(f"{name:<20} {r['seconds_per_image']:8.3f} {r['seconds_per_image_median']:8.3f} "
+                     f"{r['seconds_per_step']:8.4f} {mib(r['peak_memory_bytes']):>9} "
+                     f"{r['speedup_vs_diffusers']:12.2f}x {vs}")
+    a = result["agreement"]
+    lines += ["", f"agreement pack vs diffusers: max abs diff {a['max_abs_diff']:.2e} "
+                  f"({'within' if a['passed'] else 'OUTSIDE'} {a['tolerance']:g})",
+              f"pack prompt encoding when not cached: {result['pack_prompt_encode_seconds']:.3f}s (both prompts; "
+              f"diffusers encodes on every call, the pack caches repeated prompts)",
+              "", f"{'load':<20} {'seconds':>8} {'peak MiB':>9} {'peak/weights':>13}   "
+                  f"(weights {result['weight_bytes'] / MIB:.1f} MiB, fresh interpreter)"]
+    for name, r in result["load"].items():
+        lines.append(f"{name:<20} {r['seconds']:8.3f} {mib(r['peak_bytes']):>9} {r['peak_over_weights']:12.2f}x")
+    if "import_seconds" in result:
+        lines.append(f"\npack import (as ComfyUI imports the folder): {result['import_seconds']:.3f}s"
+                     f"{' (loads torch)' if result['import_loads_torch'] else ''}")
+    for k, v in result["targets"].items():
+        lines.append(f"target {k}: {v}")
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    result = run(args)
+    print(table(result))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0 if result["agreement"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

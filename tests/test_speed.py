@@ -1,0 +1,120 @@
+"""Opt-in speed modes (aura_flow.speed): the exact mode is the plain path, each mode stays within its PSNR bound
+and really skips work. Tiny random model; timing lives in benchmarks/run.py only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aura_flow.params import ParameterError
+from aura_flow.speed import MODES, PSNR_BOUNDS, SpeedOptions, StepCache, psnr, velocity_model
+
+PARAMS = dict(prompt="a cat on a mat", negative_prompt="blurry", width=64, height=64, steps=8, cfg=5.0, seed=3,
+              sampler="euler", scheduler="normal", shift=1.73)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_pipe):
+    return tiny_pipe.generate(**PARAMS).tensor
+
+
+class BlockCounter:
+    """Counts the rows that went through the transformer's last joint block (i.e. fully computed rows)."""
+
+    def __init__(self, transformer):
+        self.rows = 0
+        self.handle = transformer.joint_transformer_blocks[-1].register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.rows += kwargs["hidden_states"].shape[0]
+
+    def close(self):
+        self.handle.remove()
+
+
+def _sample_with(pipe, speed, params=PARAMS):
+    """aura_flow.sample with the speed mode's velocity model; -> (latent, model, rows computed)."""
+    from aura_flow.sampling import sample
+    from aura_flow.schedules import sigmas
+
+    p = params
+    pos, neg = pipe.encode_prompt(p["prompt"]), pipe.encode_prompt(p["negative_prompt"])
+    model = velocity_model(pipe, speed, batch=1, cfg=p["cfg"],
+                           sigmas=sigmas(p["scheduler"], p["steps"], shift=p["shift"], sampler=p["sampler"]))
+    counter = BlockCounter(pipe.transformer)
+    try:
+        out = sample(model, pos, neg, torch.zeros(1, 4, p["height"] // 8, p["width"] // 8), seed=p["seed"],
+                     steps=p["steps"], cfg=p["cfg"], sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"])
+    finally:
+        counter.close()
+    return out, model, counter.rows
+
+
+def test_exact_mode_is_the_plain_path(tiny_pipe, exact):
+    for speed in ("exact", SpeedOptions(), MODES["exact"]):
+        assert torch.equal(tiny_pipe.generate(speed=speed, **PARAMS).tensor, exact)
+
+
+def test_step_cache_full_call_equals_the_transformer(tiny_pipe):
+    tr = tiny_pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 256, tr.config.joint_attention_dim, generator=g)
+    t = torch.tensor([0.7, 0.7])
+    with torch.inference_mode():
+        ref = tr(hidden_states=x, encoder_hidden_states=ctx, timestep=t, return_dict=False)[0]
+        cache = StepCache(tr, threshold=0.5)
+        first = cache(hidden_states=x, encoder_hidden_states=ctx, timestep=t)[0]
+        again = cache(hidden_states=x, encoder_hidden_states=ctx, timestep=t)[0]  # unchanged input: reused
+    assert torch.equal(first, ref)
+    assert cache.skipped == 1
+    torch.testing.assert_close(again, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["cfg_cutoff", "step_cache"])
+def test_mode_within_its_psnr_bound(tiny_pipe, exact, mode):
+    fast = tiny_pipe.generate(speed=mode, **PARAMS).tensor
+    value = psnr(fast, exact)
+    assert value >= PSNR_BOUNDS[mode], f"{mode}: {value:.1f} dB < {PSNR_BOUNDS[mode]} dB"
+    assert value < 200  # it is an approximation: it must not be the exact path in disguise
+
+
+def test_cfg_cutoff_skips_the_uncond_rows(tiny_pipe):
+    steps = PARAMS["steps"]
+    _, _, rows = _sample_with(tiny_pipe, SpeedOptions(cfg_cutoff=0.5))
+    assert rows == 2 * 4 + 1 * 4  # 4 steps with cond + uncond, then 4 with cond only
+    _, _, rows_exact = _sample_with(tiny_pipe, SpeedOptions(cfg_cutoff=1.0))
+    assert rows_exact == 2 * steps
+
+
+def test_step_cache_skips_steps(tiny_pipe):
+    _, model, rows = _sample_with(tiny_pipe, MODES["step_cache"])
+    cache = model.transformer
+    assert cache.calls == PARAMS["steps"] and cache.skipped >= 1
+    assert rows == 2 * (cache.calls - cache.skipped)
+
+
+def test_cfg_cutoff_leaves_cfg_1_alone(tiny_pipe):
+    params = dict(PARAMS, cfg=1.0)
+    plain = tiny_pipe.generate(**params).tensor
+    assert torch.equal(tiny_pipe.generate(speed=SpeedOptions(cfg_cutoff=0.2), **params).tensor, plain)
+
+
+@pytest.mark.parametrize("bad", [dict(cfg_cutoff=0.0), dict(cfg_cutoff=1.5), dict(cache_threshold=-0.1),
+                                 dict(cache_threshold=1.0)])
+def test_options_are_validated(bad):
+    with pytest.raises(ParameterError):
+        SpeedOptions(**bad)
+
+
+def test_unknown_mode_is_refused(tiny_pipe):
+    with pytest.raises(ParameterError, match="speed='turbo' is not known"):
+        tiny_pipe.generate(speed="turbo", **PARAMS)
+
+
+@pytest.mark.heavy
+def test_compile_within_its_bound_and_across_sizes(tiny_pipe, exact):
+    fast = tiny_pipe.generate(speed="compile", **PARAMS).tensor
+    assert psnr(fast, exact) >= PSNR_BOUNDS["compile"]
+    other = dict(PARAMS, width=96, height=64, steps=2)  # a second size reuses the same dynamic build
+    torch.testing.assert_close(tiny_pipe.generate(speed="compile", **other).tensor,
+                               tiny_pipe.generate(**other).tensor, rtol=0, atol=1e-3)
