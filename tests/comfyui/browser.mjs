@@ -2,10 +2,13 @@
 //
 //   node browser.mjs '<json job>'   (prints one JSON result line on stdout)
 //
-// job: { url, chromium, outDir, workflows: [{name, path}], plot: {nodeType, set: {widget: value}, expectCount} }
+// job: { url, chromium, outDir, workflows: [{name, path}], plot: {nodeType, set: {widget: value}, expectCount},
+//        vue: {nodeType} }
 // For each editor-format workflow: load it with app.loadGraphData and report the node types the editor does not
-// know and any missing-node error surfaced on screen. Then the sigma plot: put a plot node on the canvas, change
-// its widgets through their callbacks, wait for the plot to redraw with the new schedule, and screenshot it.
+// know, nodes it flags with errors and any missing-node message on screen. Then the sigma plot in the classic
+// canvas renderer: put a plot node on the canvas, change its widgets through their callbacks, wait for the plot
+// to redraw with the new schedule, screenshot it, and check that a 400 from the route shows its message. Then the
+// same node in the Vue renderer ("Nodes 2.0"), changed with a real click on a widget button.
 // Needs the npm package playwright-core (found through NODE_PATH) and a system Chromium.
 import fs from "node:fs";
 import { createRequire } from "node:module";
@@ -29,6 +32,35 @@ function missingText() {
   return hits;
 }
 
+async function waitForApp(page) {
+  await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types
+                             && Object.keys(window.LiteGraph.registered_node_types).length > 50,
+                             null, { timeout: 120000 });
+}
+
+async function addPlotNode(page, nodeType) {
+  // an empty graph with one plot node at a known place, at zoom 1
+  await page.evaluate(async (nodeType) => {
+    await window.app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
+                                    config: {}, extra: {}, version: 0.4 }, true, false, null);
+    const node = window.LiteGraph.createNode(nodeType);
+    node.pos = [200, 120];
+    window.app.graph.add(node);
+    window.app.canvas.ds.scale = 1;
+    window.app.canvas.ds.offset = [0, 0];
+    window.app.canvas.setDirty(true, true);
+  }, nodeType);
+}
+
+async function waitForPlot(page, count) {
+  // the plot has drawn a schedule (of `count` sigmas, when given); returns that count
+  await page.waitForFunction((n) => {
+    const c = document.querySelector("canvas.auraflow-sigma-plot");
+    return c?.dataset.state === "ok" && (n === null || Number(c.dataset.count) === n);
+  }, count ?? null, { timeout: 30000 });
+  return page.evaluate(() => Number(document.querySelector("canvas.auraflow-sigma-plot").dataset.count));
+}
+
 const browser = await chromium.launch({ executablePath: job.chromium, args: FLAGS, headless: true });
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
@@ -37,9 +69,7 @@ try {
   // a fresh user folder would open the template browser over the canvas on first load
   await page.request.post(new URL("api/settings/Comfy.TutorialCompleted", job.url).href, { data: true });
   await page.goto(job.url, { waitUntil: "domcontentloaded", timeout: 120000 });
-  await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types
-                             && Object.keys(window.LiteGraph.registered_node_types).length > 50,
-                             null, { timeout: 120000 });
+  await waitForApp(page);
   result.extensions = await page.evaluate(() => (window.app.extensions ?? []).map((e) => e.name));
 
   for (const wf of job.workflows) {
@@ -67,20 +97,9 @@ try {
 
   if (job.plot) {
     const { nodeType, set, expectCount } = job.plot;
-    await page.evaluate(async (nodeType) => {
-      await window.app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
-                                      config: {}, extra: {}, version: 0.4 }, true, false, null);
-      const node = window.LiteGraph.createNode(nodeType);
-      node.pos = [200, 120];
-      window.app.graph.add(node);
-      window.app.canvas.ds.scale = 1;
-      window.app.canvas.ds.offset = [0, 0];
-      window.app.canvas.setDirty(true, true);
-    }, nodeType);
+    await addPlotNode(page, nodeType);
     const plot = page.locator("canvas.auraflow-sigma-plot");
-    await page.waitForFunction(() => document.querySelector("canvas.auraflow-sigma-plot")?.dataset.state === "ok",
-                               null, { timeout: 30000 });
-    const before = await plot.evaluate((c) => Number(c.dataset.count));
+    const before = await waitForPlot(page, null);
     await page.evaluate(({ nodeType, set }) => {
       const node = window.app.graph.nodes.find((n) => n.type === nodeType);
       for (const [name, value] of Object.entries(set)) {
@@ -90,10 +109,7 @@ try {
       }
       window.app.canvas.setDirty(true, true);
     }, { nodeType, set });
-    await page.waitForFunction((n) => {
-      const c = document.querySelector("canvas.auraflow-sigma-plot");
-      return c?.dataset.state === "ok" && Number(c.dataset.count) === n;
-    }, expectCount, { timeout: 30000 });
+    await waitForPlot(page, expectCount);
     await page.waitForTimeout(300);
     await plot.screenshot({ path: path.join(job.outDir, "sigma-plot.png") });
     await page.screenshot({ path: path.join(job.outDir, "sigma-plot-page.png") });
@@ -118,6 +134,23 @@ try {
       return { widgets_values: node.serialize().widgets_values, widgetNames: node.widgets.map((w) => w.name) };
     }, nodeType);
     result.plot = { before, after: expectCount, box, ...serialized };
+  }
+
+  if (job.vue) {
+    // the Vue node renderer ("Nodes 2.0"), driven as a person would: click the steps widget's "+" button
+    await page.request.post(new URL("api/settings/Comfy.VueNodes.Enabled", job.url).href, { data: true });
+    await page.reload({ waitUntil: "domcontentloaded" });
+    await waitForApp(page);
+    await addPlotNode(page, job.vue.nodeType);
+    const before = await waitForPlot(page, null);
+    const stepsRow = page.locator('[data-testid="node-widget"]').filter({
+      has: page.locator('[data-testid="widget-layout-field-label"]', { hasText: /^steps$/ }) });
+    await stepsRow.locator("button").last().click();
+    const after = await waitForPlot(page, before + 1);
+    await page.waitForTimeout(300);
+    await page.locator("canvas.auraflow-sigma-plot").screenshot({ path: path.join(job.outDir, "sigma-plot-vue.png") });
+    await page.screenshot({ path: path.join(job.outDir, "sigma-plot-vue-page.png") });
+    result.vue = { before, after };
   }
 } catch (err) {
   result.failure = String(err?.stack ?? err).slice(0, 2000);

@@ -219,7 +219,8 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
            "workflows": [{"name": p.stem, "path": str(p)} for p in editor] + [{"name": "control",
                                                                                 "path": str(control)}],
            "plot": {"nodeType": "AuraFlowSampler", "set": {"scheduler": "karras", "steps": 10,
-                                                           "sampler_name": "euler"}, "expectCount": 11}}
+                                                           "sampler_name": "euler"}, "expectCount": 11},
+           "vue": {"nodeType": "AuraFlowSampler"}}
     proc = subprocess.run([node, str(Path(__file__).with_name("browser.mjs")), json.dumps(job)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -254,3 +255,8 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
     assert sum(left) / len(left) + 0.4 * height < sum(right) / len(right), "sigma must fall from 1 to 0"
     _, _, line, error, _ = plot_pixels(shots / "sigma-plot-error.png")
     assert error > 30 and len(line) == 0, "a 400 from the route must replace the plot with its message"
+
+    # Vue nodes: a click on steps "+" (25 -> 26) redraws the plot with one more sigma
+    assert result["vue"] == {"before": DEFAULTS["steps"] + 1, "after": DEFAULTS["steps"] + 2}
+    width, _, line, error, _ = plot_pixels(shots / "sigma-plot-vue.png")
+    assert len(line) > 150 and error == 0 and max(x for x, _ in line) - min(x for x, _ in line) > 0.7 * width
