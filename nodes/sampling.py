@@ -70,12 +70,16 @@ class AuraFlowSampler:
         elif latent_image.get("noise_mask") is not None:
             log.warning("AuraFlow Sampler: the latent's noise_mask (inpainting) is not supported; the whole image "
                         "is sampled")
-        progress = compat.Progress(steps)
+        # every setting is checked (and the schedule made) before the model moves to the GPU
+        sigmas = compat.engine.sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler_name)
+        compat.engine.params.check_seed(seed)
+        compat.engine.params.check_range("cfg", cfg)
+        progress = compat.Progress(max(len(sigmas) - 1, 0))
         with compat.on_device(model), compat.interruptible():
             start = dict(latent_image)
             start["samples"] = latent_image["samples"].to(model.device)
             out = model.sample(pos, neg, start, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
-                               scheduler=scheduler, shift=shift, denoise=denoise, callback=progress,
-                               should_stop=compat.should_stop())
+                               scheduler=scheduler, shift=shift, denoise=denoise, sigmas=sigmas,
+                               callback=progress, should_stop=compat.should_stop())
         out["samples"] = out["samples"].to(compat.intermediate_device())
         return (out,)

@@ -393,6 +393,11 @@ def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
     assert [device for _need, device in fake_comfy.free] == [torch.device("cpu", 0)] * 3
     assert fake_comfy.free[-1][0] > sum(p.numel() * 4 for p in model.transformer.parameters())
     assert model.device == torch.device("cpu") and fake_comfy.empty == 3
+    args = sampler_args(model)
+    fake_comfy.free.clear()
+    with pytest.raises(ValueError, match="scheduler='nope'"):
+        run("AuraFlowSampler", **{**args, "scheduler": "nope"})
+    assert fake_comfy.free == []  # refused before the model was moved
 
 
 def test_in_comfyui_cancel_stops_within_a_step(loaded, fake_comfy):
