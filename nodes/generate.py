@@ -38,7 +38,8 @@ class AuraFlowGenerate:
         from PIL import Image
 
         imageio = compat.engine_module("imageio")
-        progress = compat.Progress(params.get("steps", 25))
+        checked = compat.engine.validate_generation(params)  # before the model moves to the GPU
+        progress = compat.Progress(checked["steps"])
         with compat.on_device(model), compat.interruptible():
             result = model.generate(callback=progress, should_stop=compat.should_stop(), **params)
         p = result.params

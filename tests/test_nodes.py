@@ -397,6 +397,8 @@ def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
     fake_comfy.free.clear()
     with pytest.raises(ValueError, match="scheduler='nope'"):
         run("AuraFlowSampler", **{**args, "scheduler": "nope"})
+    with pytest.raises(ValueError, match="steps=0 is out of range"):
+        run("AuraFlowGenerate", **generate_args(model, steps=0))
     assert fake_comfy.free == []  # refused before the model was moved
 
 
