@@ -104,6 +104,9 @@ def save_image_atomic(pil, path, fmt: str, quality: int = 80, metadata: dict | N
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; an image file should read like any other
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

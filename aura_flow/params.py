@@ -13,7 +13,7 @@ from dataclasses import dataclass
 MAX_SEED = 2**64 - 1
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 
-# Local sizes follow ComfyUI's EmptyLatentImage: multiples of 8, 16 .. MAX_RESOLUTION (16384).
+# Local sizes: multiples of 8 (the VAE's factor) from 64 up to ComfyUI's MAX_RESOLUTION (16384).
 LOCAL_MIN_SIZE = 64
 LOCAL_MAX_SIZE = 16384
 SIZE_STEP = 8

@@ -110,7 +110,7 @@ class AuraFlowPipeline:
         p = self.patch_size
         ph, pw = (-h) % p, (-w) % p
         xin = F.pad(x, (0, pw, 0, ph), mode="circular") if (ph or pw) else x
-        out = (transformer or self.transformer)(hidden_states=xin.to(self.device, self.dtype),
+        out = (self.transformer if transformer is None else transformer)(hidden_states=xin.to(self.device, self.dtype),
                                encoder_hidden_states=context.to(self.device, self.dtype),
                                timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
         return out[..., :h, :w].to(x.dtype)
@@ -161,6 +161,7 @@ class AuraFlowPipeline:
         out = _sample(model, positive, negative, latent, seed=p["seed"], steps=p["steps"], cfg=p["cfg"],
                           sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"], callback=callback,
                           should_stop=should_stop, noise=noise)
-        images = self.decode(out)
+        # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
+        images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
         pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
         return GenerationResult(images=pil, tensor=images, seed=p["seed"], params=p)

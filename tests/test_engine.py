@@ -315,3 +315,20 @@ def test_cli_generate_writes_images(tmp_path, tiny_models):
     assert "seed: 7" in run.stderr and "2/2" in run.stderr  # progress bar reached the end
     bad = subprocess.run(cmd[:-2] + ["--cfg", "30"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "cfg=30.0 is out of range; allowed: 0.0..20.0" in bad.stderr
+
+
+def test_saved_images_are_readable_by_others(tmp_path):
+    """Atomic saves go through a private temp file; the result gets the usual permissions (umask applied)."""
+    import os
+
+    from PIL import Image
+
+    from aura_flow.imageio import save_image_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = save_image_atomic(Image.new("RGB", (8, 8), (200, 10, 10)), tmp_path / "x.png", "png")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert Image.open(path).getpixel((3, 3)) == (200, 10, 10)
