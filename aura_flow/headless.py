@@ -151,8 +151,9 @@ def format_execution_error(messages) -> str:
     for event, data in messages or ():
         if event == "execution_error":
             where = f"node {data.get('node_id')} ({data.get('node_type')})"
-            text = f"ComfyUI failed the prompt in {where}: {data.get('exception_type', 'error')}: " \
-                   f"{data.get('exception_message', '').strip()}"
+            # ComfyUI names custom-node modules by their path: "/x/custom_nodes/Pack.mod.LoadError" -> "LoadError"
+            etype = str(data.get("exception_type") or "error").rsplit(".", 1)[-1]
+            text = f"ComfyUI failed the prompt in {where}: {etype}: {data.get('exception_message', '').strip()}"
             tb = data.get("traceback")
             if tb:
                 log.debug("ComfyUI traceback:\n%s", "".join(tb) if isinstance(tb, list) else tb)

@@ -42,7 +42,8 @@ EXECUTION_ERROR_MESSAGES = [
     ["execution_start", {"prompt_id": "x", "timestamp": 1}],
     ["execution_error", {"prompt_id": "x", "node_id": "4", "node_type": "CheckpointLoaderSimple",
                          "executed": [], "exception_message": "a.safetensors: no AuraFlow keys found\n",
-                         "exception_type": "aura_flow.loader.LoadError", "traceback": ["Traceback ...\n"],
+                         "exception_type": "/opt/ComfyUI/custom_nodes/ComfyUI-AuraFlow.aura_flow.loader.LoadError",
+                         "traceback": ["Traceback ...\n"],
                          "current_inputs": {}, "current_outputs": []}],
 ]
 
@@ -198,7 +199,7 @@ def test_execution_error_exits_1_with_exception_text(comfy, workflow_file, tmp_p
     comfy.mode = "fails"
     code, stdout, stderr = run_cli(workflow_file, "--server", comfy.url, "--out", tmp_path / "o", cwd=tmp_path)
     assert code == 1 and stdout == ""
-    assert ("ComfyUI failed the prompt in node 4 (CheckpointLoaderSimple): aura_flow.loader.LoadError: "
+    assert ("ComfyUI failed the prompt in node 4 (CheckpointLoaderSimple): LoadError: "
             "a.safetensors: no AuraFlow keys found") in stderr
     assert not (tmp_path / "o").exists()
 

@@ -163,7 +163,7 @@ def test_execution_error_reaches_the_queue_command(comfy_server, tmp_path):
         headless.run_workflow(prompt, comfy_server.url, sets=["AuraFlowLoader.checkpoint=broken_auraflow.safetensors"],
                               out_dir=tmp_path, timeout=300, poll=0.2)
     message = str(err.value)
-    assert "ComfyUI failed the prompt in node" in message and "AuraFlowLoader" in message
+    assert "ComfyUI failed the prompt in node" in message and "(AuraFlowLoader): LoadError: " in message
     assert "broken_auraflow.safetensors" in message, message
 
 
