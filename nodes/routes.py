@@ -9,18 +9,17 @@ The logic is the plain function `sigmas_response`, testable without ComfyUI; `re
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
 try:  # inside the ComfyUI pack
     from ..aura_flow.params import ParameterError
 
-    _ENGINE = __package__.rpartition(".")[0] + ".aura_flow"
+    _IN_PACK = True
 except ImportError:  # imported from the repository root (tests, tools)
     from aura_flow.params import ParameterError
 
-    _ENGINE = "aura_flow"
+    _IN_PACK = False
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,15 @@ def _number(query: dict, name: str, kind: type):
     return value
 
 
+def _engine_sigmas():
+    """The engine's ``sigmas`` (imports torch, so only on the first request, not when the pack loads)."""
+    if _IN_PACK:
+        from ..aura_flow.schedules import sigmas
+    else:
+        from aura_flow.schedules import sigmas
+    return sigmas
+
+
 def sigmas_response(query: dict) -> tuple[int, dict]:
     """(HTTP status, JSON body) for the query parameters of ``GET /auraflow/sigmas``.
 
@@ -60,8 +68,7 @@ def sigmas_response(query: dict) -> tuple[int, dict]:
     scheduler = query.get("scheduler") or DEFAULTS["scheduler"]
     sampler = query.get("sampler") or None
     try:
-        sigmas = importlib.import_module(_ENGINE + ".schedules").sigmas  # torch: loaded on first request
-        values = sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler)
+        values = _engine_sigmas()(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler)
     except ParameterError as exc:
         return 400, {"error": str(exc)}
     return 200, {"sigmas": [float(v) for v in values.tolist()]}
