@@ -13,18 +13,20 @@ import logging
 import math
 
 try:  # inside the ComfyUI pack
-    from ..aura_flow.params import ParameterError
+    from ..aura_flow.params import DEFAULTS as _NODE_DEFAULTS, ParameterError
 
     _IN_PACK = True
 except ImportError:  # imported from the repository root (tests, tools)
-    from aura_flow.params import ParameterError
+    from aura_flow.params import DEFAULTS as _NODE_DEFAULTS, ParameterError
 
     _IN_PACK = False
 
 log = logging.getLogger(__name__)
 
 ROUTE = "/auraflow/sigmas"
-DEFAULTS = {"scheduler": "normal", "steps": 25, "shift": 1.73, "denoise": 1.0, "sampler": None}
+# a parameter left out takes the sampler node's default; no sampler means none that drops the penultimate sigma
+DEFAULTS = {"scheduler": _NODE_DEFAULTS["scheduler"], "steps": _NODE_DEFAULTS["steps"],
+            "shift": _NODE_DEFAULTS["shift"], "denoise": 1.0, "sampler": None}
 
 _registered = False
 
