@@ -37,3 +37,9 @@ def tiny_pipe(tiny_models):
     import aura_flow
 
     return aura_flow.load(**tiny_models["diffusers"], device="cpu")
+
+
+def pytest_addoption(parser):
+    # here, not in tests/comfyui/conftest.py, so that `pytest --comfyui PATH` works from the repository root
+    parser.addoption("--comfyui", default=None, metavar="PATH",
+                     help="a ComfyUI checkout for the tests marked comfyui (or set AURAFLOW_COMFYUI)")

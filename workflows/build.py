@@ -100,8 +100,8 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
                 widgets.append(next(v for k, v in EXTRA_SLOT_VALUE.items() if opts.get(k)))
             else:
                 widgets.append(values[slot[0]])
-        nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * _depth(spec, index), 60 + 150 * _row(spec, index)],
-                      "size": [340, 60 + 26 * (len(sockets) + len(widgets))], "flags": {}, "order": index, "mode": 0,
+        nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * _depth(spec, index), 0],
+                      "size": [340, 0], "flags": {}, "order": index, "mode": 0,
                       "inputs": sockets, "outputs": [], "properties": {"Node name for S&R": kind},
                       "widgets_values": widgets})
     for node, (kind, _g, _w) in zip(nodes, spec):
@@ -110,6 +110,13 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
         node["outputs"] = [{"name": n, "type": t, "slot_index": i,
                             "links": [link[0] for link in links if link[1] == node["id"] and link[2] == i]}
                            for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+    column_bottom: dict[int, int] = {}  # stack each column by the nodes' real heights, so none hides another
+    for node in nodes:
+        # roughly the editor's own minimum: title, one row per socket pair, one per widget
+        node["size"][1] = 50 + 22 * max(len(node["inputs"]), len(node["outputs"])) + 28 * len(node["widgets_values"])
+        x = node["pos"][0]
+        node["pos"][1] = column_bottom.get(x, 60)
+        column_bottom[x] = node["pos"][1] + node["size"][1] + 40
     editor = {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
               "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
     return editor, api
@@ -118,11 +125,6 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
 def _depth(spec, index) -> int:
     wires = spec[index][2]
     return 1 + max((_depth(spec, src) for src, _o in wires.values()), default=-1)
-
-
-def _row(spec, index) -> int:
-    depth = _depth(spec, index)
-    return [i for i in range(len(spec)) if _depth(spec, i) == depth].index(index)
 
 
 def thumbnail(name: str, editor: dict, display: dict) -> bytes:
