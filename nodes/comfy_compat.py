@@ -48,6 +48,18 @@ def _comfy(module: str):
 
 
 # ------------------------------------------------------------------------------------------------ model folders
+def running_server():
+    """``(aiohttp.web, PromptServer.instance)`` inside a running ComfyUI; None elsewhere (tests, tools, or ComfyUI's
+    modules imported without its server started)."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    return None if instance is None else (web, instance)
+
+
 def model_names(folder: str) -> list[str]:
     """File names ComfyUI lists in one of its model folders; [] outside ComfyUI."""
     fp = _comfy("folder_paths")

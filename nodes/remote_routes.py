@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .comfy_compat import engine_module
+from .comfy_compat import engine_module, running_server
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,10 @@ def register() -> bool:
     global _registered
     if _registered:
         return True
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
+    server = running_server()
+    if server is None:
         return False
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return False
+    web, instance = server
 
     @instance.routes.get(ROUTE)
     async def auraflow_remote_key_status(request):

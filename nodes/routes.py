@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 
+from .comfy_compat import running_server
+
 try:  # inside the ComfyUI pack
     from ..aura_flow.params import DEFAULTS as _NODE_DEFAULTS, ParameterError
 
@@ -81,14 +83,10 @@ def register() -> bool:
     global _registered
     if _registered:
         return True
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
+    server = running_server()
+    if server is None:
         return False
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:  # ComfyUI's modules are importable but its server was not started
-        return False
+    web, instance = server
 
     @instance.routes.get(ROUTE)
     async def auraflow_sigmas(request):
