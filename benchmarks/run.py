@@ -230,7 +230,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed rounds after the warm-up")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--modes", default="compile,cfg_cutoff,step_cache",
+    ap.add_argument("--modes", default="fold_padding,compile,cfg_cutoff,step_cache",
                     help="comma-separated aura_flow.speed modes to measure ('' for none)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aura_flow_bench",
                     help="folder for the built models")
@@ -284,23 +284,14 @@ def run(args) -> dict:
     dpipe.set_progress_bar_config(disable=True)
     noise = prepare_noise((1, 4, args.height // 8, args.width // 8), args.seed)
 
-    with torch.inference_mode():  # what the uncached prompt encoding costs (the pack caches repeated prompts)
-        t0 = time.perf_counter()
-        for text in (args.prompt, args.negative_prompt):
-            pipe._prompt_cache.pop(text, None)
-            pipe.encode_prompt(text)
-        result["pack_prompt_encode_seconds"] = time.perf_counter() - t0
-
     contenders = [pack_contender(pipe, args, noise), diffusers_contender(dpipe, args, noise)]
     contenders += [pack_contender(pipe, args, noise, speed=m, name=f"pack[{m}]") for m in args.modes]
-    comfy = None
     if args.comfyui is not None:
         from benchmarks import comfy_native
 
-        comfy, why = comfy_native.contender(args, root, pipe, noise)
-        if comfy is None:
-            notes.append(f"ComfyUI not measured: {why}")
-        else:
+        comfy, note = comfy_native.contender(args, root, pipe, noise)
+        notes.append(note if comfy is not None else f"ComfyUI not measured: {note}")
+        if comfy is not None:
             contenders.insert(2, comfy)
     for c in contenders:
         print(f"warm-up: {c.name}", flush=True)
@@ -310,6 +301,14 @@ def run(args) -> dict:
         for c in order:
             c.measure(args.device)
         print(f"round {r + 1}/{args.repeats} done", flush=True)
+    encodes = []  # what the pack's prompt encoding costs when not cached (diffusers encodes on every call)
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        for text in (args.prompt, args.negative_prompt):
+            pipe._prompt_cache.pop(text, None)
+            pipe.encode_prompt(text)
+        encodes.append(time.perf_counter() - t0)
+    result["pack_prompt_encode_seconds"] = min(encodes)
 
     pack, diff = contenders[0], contenders[1]
     runs = {}
@@ -319,6 +318,7 @@ def run(args) -> dict:
         if c is not pack:
             s["speedup_vs_pack"] = pack.summary()["seconds_per_image"] / s["seconds_per_image"]
             s["max_abs_diff_vs_pack"] = (c.image - pack.image).abs().max().item()
+            s["max_abs_diff_vs_diffusers"] = (c.image - diff.image).abs().max().item()
             s["psnr_vs_pack_db"] = min(psnr(c.image, pack.image), 999.0)  # JSON has no infinity
         runs[c.name] = s
     result["runs"] = runs
@@ -326,10 +326,13 @@ def run(args) -> dict:
     result["agreement"] = {"max_abs_diff": diffmax, "tolerance": TOLERANCE, "passed": diffmax <= TOLERANCE}
     result["ratio"] = runs["pack"]["speedup_vs_diffusers"]
     result["ratio_median"] = runs["diffusers"]["seconds_per_image_median"] / runs["pack"]["seconds_per_image_median"]
-    result["targets"] = {
-        "pack_1.25x_vs_diffusers_within_1e-4": result["ratio"] >= 1.25 and result["agreement"]["passed"],
+    within = {n: r["speedup_vs_diffusers"] for n, r in runs.items()
+              if n != "diffusers" and r.get("max_abs_diff_vs_diffusers", diffmax) <= TOLERANCE}
+    result["targets"] = {  # the targets; each is measured, none is assumed
+        "pack_1.25x_vs_diffusers_within_1e-4": {n: v >= 1.25 for n, v in within.items()},
         "modes_1.5x_at_30dB": {m: runs[f"pack[{m}]"]["speedup_vs_pack"] >= 1.5
-                               and runs[f"pack[{m}]"]["psnr_vs_pack_db"] >= 30 for m in args.modes},
+                               and runs[f"pack[{m}]"]["psnr_vs_pack_db"] >= 30 for m in args.modes
+                               if m != "fold_padding"},
         "load_peak_within_1.2x_weights": load["pack"]["peak_over_weights"] <= 1.2,
         "import_under_0.5s": result["import_seconds"] < 0.5 if "import_seconds" in result else None,
     }
@@ -344,13 +347,15 @@ def table(result: dict) -> str:
              f"{result['torch']}), best of {result['repeats']} alternating runs",
              "",
              f"{'contender':<20} {'s/image':>8} {'median':>8} {'s/step':>8} {'peak MiB':>9} {'vs diffusers':>13} "
-             f"{'max|diff|':>10} {'PSNR dB':>8}"]
+             f"{'vs pack':>8} {'max|diff|':>10} {'PSNR dB':>8}  (diff and PSNR against the pack's exact image)"]
     for name, r in result["runs"].items():
         vs = (f"{r['max_abs_diff_vs_pack']:10.2e} {r['psnr_vs_pack_db']:8.1f}" if "psnr_vs_pack_db" in r
               else f"{'(reference)':>19}")
         lines.append(f"{name:<20} {r['seconds_per_image']:8.3f} {r['seconds_per_image_median']:8.3f} "
                      f"{r['seconds_per_step']:8.4f} {mib(r['peak_memory_bytes']):>9} "
-                     f"{r['speedup_vs_diffusers']:12.2f}x {vs}")
+                     f"{r['speedup_vs_diffusers']:12.2f}x {r.get('speedup_vs_pack', 1.0):7.2f}x {vs}")
+        if r.get("warmup_seconds") and r["warmup_seconds"] > 3 * r["seconds_per_image"]:
+            lines.append(f"{'':<20} (first call {r['warmup_seconds']:.1f}s: build and warm-up)")
     a = result["agreement"]
     lines += ["", f"agreement pack vs diffusers: max abs diff {a['max_abs_diff']:.2e} "
                   f"({'within' if a['passed'] else 'OUTSIDE'} {a['tolerance']:g})",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aura_flow.params import ParameterError
-from aura_flow.speed import MODES, PSNR_BOUNDS, SpeedOptions, StepCache, psnr, velocity_model
+from aura_flow.speed import MODES, PSNR_BOUNDS, FastTransformer, SpeedOptions, fold_padding, psnr, velocity_model
 
 PARAMS = dict(prompt="a cat on a mat", negative_prompt="blurry", width=64, height=64, steps=8, cfg=5.0, seed=3,
               sampler="euler", scheduler="normal", shift=1.73)
@@ -54,15 +54,40 @@ def test_exact_mode_is_the_plain_path(tiny_pipe, exact):
         assert torch.equal(tiny_pipe.generate(speed=speed, **PARAMS).tensor, exact)
 
 
-def test_step_cache_full_call_equals_the_transformer(tiny_pipe):
-    tr = tiny_pipe.transformer
+def _inputs(tr, pad=0):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 256, tr.config.joint_attention_dim, generator=g)
-    t = torch.tensor([0.7, 0.7])
+    ctx[:, 256 - pad:] = 0
+    return dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.7, 0.7]))
+
+
+def test_fast_transformer_with_nothing_on_is_the_plain_forward(tiny_pipe):
+    tr = tiny_pipe.transformer
+    with torch.inference_mode():
+        ref = tr(**_inputs(tr, pad=200), return_dict=False)[0]
+        assert torch.equal(FastTransformer(tr)(**_inputs(tr, pad=200))[0], ref)
+        assert torch.equal(tr(**_inputs(tr, pad=200), return_dict=False)[0], ref)  # processors left exact
+
+
+def test_fold_padding_is_exact_up_to_rounding(tiny_pipe):
+    tr = tiny_pipe.transformer
+    ctx = _inputs(tr, pad=200)["encoder_hidden_states"]
+    folded, count = fold_padding(ctx)
+    assert folded.shape[1] == 57 and count == 200 and torch.equal(folded, ctx[:, :57])
+    assert fold_padding(_inputs(tr)["encoder_hidden_states"])[1] == 1  # no padding: nothing folded
+    with torch.inference_mode():
+        ref = tr(**_inputs(tr, pad=200), return_dict=False)[0]
+        out = FastTransformer(tr, fold=True)(**_inputs(tr, pad=200))[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_step_cache_full_call_equals_the_transformer(tiny_pipe):
+    tr = tiny_pipe.transformer
+    x, ctx, t = _inputs(tr).values()
     with torch.inference_mode():
         ref = tr(hidden_states=x, encoder_hidden_states=ctx, timestep=t, return_dict=False)[0]
-        cache = StepCache(tr, threshold=0.5)
+        cache = FastTransformer(tr, cache_threshold=0.5)
         first = cache(hidden_states=x, encoder_hidden_states=ctx, timestep=t)[0]
         again = cache(hidden_states=x, encoder_hidden_states=ctx, timestep=t)[0]  # unchanged input: reused
     assert torch.equal(first, ref)
@@ -70,7 +95,7 @@ def test_step_cache_full_call_equals_the_transformer(tiny_pipe):
     torch.testing.assert_close(again, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["cfg_cutoff", "step_cache"])
+@pytest.mark.parametrize("mode", ["fold_padding", "cfg_cutoff", "step_cache"])
 def test_mode_within_its_psnr_bound(tiny_pipe, exact, mode):
     fast = tiny_pipe.generate(speed=mode, **PARAMS).tensor
     value = psnr(fast, exact)
