@@ -54,7 +54,7 @@ class AuraFlowPipeline:
     ``sample``, ``decode``, ``encode``) for the ComfyUI nodes."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, device, compute_dtype, sources=None,
-                 prompt_cache_size: int = 8):
+                 prompt_cache_size: int = 8, offload_text_encoder: bool = False):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -64,6 +64,9 @@ class AuraFlowPipeline:
         self.sources = sources or {}
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._prompt_cache_size = prompt_cache_size
+        # when memory is short: the text encoder waits on the CPU and visits the device only to encode a prompt
+        # (on a CPU device there is nothing to release)
+        self.offload_text_encoder = offload_text_encoder
         pe = transformer.pos_embed
         pe.forward = types.MethodType(_pos_embed_forward, pe)
         self.to(self.device)
@@ -71,7 +74,7 @@ class AuraFlowPipeline:
     # -------------------------------------------------------------- devices
     def to(self, device):
         self.device = torch.device(device)
-        for m in (self.transformer, self.text_encoder, self.vae):
+        for m in (self.transformer, None if self.offload_text_encoder else self.text_encoder, self.vae):
             if m is not None:
                 m.to(self.device)
         return self
@@ -92,7 +95,16 @@ class AuraFlowPipeline:
         hit = self._prompt_cache.get(text)
         if hit is not None:
             return hit
-        ctx = encode_prompt(self.text_encoder, self.tokenizer, text, self.device, self.dtype)
+        offload = self.offload_text_encoder and self.device.type != "cpu"
+        if offload:
+            self.text_encoder.to(self.device)
+        try:
+            ctx = encode_prompt(self.text_encoder, self.tokenizer, text, self.device, self.dtype)
+        finally:
+            if offload:  # released before sampling
+                self.text_encoder.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
         if len(self._prompt_cache) >= self._prompt_cache_size:
             self._prompt_cache.pop(next(iter(self._prompt_cache)))
         self._prompt_cache[text] = ctx
@@ -159,8 +171,8 @@ class AuraFlowPipeline:
             model = velocity_model(self, speed, batch=b, cfg=p["cfg"], sigmas=make_sigmas(
                 p["scheduler"], p["steps"], shift=p["shift"], sampler=p["sampler"]))
         out = _sample(model, positive, negative, latent, seed=p["seed"], steps=p["steps"], cfg=p["cfg"],
-                          sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"], callback=callback,
-                          should_stop=should_stop, noise=noise)
+                      sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"], callback=callback,
+                      should_stop=should_stop, noise=noise)
         # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
         images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
         pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
