@@ -230,8 +230,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed rounds after the warm-up")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--modes", default="fold_padding,compile,cfg_cutoff,step_cache",
-                    help="comma-separated aura_flow.speed modes to measure ('' for none)")
+    ap.add_argument("--modes", default="fold_padding,cfg_cutoff,step_cache,fast",
+                    help="comma-separated aura_flow.speed modes to measure ('' for none); add compile to time "
+                         "torch.compile (its first build takes minutes on a CPU)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aura_flow_bench",
                     help="folder for the built models")
     ap.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time its native AuraFlow")

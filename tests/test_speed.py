@@ -95,7 +95,7 @@ def test_step_cache_full_call_equals_the_transformer(tiny_pipe):
     torch.testing.assert_close(again, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["fold_padding", "cfg_cutoff", "step_cache"])
+@pytest.mark.parametrize("mode", ["fold_padding", "cfg_cutoff", "step_cache", "fast"])
 def test_mode_within_its_psnr_bound(tiny_pipe, exact, mode):
     fast = tiny_pipe.generate(speed=mode, **PARAMS).tensor
     value = psnr(fast, exact)
