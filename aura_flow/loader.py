@@ -352,17 +352,20 @@ def _load_text_encoder_path(path: Path, dtype):
         config = UMT5Config(**{k: v for k, v in _read_json(cfg_file).items() if k not in ("architectures",)}) \
             if cfg_file.exists() else None
         reader = _Reader(_folder_files(path, "model"))
-        return _t5_from_sd(reader.take(), path, dtype, config)
-    return _t5_from_sd(_Reader([path]).take(), path, dtype)
+        return _t5_from_sd(reader.take(dtype=dtype), path, dtype, config)
+    return _t5_from_sd(_Reader([path]).take(dtype=dtype), path, dtype)
 
 
 def _load_vae_path(path: Path):
+    import torch
+
     if path.is_dir():
         if not (path / "config.json").exists() and (path / "vae").is_dir():
             path = path / "vae"
         config = _read_json(path / "config.json") if (path / "config.json").exists() else None
-        return _vae_from_sd(_Reader(_folder_files(path, "diffusion_pytorch_model")).take(), path, config)
-    return _vae_from_sd(_Reader([path]).take(), path)
+        return _vae_from_sd(_Reader(_folder_files(path, "diffusion_pytorch_model")).take(dtype=torch.float32), path,
+                            config)
+    return _vae_from_sd(_Reader([path]).take(dtype=torch.float32), path)
 
 
 def comfyui_tokenizer_path() -> Path | None:
@@ -387,7 +390,11 @@ def _check_path(name, value) -> Path | None:
 
 def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto",
                     need_text_encoder=True, need_vae=True):
-    """Read every component from disk onto the CPU (the caller moves them); see `load` for the arguments."""
+    """Read every component from disk onto the CPU (the caller moves them); see `load` for the arguments.
+
+    Tensors are converted to their target dtype as they are read, so a component is never held twice."""
+    import torch
+
     from .text import PromptTokenizer
 
     dev = resolve_device(device)
@@ -404,7 +411,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         if not (ckpt / "model_index.json").exists():
             if (ckpt / "config.json").exists():  # a bare diffusers transformer folder
                 reader = _Reader(_folder_files(ckpt, "diffusion_pytorch_model"))
-                c.transformer = _transformer_from_sd(reader.take(), ckpt, reader.metadata, storage, compute,
+                c.transformer = _transformer_from_sd(reader.take(dtype=compute), ckpt, reader.metadata, storage, compute,
                                                      _read_json(ckpt / "config.json"))
             else:
                 raise LoadError(f"{ckpt}: a folder without model_index.json or config.json; expected a diffusers "
@@ -414,7 +421,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
             if not tdir.is_dir():
                 raise LoadError(f"{ckpt}: diffusers folder without transformer/")
             reader = _Reader(_folder_files(tdir, "diffusion_pytorch_model"))
-            c.transformer = _transformer_from_sd(reader.take(), tdir, reader.metadata, storage, compute,
+            c.transformer = _transformer_from_sd(reader.take(dtype=compute), tdir, reader.metadata, storage, compute,
                                                  _read_json(tdir / "config.json"))
             if te_path is None and (ckpt / "text_encoder").is_dir():
                 te_path = ckpt / "text_encoder"
@@ -428,10 +435,10 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         t_prefix = _find_prefix(keys, _ORIG_TRANSFORMER + _DIFF_TRANSFORMER)
         if t_prefix is None:
             raise LoadError(_describe(ckpt, keys))
-        c.transformer = _transformer_from_sd(reader.take(t_prefix, strip=False), ckpt, reader.metadata, storage,
+        c.transformer = _transformer_from_sd(reader.take(t_prefix, strip=False, dtype=compute), ckpt, reader.metadata, storage,
                                              compute)
         if need_text_encoder and te_path is None and any(k.startswith("text_encoders.") for k in keys):
-            te_sd = reader.take("text_encoders.")
+            te_sd = reader.take("text_encoders.", dtype=compute)
             spiece = next((k for k in te_sd if k.endswith("spiece_model")), None)
             if spiece is not None:  # ComfyUI serializes the tokenizer into the checkpoint
                 blob = te_sd.pop(spiece)
@@ -442,7 +449,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
             c.sources["text_encoder"] = str(ckpt)
         if need_vae and vae_path is None and any(k.startswith(("vae.", "first_stage_model.")) for k in keys):
             c.vae = _vae_from_sd(reader.take("vae." if any(k.startswith("vae.") for k in keys)
-                                             else "first_stage_model."), ckpt)
+                                             else "first_stage_model.", dtype=torch.float32), ckpt)
             c.sources["vae"] = str(ckpt)
         del reader
     c.sources["transformer"] = str(ckpt)
