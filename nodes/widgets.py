@@ -34,6 +34,10 @@ def generation_inputs(remote: bool) -> dict:
     and every sampler/scheduler the engine registers.
     """
     lo, hi = (P.REMOTE_MIN_SIZE, P.REMOTE_MAX_SIZE) if remote else (P.LOCAL_MIN_SIZE, P.LOCAL_MAX_SIZE)
+    if not remote:  # ComfyUI asks for INPUT_TYPES after every pack has loaded: pick up their sampler names
+        from .external_samplers import register_comfyui_samplers
+
+        register_comfyui_samplers()
     where = "the service" if remote else "the engine"
 
     def size(name):

@@ -512,6 +512,21 @@ try:
     raise AssertionError("not cancelled")
 except mm.InterruptProcessingException:
     assert events == [1], events
+
+# ComfyUI's own sampler functions, run through the engine's calling convention (how names the engine lacks are
+# served), give the engine's numbers for the same sampler: the bridge hands them what they read.
+comfy.utils.set_progress_bar_global_hook(None)
+import importlib
+ext = importlib.import_module(N["AuraFlowSampler"].__module__.rsplit(".", 1)[0] + ".external_samplers")
+registry = ext.engine_module("registry")
+assert ext.register_comfyui_samplers() == []  # every ComfyUI 0.29 name is the engine's own
+for name in ("euler_ancestral", "dpmpp_2m_sde", "res_multistep", "dpm_2", "uni_pc"):
+    registry.register_sampler("comfyui_" + name, ext.comfy_sampler_function(name),
+                              discard_penultimate=registry.SAMPLERS[name].discard_penultimate)
+    ours = sampler.sample(model, pos, neg, 7, 4, 5.0, name, "normal", 1.73, 1.0, 64, 64, 1)[0]["samples"]
+    theirs = sampler.sample(model, pos, neg, 7, 4, 5.0, "comfyui_" + name, "normal", 1.73, 1.0, 64, 64, 1)[0][
+        "samples"]
+    assert float((ours - theirs).abs().max()) < 1e-4, (name, float((ours - theirs).abs().max()))
 print("ALL OK")
 '''
 
@@ -538,3 +553,13 @@ def test_nodes_inside_a_real_comfyui(tmp_path, tiny_models):
     done = subprocess.run([python, str(script), checkout, str(pack_dir), str(models), str(tmp_path / "out")],
                           cwd=checkout, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ALL OK" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_external_samplers_are_offered_only_inside_comfyui():
+    """Outside ComfyUI there is no sampler of ComfyUI's to serve: nothing is added to the engine's registry."""
+    from aura_flow import registry
+    from nodes.external_samplers import register_comfyui_samplers
+
+    before = registry.SAMPLER_NAMES
+    assert register_comfyui_samplers() == []
+    assert registry.SAMPLER_NAMES == before
