@@ -264,7 +264,8 @@ def run(args) -> dict:
     load = {}
     for name, kind in (("pack", "load-pack"), ("diffusers", "load-diffusers")):
         r = min((_subprocess(kind, root, args.device) for _ in range(2)), key=lambda d: d["seconds"])
-        load[name] = {"seconds": r["seconds"], "peak_bytes": r["peak_bytes"], "peak_over_weights": r["peak_bytes"] / wbytes}
+        load[name] = {"seconds": r["seconds"], "peak_bytes": r["peak_bytes"],
+                      "peak_over_weights": r["peak_bytes"] / wbytes}
     result["load"] = load
     if (REPO / "__init__.py").exists():
         imports = [_subprocess("import", REPO) for _ in range(3)]
