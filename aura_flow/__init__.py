@@ -18,6 +18,7 @@ _LAZY = {
     "sigmas": ".schedules",
     "ModelSampling": ".schedules",
     "LoadError": ".loader",
+    "SpeedOptions": ".speed",
 }
 
 from .params import DEFAULTS, ParameterError, validate_generation  # noqa: E402  (torch-free)

@@ -32,6 +32,12 @@ def add_generation_flags(p, *, remote: bool = False):
     p.add_argument("--out", default="out", help="folder to write the images into (default: ./out)")
 
 
+def add_speed_flag(p):
+    p.add_argument("--speed", default="auto", metavar="MODE",
+                   help="auto (lossless padding fold on the CPU, exact elsewhere), exact, fold_padding, or the lossy "
+                        "opt-ins cfg_cutoff, step_cache, fast, compile (see aura_flow/speed.py)")
+
+
 def generation_params(args) -> dict:
     return {k: getattr(args, k) for k in DEFAULTS}
 
@@ -44,12 +50,14 @@ def register(sub):
     g.add_argument("--vae", help="SDXL VAE .safetensors or folder (transformer-only files)")
     g.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_speed_flag(g)
     add_generation_flags(g)
     g.set_defaults(func=run_generate)
 
     d = sub.add_parser("demo", help="build a tiny random-weight AuraFlow once and generate with it (no downloads)")
     d.add_argument("--cache", default=os.environ.get("AURAFLOW_CACHE", str(Path.home() / ".cache" / "aura_flow")),
                    help="where the demo model is built (default ~/.cache/aura_flow, or $AURAFLOW_CACHE)")
+    add_speed_flag(d)
     add_generation_flags(d)
     d.set_defaults(func=run_demo, prompt="a watercolor painting of a fox", width=256, height=256, steps=8,
                    sampler="euler")
@@ -85,7 +93,7 @@ def _generate(pipe, args) -> int:
     from .params import validate_generation
 
     params = validate_generation(generation_params(args))
-    result = pipe.generate(callback=ProgressBar(), **params)
+    result = pipe.generate(callback=ProgressBar(), speed=args.speed, **params)
     for path in write_images(result, args.out, params["output_format"], params["output_quality"]):
         sys.stdout.write(path + "\n")
     sys.stderr.write(f"seed: {result.seed}\n")

@@ -151,15 +151,16 @@ class AuraFlowPipeline:
 
     # -------------------------------------------------------------- the whole job
     def generate(self, *, callback: Callable | None = None, should_stop: Callable | None = None,
-                 noise: torch.Tensor | None = None, speed=None, **params) -> GenerationResult:
+                 noise: torch.Tensor | None = None, speed="auto", **params) -> GenerationResult:
         """Text to image with the hosted API's parameters (see aura_flow.params); validated before any work.
 
         callback(step, total, x0) after each step; should_stop() polled before every model call.
         noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
-        speed: None (exact), a mode name or an `aura_flow.speed.SpeedOptions` (opt-in, bounded fidelity loss).
+        speed: "auto" (the lossless padding fold on the CPU, exact elsewhere), None (exact), a mode name or an
+        `aura_flow.speed.SpeedOptions` (the lossy ones are opt-in, with a bounded, measured fidelity loss).
         """
         p = validate_generation(params)
-        speed = resolve_speed(speed)
+        speed = resolve_speed(speed, self.device)
         from PIL import Image
 
         b, h, w = p["number_of_images"], p["height"] // 8, p["width"] // 8

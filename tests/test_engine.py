@@ -160,17 +160,20 @@ def test_batch_uses_one_noise_tensor(tiny_pipe):
 
 
 def test_cfg_one_skips_the_uncond_pass(tiny_pipe):
-    calls = []
-    hook = tiny_pipe.transformer.register_forward_hook(lambda m, a, kw: calls.append(1), with_kwargs=False)
+    rows = []  # batch rows through the transformer's output layer, per forward (every speed path ends there)
+    hook = tiny_pipe.transformer.proj_out.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
     try:
         tiny_pipe.generate(prompt="a cat", negative_prompt="dog", seed=1, cfg=1.0, **SMALL)
-        n_cfg1 = len(calls)
-        calls.clear()
+        rows_cfg1 = list(rows)
+        rows.clear()
+        tiny_pipe.generate(prompt="a cat", negative_prompt="dog", seed=1, cfg=5.0, **SMALL)
+        rows_cfg5 = list(rows)
         x = tiny_pipe.generate(prompt="a cat", negative_prompt="dog", seed=1, cfg=1.0, **SMALL)
         y = tiny_pipe.generate(prompt="a cat", negative_prompt="something else", seed=1, cfg=1.0, **SMALL)
     finally:
         hook.remove()
-    assert n_cfg1 == 2  # one forward per step, no uncond
+    assert rows_cfg1 == [1, 1]  # one single-row forward per step: no uncond pass
+    assert rows_cfg5 == [2, 2]  # cond and uncond as one batched forward per step
     assert torch.equal(x.tensor, y.tensor)  # the negative prompt plays no part at cfg 1
 
 

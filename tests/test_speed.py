@@ -14,7 +14,7 @@ PARAMS = dict(prompt="a cat on a mat", negative_prompt="blurry", width=64, heigh
 
 @pytest.fixture(scope="module")
 def exact(tiny_pipe):
-    return tiny_pipe.generate(**PARAMS).tensor
+    return tiny_pipe.generate(speed=None, **PARAMS).tensor
 
 
 class BlockCounter:
@@ -52,6 +52,16 @@ def _sample_with(pipe, speed, params=PARAMS):
 def test_exact_mode_is_the_plain_path(tiny_pipe, exact):
     for speed in ("exact", SpeedOptions(), MODES["exact"]):
         assert torch.equal(tiny_pipe.generate(speed=speed, **PARAMS).tensor, exact)
+
+
+def test_auto_is_the_padding_fold_on_cpu_and_exact_elsewhere(tiny_pipe, exact):
+    from aura_flow.speed import resolve
+
+    auto = tiny_pipe.generate(**PARAMS).tensor  # generate's default
+    assert torch.equal(auto, tiny_pipe.generate(speed="fold_padding", **PARAMS).tensor)
+    assert 0 < (auto - exact).abs().max() < 1e-5  # the fold ran, and it is exact up to rounding
+    assert resolve("auto", "cpu") == MODES["fold_padding"]
+    assert resolve("auto", "cuda") is None and resolve("auto", torch.device("cuda", 0)) is None
 
 
 def _inputs(tr, pad=0):
@@ -120,7 +130,7 @@ def test_step_cache_skips_steps(tiny_pipe):
 
 def test_cfg_cutoff_leaves_cfg_1_alone(tiny_pipe):
     params = dict(PARAMS, cfg=1.0)
-    plain = tiny_pipe.generate(**params).tensor
+    plain = tiny_pipe.generate(speed=None, **params).tensor
     assert torch.equal(tiny_pipe.generate(speed=SpeedOptions(cfg_cutoff=0.2), **params).tensor, plain)
 
 
@@ -142,4 +152,4 @@ def test_compile_within_its_bound_and_across_sizes(tiny_pipe, exact):
     assert psnr(fast, exact) >= PSNR_BOUNDS["compile"]
     other = dict(PARAMS, width=96, height=64, steps=2)  # a second size reuses the same dynamic build
     torch.testing.assert_close(tiny_pipe.generate(speed="compile", **other).tensor,
-                               tiny_pipe.generate(**other).tensor, rtol=0, atol=1e-3)
+                               tiny_pipe.generate(speed=None, **other).tensor, rtol=0, atol=1e-3)
