@@ -21,16 +21,13 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest runs in importlib mode (see pyproject.toml)
+
 from comfyui_support import (PACK_DIR_NAME, ROOT, ComfyServer, build_models_for_workflows, comfy_python, copy_pack,
                              free_port, provide_input_images, wait_until_up)
 
 
-def pytest_addoption(parser):
-    try:
-        parser.addoption("--comfyui", default=None, metavar="PATH",
-                         help="a ComfyUI checkout for the tests marked comfyui (or set AURAFLOW_COMFYUI)")
-    except ValueError:  # already added by a conftest higher up
-        pass
+# the --comfyui option is added in tests/conftest.py, so that it works from the repository root
 
 
 def comfyui_checkout(config) -> str | None:
