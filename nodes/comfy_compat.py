@@ -48,16 +48,29 @@ def _comfy(module: str):
 
 
 # ------------------------------------------------------------------------------------------------ model folders
-def running_server():
-    """``(aiohttp.web, PromptServer.instance)`` inside a running ComfyUI; None elsewhere (tests, tools, or ComfyUI's
-    modules imported without its server started)."""
+_ROUTES_ADDED: set[str] = set()
+
+
+def add_routes(path: str, add) -> bool:
+    """Call ``add(aiohttp.web, PromptServer.instance.routes)`` once per ``path`` inside a running ComfyUI.
+
+    True when the routes are (or already were) added; False, and nothing done, in tests, tools, or ComfyUI's
+    modules imported without its server started.
+    """
+    if path in _ROUTES_ADDED:
+        return True
     try:
         from aiohttp import web
         from server import PromptServer
     except ImportError:
-        return None
+        return False
     instance = getattr(PromptServer, "instance", None)
-    return None if instance is None else (web, instance)
+    if instance is None:
+        return False
+    add(web, instance.routes)
+    _ROUTES_ADDED.add(path)
+    log.debug("AuraFlow: added %s", path)
+    return True
 
 
 def model_names(folder: str) -> list[str]:

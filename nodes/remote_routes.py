@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 import os
 
-from .comfy_compat import engine_module, running_server
+from .comfy_compat import add_routes, engine_module
 
 log = logging.getLogger(__name__)
 
 ROUTE = "/auraflow/remote/key"
-_registered = False
 
 
 def key_file_path():
@@ -64,29 +63,21 @@ def save_key_response(body) -> tuple[int, dict]:
 
 def register() -> bool:
     """Add the routes to ComfyUI's server; False (and nothing done) outside a running ComfyUI."""
-    global _registered
-    if _registered:
-        return True
-    server = running_server()
-    if server is None:
-        return False
-    web, instance = server
 
-    @instance.routes.get(ROUTE)
-    async def auraflow_remote_key_status(request):
-        return web.json_response(key_status())
+    def add(web, routes):
+        @routes.get(ROUTE)
+        async def auraflow_remote_key_status(request):
+            return web.json_response(key_status())
 
-    @instance.routes.post(ROUTE)
-    async def auraflow_remote_key_save(request):
-        if request.content_type != "application/json":  # a plain HTML form cannot post JSON cross-site
-            return web.json_response({"error": "send Content-Type: application/json"}, status=415)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        status, answer = save_key_response(body)
-        return web.json_response(answer, status=status)
+        @routes.post(ROUTE)
+        async def auraflow_remote_key_save(request):
+            if request.content_type != "application/json":  # a plain HTML form cannot post JSON cross-site
+                return web.json_response({"error": "send Content-Type: application/json"}, status=415)
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            status, answer = save_key_response(body)
+            return web.json_response(answer, status=status)
 
-    _registered = True
-    log.debug("AuraFlow: added GET/POST %s", ROUTE)
-    return True
+    return add_routes(ROUTE, add)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
-from .comfy_compat import running_server
+from .comfy_compat import add_routes
 
 try:  # inside the ComfyUI pack
     from ..aura_flow.params import DEFAULTS as _NODE_DEFAULTS, ParameterError
@@ -29,8 +29,6 @@ ROUTE = "/auraflow/sigmas"
 # a parameter left out takes the sampler node's default; no sampler means none that drops the penultimate sigma
 DEFAULTS = {"scheduler": _NODE_DEFAULTS["scheduler"], "steps": _NODE_DEFAULTS["steps"],
             "shift": _NODE_DEFAULTS["shift"], "denoise": 1.0, "sampler": None}
-
-_registered = False
 
 
 def _number(query: dict, name: str, kind: type):
@@ -79,20 +77,12 @@ def sigmas_response(query: dict) -> tuple[int, dict]:
 
 
 def register() -> bool:
-    """Add the routes to ComfyUI's server; False (and nothing done) outside a running ComfyUI."""
-    global _registered
-    if _registered:
-        return True
-    server = running_server()
-    if server is None:
-        return False
-    web, instance = server
+    """Add the route to ComfyUI's server; False (and nothing done) outside a running ComfyUI."""
 
-    @instance.routes.get(ROUTE)
-    async def auraflow_sigmas(request):
-        status, body = sigmas_response(dict(request.rel_url.query))
-        return web.json_response(body, status=status)
+    def add(web, routes):
+        @routes.get(ROUTE)
+        async def auraflow_sigmas(request):
+            status, body = sigmas_response(dict(request.rel_url.query))
+            return web.json_response(body, status=status)
 
-    _registered = True
-    log.debug("AuraFlow: added GET %s", ROUTE)
-    return True
+    return add_routes(ROUTE, add)

@@ -41,6 +41,7 @@ def tiny_pipe(tiny_models):
 
 
 def pytest_addoption(parser):
-    # here, not in tests/comfyui/conftest.py, so that `pytest --comfyui PATH` works from the repository root
+    # here, not in tests/comfyui/conftest.py, so that `pytest --comfyui=PATH` works from the repository root;
+    # write it with "=": a bare path after it would be taken for a test path before this option is known
     parser.addoption("--comfyui", default=None, metavar="PATH",
                      help="a ComfyUI checkout for the tests marked comfyui (or set AURAFLOW_COMFYUI)")

@@ -1,4 +1,4 @@
-"""Tests against a real ComfyUI checkout: ``pytest tests/comfyui --comfyui PATH`` (or ``AURAFLOW_COMFYUI=PATH``).
+"""Tests against a real ComfyUI checkout: ``pytest tests/comfyui --comfyui=PATH`` (or ``AURAFLOW_COMFYUI=PATH``).
 
 Without a path every test here is skipped (CI has no ComfyUI). With one, a session fixture starts that ComfyUI on a
 free port on 127.0.0.1 with ``--base-directory`` set to a temp folder holding a copy of this pack in custom_nodes/,
