@@ -1,4 +1,4 @@
-"""Command line: ``python -m aura_flow <command> ...``.
+"""AuraFlow from the command line: local generation, a no-download demo, the hosted API, ComfyUI headless runs.
 
 Each command lives in its own module that defines ``register(subparsers)``; the parser it adds sets
 ``func=run`` (called with the parsed args, returning the exit code). Modules load only when listed here.
