@@ -294,6 +294,11 @@ def test_missing_components_and_tokenizer(tmp_path, tiny_models):
         aura_flow.load(lone, vae="/nowhere/vae.safetensors")
     with pytest.raises(ParameterError, match="dtype='fp12' is not known; valid: auto, fp32"):
         aura_flow.load(lone, dtype="fp12")
+    with pytest.raises(ParameterError, match="device='gpu0' is not a torch device"):
+        aura_flow.load(lone, device="gpu0")
+    if not torch.cuda.is_available():  # CI: say so before reading any weights
+        with pytest.raises(ParameterError, match="device='cuda': this torch has no usable CUDA device"):
+            aura_flow.load(lone, device="cuda")
 
 
 # ------------------------------------------------------------------ command line
