@@ -67,17 +67,36 @@ class AuraFlowPipeline:
         # when memory is short: the text encoder waits on the CPU and visits the device only to encode a prompt
         # (on a CPU device there is nothing to release)
         self.offload_text_encoder = offload_text_encoder
+        self.placement: dict[str, torch.device] = {}  # where each part is; the transformer's is self.device
         pe = transformer.pos_embed
         pe.forward = types.MethodType(_pos_embed_forward, pe)
         self.to(self.device)
 
     # -------------------------------------------------------------- devices
-    def to(self, device):
-        self.device = torch.device(device)
-        for m in (self.transformer, None if self.offload_text_encoder else self.text_encoder, self.vae):
-            if m is not None:
-                m.to(self.device)
+    PARTS = ("transformer", "text_encoder", "vae")
+
+    def to(self, device, parts=None):
+        """Move the pipeline (or only ``parts``, e.g. ``("transformer",)``) to ``device``.
+
+        Moving parts one by one lets a host such as ComfyUI keep on the GPU only what a step needs: the
+        transformer while sampling, the text encoder while encoding, the VAE while decoding.
+        """
+        device = torch.device(device)
+        for name in parts or self.PARTS:
+            module = getattr(self, name)
+            if module is None:
+                continue
+            # offload_text_encoder: a whole-pipeline move leaves the text encoder on the CPU
+            target = torch.device("cpu") if parts is None and name == "text_encoder" and \
+                self.offload_text_encoder else device
+            module.to(target)
+            self.placement[name] = target
+        if parts is None or "transformer" in parts:
+            self.device = device
         return self
+
+    def part_device(self, name: str) -> torch.device:
+        return self.placement.get(name, self.device)
 
     @property
     def patch_size(self) -> int:
@@ -96,13 +115,14 @@ class AuraFlowPipeline:
         if hit is not None:
             return hit
         offload = self.offload_text_encoder and self.device.type != "cpu"
+        device = self.device if offload else self.part_device("text_encoder")
         if offload:
-            self.text_encoder.to(self.device)
+            self.text_encoder.to(device)
         try:
-            ctx = encode_prompt(self.text_encoder, self.tokenizer, text, self.device, self.dtype)
+            ctx = encode_prompt(self.text_encoder, self.tokenizer, text, device, self.dtype)
         finally:
             if offload:  # released before sampling
-                self.text_encoder.to("cpu")
+                self.text_encoder.to(self.part_device("text_encoder"))
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         if len(self._prompt_cache) >= self._prompt_cache_size:
@@ -136,7 +156,7 @@ class AuraFlowPipeline:
         """Raw VAE-space latent (B,4,h,w) -> images (B,H,W,3) float32 in [0,1]. Always fp32 (fp16 overflows)."""
         if self.vae is None:
             raise RuntimeError("this pipeline was loaded without a VAE")
-        z = latent.to(self.device, torch.float32)
+        z = latent.to(self.part_device("vae"), torch.float32)
         img = self.vae.decode(z, return_dict=False)[0]
         return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
@@ -146,7 +166,7 @@ class AuraFlowPipeline:
         if self.vae is None:
             raise RuntimeError("this pipeline was loaded without a VAE")
         h, w = images.shape[1] // 8 * 8, images.shape[2] // 8 * 8
-        x = images[:, :h, :w, :3].to(self.device, torch.float32).permute(0, 3, 1, 2) * 2 - 1
+        x = images[:, :h, :w, :3].to(self.part_device("vae"), torch.float32).permute(0, 3, 1, 2) * 2 - 1
         return self.vae.encode(x).latent_dist.mean.float().cpu()
 
     # -------------------------------------------------------------- the whole job

@@ -230,32 +230,34 @@ def load_placement() -> tuple[str, str]:
     return str(mm.unet_offload_device()), dtype
 
 
-def _pipeline_bytes(pipeline) -> int:
-    return sum(_module_bytes(getattr(pipeline, part, None)) for part in ("transformer", "text_encoder", "vae"))
-
-
 @contextlib.contextmanager
-def on_device(pipeline):
-    """Run the body with ``pipeline`` on ComfyUI's torch device, then put it back on ComfyUI's offload device.
+def on_device(pipeline, parts=None):
+    """Run the body with ``pipeline``'s ``parts`` (all by default) on ComfyUI's torch device, then put them back on
+    ComfyUI's offload device.
 
     ComfyUI does not manage these modules, so before moving them it is asked to free room for them (unloading
     its own models if needed); afterwards they go to the CPU, or stay on the GPU when ComfyUI runs with
-    --highvram / --gpu-only (its offload device is then the GPU). Outside ComfyUI this does nothing.
+    --highvram / --gpu-only (its offload device is then the GPU). Only the parts a node needs visit the GPU:
+    sampling needs no text encoder there. Outside ComfyUI this does nothing.
     """
     mm = _comfy("comfy.model_management")
     if mm is None:
         yield pipeline
         return
+    parts = tuple(parts or pipeline.PARTS)
     device = mm.get_torch_device()
-    if pipeline.device != device:
-        mm.free_memory(int(_pipeline_bytes(pipeline) * 1.1) + 2 * 1024**3, device)  # weights + working room
-        pipeline.to(device)
+    moving = [p for p in parts if getattr(pipeline, p, None) is not None and pipeline.part_device(p) != device]
+    if moving:
+        need = sum(_module_bytes(getattr(pipeline, p)) for p in moving)
+        mm.free_memory(int(need * 1.1) + 2 * 1024**3, device)  # weights + working room
+        pipeline.to(device, parts=moving)
     try:
         yield pipeline
     finally:
         offload = mm.unet_offload_device()
-        if pipeline.device != offload:
-            pipeline.to(offload)
+        back = [p for p in parts if getattr(pipeline, p, None) is not None and pipeline.part_device(p) != offload]
+        if back:
+            pipeline.to(offload, parts=back)
             empty_cache()
 
 

@@ -33,7 +33,7 @@ class AuraFlowTextEncode:
     DESCRIPTION = "Encodes a prompt with AuraFlow's Pile-T5-XL text encoder."
 
     def encode(self, text_encoder, text):
-        with compat.on_device(text_encoder):
+        with compat.on_device(text_encoder, parts=("text_encoder",)):
             context = text_encoder.encode_prompt(text)
         return ([[context.to(compat.intermediate_device()), {}]],)
 

@@ -75,7 +75,7 @@ class AuraFlowSampler:
         compat.engine.params.check_seed(seed)
         compat.engine.params.check_range("cfg", cfg)
         progress = compat.Progress(max(len(sigmas) - 1, 0))
-        with compat.on_device(model), compat.interruptible():
+        with compat.on_device(model, parts=("transformer",)), compat.interruptible():
             start = dict(latent_image)
             start["samples"] = latent_image["samples"].to(model.device)
             out = model.sample(pos, neg, start, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,

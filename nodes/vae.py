@@ -107,7 +107,7 @@ class AuraFlowVAE:
         import torch
 
         out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
-        with compat.on_device(self.pipeline):
+        with compat.on_device(self.pipeline, parts=("vae",)):
             out = []
             for i in range(batch.shape[0]):
                 item = batch[i:i + 1]

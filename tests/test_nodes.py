@@ -392,6 +392,14 @@ def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
     # two prompt encodings and the sampling, each after asking ComfyUI to free room, each moved back after
     assert [device for _need, device in fake_comfy.free] == [torch.device("cpu", 0)] * 3
     assert fake_comfy.free[-1][0] > sum(p.numel() * 4 for p in model.transformer.parameters())
+    # each node brings only its part to the GPU: sampling asks room for the transformer alone, encoding for the
+    # text encoder alone
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+    assert fake_comfy.free[-1][0] == int(size(model.transformer) * 1.1) + 2 * 1024**3
+    assert fake_comfy.free[0][0] == int(size(model.text_encoder) * 1.1) + 2 * 1024**3
+    assert set(model.placement.values()) == {torch.device("cpu")}  # all back on the offload device
     assert model.device == torch.device("cpu") and fake_comfy.empty == 3
     args = sampler_args(model)
     fake_comfy.free.clear()
