@@ -1,6 +1,7 @@
 """`AuraFlowPipeline`: prompt encoding, the velocity model, sampling and VAE decode, with ComfyUI's semantics."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 from dataclasses import dataclass, field
@@ -171,30 +172,37 @@ class AuraFlowPipeline:
 
     # -------------------------------------------------------------- the whole job
     def generate(self, *, callback: Callable | None = None, should_stop: Callable | None = None,
-                 noise: torch.Tensor | None = None, speed="auto", **params) -> GenerationResult:
+                 noise: torch.Tensor | None = None, speed="auto", stage: Callable | None = None,
+                 **params) -> GenerationResult:
         """Text to image with the hosted API's parameters (see aura_flow.params); validated before any work.
 
         callback(step, total, x0) after each step; should_stop() polled before every model call.
         noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
         speed: "auto" (the lossless padding fold on the CPU, exact elsewhere), None (exact), a mode name or an
         `aura_flow.speed.SpeedOptions` (the lossy ones are opt-in, with a bounded, measured fidelity loss).
+        stage(parts): a context manager entered around each stage with the parts it uses (("text_encoder",),
+        ("transformer",), ("vae",)), so a host can bring just those to its GPU; by default nothing moves.
         """
         p = validate_generation(params)
-        speed = resolve_speed(speed, self.device)
+        resolve_speed(speed, self.device)  # an unknown mode fails here, before any work
+        stage = stage or (lambda parts: contextlib.nullcontext())
         from PIL import Image
 
         b, h, w = p["number_of_images"], p["height"] // 8, p["width"] // 8
-        positive = self.encode_prompt(p["prompt"])
-        negative = self.encode_prompt(p["negative_prompt"]) if p["cfg"] != 1.0 else positive
-        latent = torch.zeros(b, 4, h, w)
-        model = self.velocity
-        if speed is not None:  # opt-in speed modes, see aura_flow.speed
-            model = velocity_model(self, speed, batch=b, cfg=p["cfg"], sigmas=make_sigmas(
-                p["scheduler"], p["steps"], shift=p["shift"], sampler=p["sampler"]))
-        out = _sample(model, positive, negative, latent, seed=p["seed"], steps=p["steps"], cfg=p["cfg"],
-                      sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"], callback=callback,
-                      should_stop=should_stop, noise=noise)
-        # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
-        images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
+        with stage(("text_encoder",)):
+            positive = self.encode_prompt(p["prompt"])
+            negative = self.encode_prompt(p["negative_prompt"]) if p["cfg"] != 1.0 else positive
+        with stage(("transformer",)):
+            options = resolve_speed(speed, self.device)  # where the transformer is now
+            model = self.velocity
+            if options is not None:  # see aura_flow.speed
+                model = velocity_model(self, options, batch=b, cfg=p["cfg"], sigmas=make_sigmas(
+                    p["scheduler"], p["steps"], shift=p["shift"], sampler=p["sampler"]))
+            out = _sample(model, positive, negative, torch.zeros(b, 4, h, w), seed=p["seed"], steps=p["steps"],
+                          cfg=p["cfg"], sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"],
+                          callback=callback, should_stop=should_stop, noise=noise)
+        with stage(("vae",)):
+            # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
+            images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
         pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
         return GenerationResult(images=pil, tensor=images, seed=p["seed"], params=p)

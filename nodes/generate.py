@@ -40,8 +40,9 @@ class AuraFlowGenerate:
         imageio = compat.engine_module("imageio")
         checked = compat.engine.validate_generation(params)  # before the model moves to the GPU
         progress = compat.Progress(checked["steps"])
-        with compat.on_device(model), compat.interruptible():
-            result = model.generate(callback=progress, should_stop=compat.should_stop(), **params)
+        with compat.interruptible():  # each stage brings only its part to the GPU
+            result = model.generate(callback=progress, should_stop=compat.should_stop(),
+                                    stage=lambda parts: compat.on_device(model, parts), **params)
         p = result.params
         if p["output_format"] == "png":
             images = result.tensor

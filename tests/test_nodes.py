@@ -401,6 +401,11 @@ def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
     assert fake_comfy.free[0][0] == int(size(model.text_encoder) * 1.1) + 2 * 1024**3
     assert set(model.placement.values()) == {torch.device("cpu")}  # all back on the offload device
     assert model.device == torch.device("cpu") and fake_comfy.empty == 3
+    fake_comfy.free.clear()
+    run("AuraFlowGenerate", **generate_args(model, steps=1, prompt="a staged cat"))
+    room = [need - 2 * 1024**3 for need, _device in fake_comfy.free]  # one-node generate: one part per stage
+    assert room == [int(size(part) * 1.1) for part in (model.text_encoder, model.transformer, model.vae)]
+    assert set(model.placement.values()) == {torch.device("cpu")} and fake_comfy.empty == 6
     args = sampler_args(model)
     fake_comfy.free.clear()
     with pytest.raises(ValueError, match="scheduler='nope'"):
