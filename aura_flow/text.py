@@ -1,5 +1,9 @@
 """Prompt tokenization and encoding with ComfyUI's semantics for Pile-T5.
 
+Prompt weighting is ComfyUI's: ``(words:1.3)`` sets a weight, ``(words)`` multiplies by 1.1 per level of nesting,
+``\\(`` and ``\\)`` are literal parentheses. Each weighted segment is tokenized on its own; a weighted token's
+embedding is moved away from the empty prompt's at its position: ``z = z_empty + w * (z - z_empty)``.
+
 Tokens, then the end token (2), padded with the pad token (1) to at least 256 and never truncated; the encoder
 sees an attention mask over the real tokens and the end token, and the embeddings of padded positions are zeroed.
 """
@@ -64,22 +68,95 @@ class PromptTokenizer:
 
     def __call__(self, text: str, min_length: int = MIN_LENGTH):
         """-> (ids, mask) lists of equal length >= min_length; never truncates."""
-        ids = self._encode(text) + [self.end_id]
+        ids, mask, _weights = self.weighted(text, min_length)
+        return ids, mask
+
+    def weighted(self, text: str, min_length: int = MIN_LENGTH):
+        """-> (ids, mask, weights): the prompt's segments tokenized one by one with their weights, the end token,
+        then padding to at least ``min_length``."""
+        ids, weights = [], []
+        for segment, weight in parse_weights(text):
+            seg_ids = self._encode(segment)
+            ids += seg_ids
+            weights += [weight] * len(seg_ids)
+        ids.append(self.end_id)
+        weights.append(1.0)
         n = len(ids)
-        length = max(min_length, n)
-        return ids + [self.pad_id] * (length - n), [1] * n + [0] * (length - n)
+        pad = max(min_length, n) - n
+        return ids + [self.pad_id] * pad, [1] * n + [0] * pad, weights + [1.0] * pad
+
+
+_OPEN, _CLOSE = "\0\2", "\0\1"  # stand-ins for escaped parentheses while parsing
+
+
+def _split_parentheses(text: str) -> list[str]:
+    """Top-level pieces: plain runs and whole ``( ... )`` groups (an unclosed group runs to the end)."""
+    pieces, current, depth = [], "", 0
+    for char in text:
+        if char == "(":
+            if depth == 0:
+                if current:
+                    pieces.append(current)
+                current = ""
+            current += char
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            current += char
+            if depth == 0:
+                pieces.append(current)
+                current = ""
+        else:
+            current += char
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _weights(text: str, weight: float) -> list[tuple[str, float]]:
+    out = []
+    for piece in _split_parentheses(text):
+        if len(piece) >= 2 and piece[0] == "(" and piece[-1] == ")":
+            inner, inner_weight = piece[1:-1], weight * 1.1
+            colon = inner.rfind(":")
+            if colon > 0:
+                try:
+                    inner_weight = float(inner[colon + 1:])
+                    inner = inner[:colon]
+                except ValueError:
+                    pass
+            out += _weights(inner, inner_weight)
+        else:
+            out.append((piece, weight))
+    return out
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """ComfyUI's prompt weighting: ``"a (red:1.5) ((cat))"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0),
+    ("cat", 1.21)]``; ``\\(`` / ``\\)`` stay literal parentheses."""
+    text = text.replace("\\)", _CLOSE).replace("\\(", _OPEN)
+    return [(seg.replace(_CLOSE, ")").replace(_OPEN, "("), w) for seg, w in _weights(text, 1.0)]
 
 
 def encode_prompt(text_encoder, tokenizer: PromptTokenizer, text: str, device, dtype):
-    """-> (1, tokens, d_model) context with padded positions zeroed."""
+    """-> (1, tokens, d_model) context with padded positions zeroed and ComfyUI's prompt weights applied."""
     import torch
 
-    ids, mask = tokenizer(text)
+    ids, mask, weights = tokenizer.weighted(text)
     if len(ids) > MIN_LENGTH:
         log.info("prompt is %d tokens; encoded in full (no truncation)", len(ids))
-    ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-    mask_t = torch.tensor([mask], dtype=torch.long, device=device)
+    rows_ids, rows_mask = [ids], [mask]
+    weighted = any(w != 1.0 for w in weights)
+    if weighted:  # the empty prompt at the same length, the point weights scale away from
+        rows_ids.append([tokenizer.end_id] + [tokenizer.pad_id] * (len(ids) - 1))
+        rows_mask.append([1] + [0] * (len(ids) - 1))
+    ids_t = torch.tensor(rows_ids, dtype=torch.long, device=device)
+    mask_t = torch.tensor(rows_mask, dtype=torch.long, device=device)
     with torch.inference_mode():
         out = text_encoder(input_ids=ids_t, attention_mask=mask_t)[0]
     out = out * mask_t.unsqueeze(-1).to(out.dtype)
-    return out.to(dtype)
+    z = out[:1]
+    if weighted:
+        w = torch.tensor(weights, dtype=z.dtype, device=z.device).view(1, -1, 1)
+        z = out[1:] + (z - out[1:]) * w
+    return z.to(dtype)

@@ -191,6 +191,42 @@ def test_long_prompts_are_not_truncated(tiny_pipe):
     assert short.shape[1] == 256 and torch.count_nonzero(short[0, n:]) == 0  # padding zeroed
 
 
+@pytest.mark.parametrize("text,parsed", [
+    ("a photo of a cat", [("a photo of a cat", 1.0)]),
+    ("a (red:1.5) ((cat))", [("a ", 1.0), ("red", 1.5), (" ", 1.0), ("cat", 1.1 * 1.1)]),
+    ("(x:0.5) (y) z", [("x", 0.5), (" ", 1.0), ("y", 1.1), (" z", 1.0)]),
+    (r"a \(literal\) x", [("a (literal) x", 1.0)]),
+    ("(a:bad) b", [("a:bad", 1.1), (" b", 1.0)]),
+    ("unclosed (paren", [("unclosed ", 1.0), ("(paren", 1.0)]),
+])
+def test_prompt_weights_parse_like_comfyui(text, parsed):
+    from aura_flow.text import parse_weights
+
+    assert parse_weights(text) == parsed
+
+
+def test_weighted_tokens_scale_away_from_the_empty_prompt(tiny_pipe):
+    """z = z_empty + w (z - z_empty) on the weighted tokens (ComfyUI's rule); other tokens are untouched."""
+    from aura_flow.text import encode_prompt
+
+    te, tok = tiny_pipe.text_encoder, tiny_pipe.tokenizer
+    ids, mask, weights = tok.weighted("a (cat:1.5) on a mat")
+    assert weights.count(1.5) >= 1 and set(weights) == {1.0, 1.5}
+    weighted = encode_prompt(te, tok, "a (cat:1.5) on a mat", "cpu", torch.float32)[0]
+    with torch.inference_mode():
+        rows = torch.tensor([ids, [tok.end_id] + [tok.pad_id] * (len(ids) - 1)])
+        masks = torch.tensor([mask, [1] + [0] * (len(ids) - 1)])
+        out = te(input_ids=rows, attention_mask=masks)[0] * masks.unsqueeze(-1)
+    plain, empty = out[0], out[1]
+    w = torch.tensor(weights).view(-1, 1)
+    assert torch.allclose(weighted, empty + w * (plain - empty), atol=1e-6)
+    moved = (weighted - plain).abs().amax(dim=1) > 1e-6
+    assert moved.tolist() == [x != 1.0 for x in weights]  # exactly the weighted tokens changed
+    # weight 1 everywhere is the plain encoding
+    assert torch.equal(encode_prompt(te, tok, "a cat", "cpu", torch.float32),
+                       encode_prompt(te, tok, "a (cat:1.0)", "cpu", torch.float32))
+
+
 def test_sizes_beyond_the_position_grid_and_odd_sizes(tiny_pipe):
     grid = int(tiny_pipe.transformer.config.pos_embed_max_size ** 0.5)  # 16 patches -> 256 px
     big = tiny_pipe.generate(prompt="a cat", seed=1, width=grid * 16 + 64, height=128, steps=1, sampler="euler")

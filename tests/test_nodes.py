@@ -540,6 +540,17 @@ for name in ("euler_ancestral", "dpmpp_2m_sde", "res_multistep", "dpm_2", "uni_p
     theirs = sampler.sample(model, pos, neg, 7, 4, 5.0, "comfyui_" + name, "normal", 1.73, 1.0, 64, 64, 1)[0][
         "samples"]
     assert float((ours - theirs).abs().max()) < 1e-4, (name, float((ours - theirs).abs().max()))
+
+# prompt weighting parses exactly as ComfyUI's own tokenizer does
+import random
+from comfy.sd1_clip import escape_important, token_weights, unescape_important
+text_mod = ext.engine_module("text")
+rng = random.Random(0)
+alphabet = ["a", "b", " ", "(", ")", ":", "1.5", "0.7", "\\(", "\\)", "x", ":bad", "((", "))"]
+for t in ["a (red:1.5) ((cat))", "a \\(lit\\) (b:2)"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(2000)]:
+    want = [(unescape_important(s), w) for s, w in token_weights(escape_important(t), 1.0)]
+    assert text_mod.parse_weights(t) == want, (t, want)
 print("ALL OK")
 '''
 
