@@ -285,7 +285,8 @@ def _read_json(path: Path) -> dict:
         raise LoadError(f"{path}: cannot read the config ({exc})") from None
 
 
-def _t5_from_sd(sd: dict, source, dtype, config=None):
+def _t5_from_sd(sd: dict, source, config=None):
+    """``sd`` already holds the tensors in their target dtype (`_Reader.take(dtype=...)`)."""
     keys = list(sd)
     prefix = _find_prefix(keys, ("encoder.block.0.layer.0.SelfAttention.q.weight",))
     if prefix is None:
@@ -297,13 +298,11 @@ def _t5_from_sd(sd: dict, source, dtype, config=None):
     sd.pop("encoder.embed_tokens.weight", None)
     if config is None:
         config = infer_t5_config(sd)
-    return build_text_encoder({k: v.to(dtype) for k, v in sd.items()}, config, source)
+    return build_text_encoder(sd, config, source)
 
 
 def _vae_from_sd(sd: dict, source, config=None):
-    import torch
-
-    sd = {k: v.to(torch.float32) for k, v in sd.items()}
+    """``sd`` already holds fp32 tensors (`_Reader.take(dtype=torch.float32)`)."""
     if not any(k.startswith("encoder.down_blocks.") for k in sd):
         prefix = _find_prefix(list(sd), ("encoder.down.0.block.0.conv1.weight",))
         if prefix is None:
@@ -320,6 +319,7 @@ def _vae_from_sd(sd: dict, source, config=None):
 
 
 def _transformer_from_sd(sd: dict, source, metadata, storage, compute, config=None):
+    """``sd`` already holds the tensors in the compute dtype (`_Reader.take(dtype=compute)`)."""
     keys = list(sd)
     prefix = _find_prefix(keys, _ORIG_TRANSFORMER)
     if prefix is not None:
@@ -335,8 +335,6 @@ def _transformer_from_sd(sd: dict, source, metadata, storage, compute, config=No
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if config is None:
         config = infer_transformer_config(sd, metadata)
-    load_dtype = compute if storage != compute else storage
-    sd = {k: (v.to(load_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     return build_transformer(sd, config, source, storage, compute)
 
 
@@ -359,8 +357,8 @@ def _load_text_encoder_path(path: Path, dtype):
         config = UMT5Config(**{k: v for k, v in _read_json(cfg_file).items() if k not in ("architectures",)}) \
             if cfg_file.exists() else None
         reader = _Reader(_folder_files(path, "model"))
-        return _t5_from_sd(reader.take(dtype=dtype), path, dtype, config)
-    return _t5_from_sd(_Reader([path]).take(dtype=dtype), path, dtype)
+        return _t5_from_sd(reader.take(dtype=dtype), path, config)
+    return _t5_from_sd(_Reader([path]).take(dtype=dtype), path)
 
 
 def _load_vae_path(path: Path):
@@ -395,8 +393,7 @@ def _check_path(name, value) -> Path | None:
     return p
 
 
-def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto",
-                    need_text_encoder=True, need_vae=True):
+def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto"):
     """Read every component from disk onto the CPU (the caller moves them); see `load` for the arguments.
 
     Tensors are converted to their target dtype as they are read, so a component is never held twice."""
@@ -442,9 +439,9 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         t_prefix = _find_prefix(keys, _ORIG_TRANSFORMER + _DIFF_TRANSFORMER)
         if t_prefix is None:
             raise LoadError(_describe(ckpt, keys))
-        c.transformer = _transformer_from_sd(reader.take(t_prefix, strip=False, dtype=compute), ckpt, reader.metadata, storage,
-                                             compute)
-        if need_text_encoder and te_path is None and any(k.startswith("text_encoders.") for k in keys):
+        c.transformer = _transformer_from_sd(reader.take(t_prefix, strip=False, dtype=compute), ckpt,
+                                             reader.metadata, storage, compute)
+        if te_path is None and any(k.startswith("text_encoders.") for k in keys):
             te_sd = reader.take("text_encoders.", dtype=compute)
             spiece = next((k for k in te_sd if k.endswith("spiece_model")), None)
             if spiece is not None:  # ComfyUI serializes the tokenizer into the checkpoint
@@ -452,28 +449,28 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
                 if tok_path is None:
                     c.tokenizer = PromptTokenizer.from_sentencepiece_bytes(blob.numpy().tobytes(), f"{ckpt}:{spiece}")
                     c.sources["tokenizer"] = c.tokenizer.source
-            c.text_encoder = _t5_from_sd(te_sd, ckpt, compute)
+            c.text_encoder = _t5_from_sd(te_sd, ckpt)
             c.sources["text_encoder"] = str(ckpt)
-        if need_vae and vae_path is None and any(k.startswith(("vae.", "first_stage_model.")) for k in keys):
+        if vae_path is None and any(k.startswith(("vae.", "first_stage_model.")) for k in keys):
             c.vae = _vae_from_sd(reader.take("vae." if any(k.startswith("vae.") for k in keys)
                                              else "first_stage_model.", dtype=torch.float32), ckpt)
             c.sources["vae"] = str(ckpt)
         del reader
     c.sources["transformer"] = str(ckpt)
 
-    if need_text_encoder and c.text_encoder is None:
+    if c.text_encoder is None:
         if te_path is None:
             raise LoadError(f"{ckpt}: has no text encoder; pass text_encoder=PATH (a Pile-T5-XL .safetensors or a "
                             f"diffusers text_encoder folder; in ComfyUI put it in models/text_encoders)")
         c.text_encoder = _load_text_encoder_path(te_path, compute)
         c.sources["text_encoder"] = str(te_path)
-    if need_vae and c.vae is None:
+    if c.vae is None:
         if vae_path is None:
             raise LoadError(f"{ckpt}: has no VAE; pass vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
                             f"folder; in ComfyUI put it in models/vae)")
         c.vae = _load_vae_path(vae_path)
         c.sources["vae"] = str(vae_path)
-    if need_text_encoder and c.tokenizer is None:
+    if c.tokenizer is None:
         if tok_path is None and te_path is not None and te_path.is_dir():
             for cand in (te_path / "tokenizer", te_path.parent / "tokenizer", te_path / "tokenizer.model"):
                 if cand.exists():
