@@ -34,8 +34,9 @@ def add_generation_flags(p, *, remote: bool = False):
 
 def add_speed_flag(p):
     p.add_argument("--speed", default="auto", metavar="MODE",
-                   help="auto (lossless padding fold on the CPU, exact elsewhere), exact, fold_padding, or the lossy "
-                        "opt-ins cfg_cutoff, step_cache, fast, compile (see aura_flow/speed.py)")
+                   help="auto (lossless padding fold on the CPU, exact elsewhere), exact, fold_padding, compile, or "
+                        "the lossy opt-ins cfg_cutoff, step_cache, fast; named modes add to auto's fold on the CPU "
+                        "(see aura_flow/speed.py)")
 
 
 def generation_params(args) -> dict:

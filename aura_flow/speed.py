@@ -1,7 +1,8 @@
 """Opt-in speed modes that trade a bounded, measured amount of fidelity for time.
 
-``AuraFlowPipeline.generate(speed=...)`` takes a `SpeedOptions` or one of the names in `MODES`. The default
-(``speed=None`` or ``SpeedOptions()``) is the exact path: nothing here runs. Each mode's speed-up and its PSNR
+``AuraFlowPipeline.generate(speed=...)`` takes a `SpeedOptions` or one of the names in `MODES`; ``speed=None``,
+"exact" or ``SpeedOptions()`` is the exact path (nothing here runs), and the default "auto" is the lossless
+padding fold on the CPU (see `resolve`; named modes add to it there). Each mode's speed-up and its PSNR
 against the exact image on the medium preset are printed by ``python -m benchmarks.run``; the tests hold each
 mode to the PSNR bound documented in `MODES`.
 
@@ -9,10 +10,11 @@ mode to the PSNR bound documented in `MODES`.
   and so keep identical hidden states through every block. They are folded into one text token whose attention
   logit gets ``log(count)``, which is the same attention up to float rounding (about 1e-6 on the image) with
   far fewer tokens: most of the text tokens at small sizes, about 6% of all tokens at 1024x1024.
-- ``compile``: ``torch.compile(transformer, dynamic=True)`` without duck sizing, built once per pipeline and
-  reused for every image size and aspect ratio (no recompilation per size). The first call pays the build (on
-  2 CPU cores: about 30 s for the tiny preset, minutes for the medium one); the outputs differ from the eager
-  ones only by the float rounding of fused kernels. Used alone (with the fold or the cache it is not applied).
+- ``compile``: ``torch.compile(..., dynamic=True)`` of the transformer's blocks, without duck sizing, built once
+  per transformer and reused for every image size, aspect ratio and prompt length (no recompilation per size).
+  The first call pays the build (on 2 CPU cores: about 30 s for the tiny preset, a few minutes for the medium
+  one); the outputs differ from the eager ones only by the float rounding of fused kernels. Stacks with the
+  others.
 - ``cfg_cutoff``: after this fraction of the steps the unconditional pass is skipped. Rather than dropping the
   guidance (which changes the image a lot), the uncond velocity is estimated as ``v_cond - delta``, with ``delta``
   the guidance difference ``v_cond - v_uncond`` measured at the last step that ran both passes. Halves the batch
@@ -24,8 +26,11 @@ mode to the PSNR bound documented in `MODES`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -78,17 +83,21 @@ def resolve(speed, device=None) -> SpeedOptions | None:
 
     "auto" (what ``generate`` uses unless told otherwise) is the padding fold on the CPU, where it measured 1.6-1.8x
     at 256^2 with the same image to 1e-5, and the exact path elsewhere: on CUDA the fold's key bias keeps SDPA off
-    its flash kernel, and with ~6% padding at 1024^2 that trade has not been measured to pay.
+    its flash kernel, and with ~6% padding at 1024^2 that trade has not been measured to pay. A mode named by a
+    string builds on that default: on the CPU it folds the padding too, so no mode is slower than "auto". A
+    `SpeedOptions` is taken exactly as given.
     """
     if speed is None:
         return None
+    cpu = device is None or torch.device(device).type == "cpu"
     if speed == "auto":
-        cpu = device is None or torch.device(device).type == "cpu"
         return MODES["fold_padding"] if cpu else None
     if isinstance(speed, str):
         if speed not in MODES:
             raise ParameterError(f"speed={speed!r} is not known; valid: auto, {', '.join(MODES)}")
         speed = MODES[speed]
+        if cpu and not speed.exact:
+            speed = dataclasses.replace(speed, fold_padding=True)
     if not isinstance(speed, SpeedOptions):
         raise ParameterError(f"speed must be a SpeedOptions or one of auto, {', '.join(MODES)}, got "
                              f"{type(speed).__name__}")
@@ -101,22 +110,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
 
 
-# ---------------------------------------------------------------- torch.compile, once per pipeline
-def compiled(pipe):
-    """``pipe``'s transformer compiled with dynamic shapes: one build serves every image size and aspect."""
-    built = pipe.__dict__.get("_speed_compiled")
-    if built is None or built[0] is not pipe.transformer:
+# ---------------------------------------------------------------- torch.compile, once per transformer
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_body(transformer):
+    """`_body` for ``transformer`` compiled with dynamic shapes, built once per transformer and reused for every
+    image size, aspect ratio and prompt length (no rebuild per size)."""
+    fn = _COMPILED.get(transformer)
+    if fn is None:
         from torch.fx.experimental import _config as fx_config
 
-        opt = torch.compile(pipe.transformer, dynamic=True)
+        opt = torch.compile(functools.partial(_body, transformer), dynamic=True)
 
-        def fn(*args, **kwargs):
+        def fn(*args):
             # no duck sizing: after a square first image it would tie height to width and rebuild for each aspect
             with fx_config.patch(use_duck_shape=False):
-                return opt(*args, **kwargs)
+                return opt(*args)
 
-        built = pipe._speed_compiled = (pipe.transformer, fn)
-    return built[1]
+        _COMPILED[transformer] = fn
+    return fn
 
 
 # ---------------------------------------------------------------- padding fold + step cache
@@ -184,17 +197,38 @@ def fold_padding(context: torch.Tensor):
     return context[:, :first + 1], count
 
 
+def _body(tr, h, context, temb, bias):
+    """The transformer between its embedded input and its final norm: context embedding, register tokens and
+    every block, as in diffusers' ``AuraFlowTransformer2DModel.forward``. -> the final image hidden state.
+    bias: None, or (1, 1, 1, text + image) additive attention logits for the folded padding."""
+    ctx = tr.context_embedder(context)
+    reg = tr.register_tokens.to(device=ctx.device, dtype=ctx.dtype)
+    ctx = torch.cat([reg.repeat(ctx.size(0), 1, 1), ctx], dim=1)
+    kwargs = None if bias is None else {"attention_bias": bias}
+    for block in tr.joint_transformer_blocks:
+        ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb, attention_kwargs=kwargs)
+    if len(tr.single_transformer_blocks):
+        n = ctx.size(1)
+        hc = torch.cat([ctx, h], dim=1)
+        for block in tr.single_transformer_blocks:
+            hc = block(hidden_states=hc, temb=temb, attention_kwargs=kwargs)
+        h = hc[:, n:]
+    return h
+
+
 class FastTransformer:
-    """A stand-in for the transformer (same call) with the padding fold and/or the TeaCache-style step cache.
+    """A stand-in for the transformer (same call) with the padding fold, the TeaCache-style step cache and/or
+    torch.compile of its blocks.
 
     Mirrors diffusers' ``AuraFlowTransformer2DModel.forward`` (same modules, same order of operations), so with
-    both off it equals the plain forward. One instance per generation (it holds that run's cache).
+    all off it equals the plain forward. One instance per generation (it holds that run's cache).
     """
 
-    def __init__(self, transformer, *, fold: bool = False, cache_threshold: float = 0.0):
+    def __init__(self, transformer, *, fold: bool = False, cache_threshold: float = 0.0, compile: bool = False):
         self.tr = transformer
         self.fold = fold and _install_bias_processors(transformer)
         self.threshold = cache_threshold
+        self.body = compiled_body(transformer) if compile else functools.partial(_body, transformer)
         self.ref = None  # modulated input at the last full call
         self.residual = None  # final image hidden state minus embedded input, at the last full call
         self.skipped = 0
@@ -218,26 +252,15 @@ class FastTransformer:
                     self.skipped += 1
                     return (self._out(h + self.residual, temb, height, width),)
         context, count = fold_padding(encoder_hidden_states) if self.fold else (encoder_hidden_states, 1)
-        ctx = tr.context_embedder(context)
-        reg = tr.register_tokens.to(device=ctx.device, dtype=ctx.dtype)
-        ctx = torch.cat([reg.repeat(ctx.size(0), 1, 1), ctx], dim=1)
-        kwargs = None
-        if count > 1:  # the folded token is the last text position; keys run [text, image] in every block
-            bias = torch.zeros(1, 1, 1, ctx.size(1) + h.size(1), device=h.device, dtype=torch.float32)
-            bias[..., ctx.size(1) - 1] = math.log(count)
-            kwargs = {"attention_bias": bias}
-        h0 = h
-        for block in tr.joint_transformer_blocks:
-            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb, attention_kwargs=kwargs)
-        if len(tr.single_transformer_blocks):
-            n = ctx.size(1)
-            hc = torch.cat([ctx, h], dim=1)
-            for block in tr.single_transformer_blocks:
-                hc = block(hidden_states=hc, temb=temb, attention_kwargs=kwargs)
-            h = hc[:, n:]
+        bias = None
+        if count > 1:  # the folded token is the last text position; keys run [registers, text, image] everywhere
+            keys = tr.register_tokens.shape[1] + context.shape[1] + h.shape[1]
+            bias = torch.zeros(1, 1, 1, keys, device=h.device, dtype=torch.float32)
+            bias[..., keys - h.shape[1] - 1] = math.log(count)
+        out = self.body(h, context, temb, bias)
         if self.threshold > 0:
-            self.ref, self.residual = mod, h - h0
-        return (self._out(h, temb, height, width),)
+            self.ref, self.residual = mod, out - h
+        return (self._out(out, temb, height, width),)
 
     def _out(self, h, temb, height, width):
         tr = self.tr
@@ -254,11 +277,8 @@ def velocity_model(pipe, speed: SpeedOptions, *, batch: int, cfg: float, sigmas:
     batch: images per run (the CFG batch has 2*batch rows: cond then uncond, as `CFGDenoiser` builds it);
     sigmas: the run's schedule (the CFG cut-off is placed on it).
     """
-    transformer = pipe.transformer
-    if speed.fold_padding or speed.cache_threshold > 0:
-        transformer = FastTransformer(pipe.transformer, fold=speed.fold_padding, cache_threshold=speed.cache_threshold)
-    elif speed.compile:
-        transformer = compiled(pipe)
+    transformer = FastTransformer(pipe.transformer, fold=speed.fold_padding, cache_threshold=speed.cache_threshold,
+                                  compile=speed.compile)
 
     def model(x, sigma, context):
         return pipe.velocity(x, sigma, context, transformer=transformer)

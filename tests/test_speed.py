@@ -64,6 +64,17 @@ def test_auto_is_the_padding_fold_on_cpu_and_exact_elsewhere(tiny_pipe, exact):
     assert resolve("auto", "cuda") is None and resolve("auto", torch.device("cuda", 0)) is None
 
 
+@pytest.mark.parametrize("mode", ["compile", "cfg_cutoff", "step_cache", "fast"])
+def test_named_modes_build_on_the_default(mode):
+    from aura_flow.speed import resolve
+
+    on_cpu, on_cuda = resolve(mode, "cpu"), resolve(mode, "cuda")
+    assert on_cpu.fold_padding and on_cpu == SpeedOptions(**{**MODES[mode].__dict__, "fold_padding": True})
+    assert on_cuda == MODES[mode]
+    assert resolve(MODES[mode], "cpu") == MODES[mode]  # a SpeedOptions is taken as given
+    assert resolve("exact", "cpu") is None
+
+
 def _inputs(tr, pad=0):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
@@ -147,9 +158,18 @@ def test_unknown_mode_is_refused(tiny_pipe):
 
 
 @pytest.mark.heavy
-def test_compile_within_its_bound_and_across_sizes(tiny_pipe, exact):
-    fast = tiny_pipe.generate(speed="compile", **PARAMS).tensor
+def test_compile_within_its_bound_and_across_sizes_without_a_rebuild(tiny_pipe, exact):
+    from torch._dynamo.utils import counters
+
+    fast = tiny_pipe.generate(speed="compile", **PARAMS).tensor  # on the CPU: compiled blocks and the fold
+    assert (fast - tiny_pipe.generate(**PARAMS).tensor).abs().max() < 1e-3  # close to the eager fold
     assert psnr(fast, exact) >= PSNR_BOUNDS["compile"]
-    other = dict(PARAMS, width=96, height=64, steps=2)  # a second size reuses the same dynamic build
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    other = dict(PARAMS, width=96, height=64, steps=2, prompt="a much longer prompt about a dog on a rug")
     torch.testing.assert_close(tiny_pipe.generate(speed="compile", **other).tensor,
                                tiny_pipe.generate(speed=None, **other).tensor, rtol=0, atol=1e-3)
+    alone = tiny_pipe.generate(speed=SpeedOptions(compile=True), **other).tensor  # no fold: no bias argument
+    torch.testing.assert_close(alone, tiny_pipe.generate(speed=None, **other).tensor, rtol=0, atol=1e-3)
+    # another size, aspect and prompt length reused the build; only the call without a bias made a new graph
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
