@@ -38,6 +38,12 @@ def _pos_embed_forward(self, latent):
     return x + pe.to(x.dtype)
 
 
+def _conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """The VAE's input in channels-last on the CPU, where its convolutions then run about 1.3x faster (same
+    result up to float rounding, ~1e-5; the weights stay as they are). Other devices get it unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 @dataclass
 class GenerationResult:
     images: list  # PIL images
@@ -157,7 +163,7 @@ class AuraFlowPipeline:
         """Raw VAE-space latent (B,4,h,w) -> images (B,H,W,3) float32 in [0,1]. Always fp32 (fp16 overflows)."""
         if self.vae is None:
             raise RuntimeError("this pipeline was loaded without a VAE")
-        z = latent.to(self.part_device("vae"), torch.float32)
+        z = _conv_layout(latent.to(self.part_device("vae"), torch.float32))
         img = self.vae.decode(z, return_dict=False)[0]
         return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
@@ -168,7 +174,7 @@ class AuraFlowPipeline:
             raise RuntimeError("this pipeline was loaded without a VAE")
         h, w = images.shape[1] // 8 * 8, images.shape[2] // 8 * 8
         x = images[:, :h, :w, :3].to(self.part_device("vae"), torch.float32).permute(0, 3, 1, 2) * 2 - 1
-        return self.vae.encode(x).latent_dist.mean.float().cpu()
+        return self.vae.encode(_conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
 
     # -------------------------------------------------------------- the whole job
     def generate(self, *, callback: Callable | None = None, should_stop: Callable | None = None,

@@ -116,6 +116,28 @@ def test_generate_matches_diffusers_pipeline(tiny_models, tiny_pipe):
     assert ours.tensor.std() > 0.01  # a real image, not a constant
 
 
+def test_vae_runs_channels_last_on_the_cpu_with_the_same_result(tiny_pipe):
+    seen = []
+    hook = tiny_pipe.vae.decoder.conv_in.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    z = torch.randn(2, 4, 16, 24, generator=torch.manual_seed(5))
+    try:
+        ours = tiny_pipe.decode(z)
+    finally:
+        hook.remove()
+    assert seen == [True]  # the faster layout was used (the weights were not touched)
+    assert all(p.is_contiguous() for p in tiny_pipe.vae.parameters())
+    with torch.inference_mode():
+        plain = ((tiny_pipe.vae.decode(z).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    assert ours.shape == (2, 128, 192, 3) and ours.is_contiguous()
+    assert (ours - plain).abs().max() < 1e-4  # another kernel: rounding only
+    images = ours[:, :64, :64]
+    back = tiny_pipe.encode(images)
+    with torch.inference_mode():
+        ref = tiny_pipe.vae.encode(images.permute(0, 3, 1, 2).contiguous() * 2 - 1).latent_dist.mean
+    assert back.is_contiguous() and (back - ref).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("case_id", ["000-euler-normal", "044-euler-simple"])
 def test_sample_matches_comfyui_fixture(case_id):
     case = next(c for c in json.loads((DATA / "comfyui_sampler_parity.json").read_text())["cases"]
