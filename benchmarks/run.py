@@ -9,6 +9,8 @@ each contender in one process (same weights, prompt, start noise, euler/normal, 
 decoded images agree, and prints a table and a JSON object: seconds per image and per step, the ratio to
 diffusers, peak memory (RSS on CPU, allocated on GPU), load time and load peak against the weight bytes, the
 pack's import time, and for each opt-in speed mode (aura_flow.speed) its speed-up and PSNR against the exact image.
+Contenders: `pack` (generate's default speed, "auto"), `pack[exact]` (speed=None, the reference image),
+`diffusers`, `pack[MODE]` for each --modes entry, and `comfyui` with --comfyui.
 Each contender is warmed up first; then the runs alternate for --repeats rounds and the best and the median
 are reported (the ratio uses the best, the least disturbed by other work on the machine).
 """
@@ -52,6 +54,22 @@ def rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
+
+
+def library_bytes() -> int:
+    """Resident bytes of this process's shared-library mappings (code pages: they stay once used)."""
+    total, library = 0, False
+    try:
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                head = line.split()
+                if head and not head[0].endswith(":"):  # a mapping's header line: range perms offset dev inode path
+                    library = len(head) > 5 and (head[5].endswith(".so") or ".so." in head[5])
+                elif library and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except OSError:
+        pass
+    return total
 
 
 class Peak:
@@ -129,6 +147,7 @@ def probe(kind: str, arg: str, device: str = "cpu"):
     import aura_flow.loader
     import aura_flow.pipeline  # noqa: F401
 
+    code = library_bytes()
     with Peak(device) as peak:
         t0 = time.perf_counter()
         if kind == "load-pack":
@@ -136,8 +155,16 @@ def probe(kind: str, arg: str, device: str = "cpu"):
         else:
             model = AuraFlowPipeline.from_pretrained(arg, local_files_only=True).to(device)
         seconds = time.perf_counter() - t0
+        # read every weight once, so that weights still mapped from the file and not yet paged in count too
+        for part in ("transformer", "text_encoder", "vae"):
+            for t in getattr(model, part).state_dict().values():
+                t.float().sum() if t.dtype.itemsize < 2 else t.sum()
+    code = library_bytes() - code
     del model
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak.added}))
+    # the code pages of shared libraries first used while loading (libtorch, tokenizers: ~8 MiB, a third of the
+    # small presets' weights) are not model memory; they are reported apart and left out of the peak on the CPU
+    peak_bytes = peak.added if peak.cuda else max(0, peak.added - code)
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak_bytes, "library_code_bytes": code}))
 
 
 def _subprocess(kind: str, arg, device: str = "cpu") -> dict:
@@ -154,10 +181,9 @@ def _subprocess(kind: str, arg, device: str = "cpu") -> dict:
 class Contender:
     """One way of making the image; ``run()`` -> (image (H, W, 3) float32 in [0, 1], per-step timestamps)."""
 
-    def __init__(self, name: str, run, exact: bool = True):
+    def __init__(self, name: str, run):
         self.name = name
         self.run = run
-        self.exact = exact
         self.times: list[float] = []
         self.step_times: list[float] = []
         self.peaks: list[int] = []
@@ -186,7 +212,7 @@ class Contender:
                 "runs": len(self.times)}
 
 
-def pack_contender(pipe, args, noise, speed=None, name="pack"):
+def pack_contender(pipe, args, noise, speed="auto", name="pack"):
     def run():
         stamps = []
         r = pipe.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
@@ -195,7 +221,7 @@ def pack_contender(pipe, args, noise, speed=None, name="pack"):
                           callback=lambda i, n, x0: stamps.append(time.perf_counter()))
         return r.tensor[0], stamps
 
-    return Contender(name, run, exact=speed is None)
+    return Contender(name, run)
 
 
 def diffusers_contender(dpipe, args, noise):
@@ -230,15 +256,20 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed rounds after the warm-up")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--modes", default="fold_padding,cfg_cutoff,step_cache,fast",
-                    help="comma-separated aura_flow.speed modes to measure ('' for none); add compile to time "
-                         "torch.compile (its first build takes minutes on a CPU)")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated aura_flow.speed modes to measure ('' for none; default cfg_cutoff,"
+                         "step_cache,fast, and fold_padding where the default speed does not already fold); add "
+                         "compile to time torch.compile (its first build takes minutes on a CPU)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aura_flow_bench",
                     help="folder for the built models")
     ap.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time its native AuraFlow")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
     args.width = args.height = args.size
+    if args.modes is None:
+        from aura_flow.speed import resolve
+
+        args.modes = ("" if resolve("auto", args.device) else "fold_padding,") + "cfg_cutoff,step_cache,fast"
     args.modes = [m for m in args.modes.split(",") if m]
     return args
 
@@ -265,7 +296,7 @@ def run(args) -> dict:
     for name, kind in (("pack", "load-pack"), ("diffusers", "load-diffusers")):
         r = min((_subprocess(kind, root, args.device) for _ in range(2)), key=lambda d: d["seconds"])
         load[name] = {"seconds": r["seconds"], "peak_bytes": r["peak_bytes"],
-                      "peak_over_weights": r["peak_bytes"] / wbytes}
+                      "peak_over_weights": r["peak_bytes"] / wbytes, "library_code_bytes": r["library_code_bytes"]}
     result["load"] = load
     if (REPO / "__init__.py").exists():
         imports = [_subprocess("import", REPO) for _ in range(3)]
@@ -286,7 +317,9 @@ def run(args) -> dict:
     dpipe.set_progress_bar_config(disable=True)
     noise = prepare_noise((1, 4, args.height // 8, args.width // 8), args.seed)
 
-    contenders = [pack_contender(pipe, args, noise), diffusers_contender(dpipe, args, noise)]
+    # pack[exact] (speed=None) is the reference image for every diff and PSNR; pack is generate's default
+    contenders = [pack_contender(pipe, args, noise, speed=None, name="pack[exact]"),
+                  diffusers_contender(dpipe, args, noise), pack_contender(pipe, args, noise)]
     contenders += [pack_contender(pipe, args, noise, speed=m, name=f"pack[{m}]") for m in args.modes]
     if args.comfyui is not None:
         from benchmarks import comfy_native
@@ -294,7 +327,7 @@ def run(args) -> dict:
         comfy, note = comfy_native.contender(args, root, pipe, noise)
         notes.append(note if comfy is not None else f"ComfyUI not measured: {note}")
         if comfy is not None:
-            contenders.insert(2, comfy)
+            contenders.insert(3, comfy)
     for c in contenders:
         print(f"warm-up: {c.name}", flush=True)
         c.measure(args.device, warmup=True)
@@ -312,28 +345,32 @@ def run(args) -> dict:
         encodes.append(time.perf_counter() - t0)
     result["pack_prompt_encode_seconds"] = min(encodes)
 
-    pack, diff = contenders[0], contenders[1]
+    exact, diff, pack = contenders[0], contenders[1], contenders[2]
+    best = {c.name: c.summary()["seconds_per_image"] for c in contenders}
     runs = {}
     for c in contenders:
         s = c.summary()
-        s["speedup_vs_diffusers"] = diff.summary()["seconds_per_image"] / s["seconds_per_image"]
-        if c is not pack:
-            s["speedup_vs_pack"] = pack.summary()["seconds_per_image"] / s["seconds_per_image"]
-            s["max_abs_diff_vs_pack"] = (c.image - pack.image).abs().max().item()
-            s["max_abs_diff_vs_diffusers"] = (c.image - diff.image).abs().max().item()
-            s["psnr_vs_pack_db"] = min(psnr(c.image, pack.image), 999.0)  # JSON has no infinity
+        s["speedup_vs_diffusers"] = best["diffusers"] / s["seconds_per_image"]
+        s["speedup_vs_exact"] = best["pack[exact]"] / s["seconds_per_image"]
+        s["speedup_vs_default"] = best["pack"] / s["seconds_per_image"]
+        s["max_abs_diff_vs_diffusers"] = (c.image - diff.image).abs().max().item()
+        s["max_abs_diff_vs_exact"] = (c.image - exact.image).abs().max().item()
+        s["psnr_vs_exact_db"] = min(psnr(c.image, exact.image), 999.0)  # JSON has no infinity
         runs[c.name] = s
     result["runs"] = runs
-    diffmax = runs["diffusers"]["max_abs_diff_vs_pack"]
-    result["agreement"] = {"max_abs_diff": diffmax, "tolerance": TOLERANCE, "passed": diffmax <= TOLERANCE}
+    worst = max(runs[n]["max_abs_diff_vs_diffusers"] for n in ("pack", "pack[exact]"))
+    result["agreement"] = {"max_abs_diff": worst, "tolerance": TOLERANCE, "passed": worst <= TOLERANCE,
+                           "compared": "pack (default) and pack[exact] against diffusers"}
     result["ratio"] = runs["pack"]["speedup_vs_diffusers"]
     result["ratio_median"] = runs["diffusers"]["seconds_per_image_median"] / runs["pack"]["seconds_per_image_median"]
+    result["ratio_exact"] = runs["pack[exact]"]["speedup_vs_diffusers"]
     within = {n: r["speedup_vs_diffusers"] for n, r in runs.items()
-              if n != "diffusers" and r.get("max_abs_diff_vs_diffusers", diffmax) <= TOLERANCE}
+              if n.startswith("pack") and r["max_abs_diff_vs_diffusers"] <= TOLERANCE}
     result["targets"] = {  # the issue's targets; each is measured, none is assumed
         "pack_1.25x_vs_diffusers_within_1e-4": {n: v >= 1.25 for n, v in within.items()},
-        "modes_1.5x_at_30dB": {m: runs[f"pack[{m}]"]["speedup_vs_pack"] >= 1.5
-                               and runs[f"pack[{m}]"]["psnr_vs_pack_db"] >= 30 for m in args.modes
+        "modes_1.5x_at_30dB": {m: runs[f"pack[{m}]"]["speedup_vs_exact"] >= 1.5
+                               and runs[f"pack[{m}]"]["speedup_vs_diffusers"] >= 1.5
+                               and runs[f"pack[{m}]"]["psnr_vs_exact_db"] >= 30 for m in args.modes
                                if m != "fold_padding"},
         "load_peak_within_1.2x_weights": load["pack"]["peak_over_weights"] <= 1.2,
         "import_under_0.5s": result["import_seconds"] < 0.5 if "import_seconds" in result else None,
@@ -349,24 +386,28 @@ def table(result: dict) -> str:
              f"{result['torch']}), best of {result['repeats']} alternating runs",
              "",
              f"{'contender':<20} {'s/image':>8} {'median':>8} {'s/step':>8} {'peak MiB':>9} {'vs diffusers':>13} "
-             f"{'vs pack':>8} {'max|diff|':>10} {'PSNR dB':>8}  (diff and PSNR against the pack's exact image)"]
+             f"{'vs exact':>9} {'vs default':>11} {'max|diff|':>10} {'PSNR dB':>8}",
+             "(pack = generate's default speed, pack[exact] = speed=None, the reference of max|diff| and PSNR)"]
     for name, r in result["runs"].items():
-        vs = (f"{r['max_abs_diff_vs_pack']:10.2e} {r['psnr_vs_pack_db']:8.1f}" if "psnr_vs_pack_db" in r
+        vs = (f"{r['max_abs_diff_vs_exact']:10.2e} {r['psnr_vs_exact_db']:8.1f}" if name != "pack[exact]"
               else f"{'(reference)':>19}")
         lines.append(f"{name:<20} {r['seconds_per_image']:8.3f} {r['seconds_per_image_median']:8.3f} "
                      f"{r['seconds_per_step']:8.4f} {mib(r['peak_memory_bytes']):>9} "
-                     f"{r['speedup_vs_diffusers']:12.2f}x {r.get('speedup_vs_pack', 1.0):7.2f}x {vs}")
+                     f"{r['speedup_vs_diffusers']:12.2f}x {r['speedup_vs_exact']:8.2f}x "
+                     f"{r['speedup_vs_default']:10.2f}x {vs}")
         if r.get("warmup_seconds") and r["warmup_seconds"] > 3 * r["seconds_per_image"]:
             lines.append(f"{'':<20} (first call {r['warmup_seconds']:.1f}s: build and warm-up)")
     a = result["agreement"]
-    lines += ["", f"agreement pack vs diffusers: max abs diff {a['max_abs_diff']:.2e} "
+    lines += ["", f"agreement pack and pack[exact] vs diffusers: max abs diff {a['max_abs_diff']:.2e} "
                   f"({'within' if a['passed'] else 'OUTSIDE'} {a['tolerance']:g})",
               f"pack prompt encoding when not cached: {result['pack_prompt_encode_seconds']:.3f}s (both prompts; "
               f"diffusers encodes on every call, the pack caches repeated prompts)",
-              "", f"{'load':<20} {'seconds':>8} {'peak MiB':>9} {'peak/weights':>13}   "
-                  f"(weights {result['weight_bytes'] / MIB:.1f} MiB, fresh interpreter)"]
+              "", f"{'load':<20} {'seconds':>8} {'peak MiB':>9} {'peak/weights':>13} {'lib code MiB':>13}   "
+                  f"(weights {result['weight_bytes'] / MIB:.1f} MiB, fresh interpreter, every weight read once; "
+                  f"library code paged in is not counted in the peak)"]
     for name, r in result["load"].items():
-        lines.append(f"{name:<20} {r['seconds']:8.3f} {mib(r['peak_bytes']):>9} {r['peak_over_weights']:12.2f}x")
+        lines.append(f"{name:<20} {r['seconds']:8.3f} {mib(r['peak_bytes']):>9} {r['peak_over_weights']:12.2f}x "
+                     f"{mib(r['library_code_bytes']):>13}")
     if "import_seconds" in result:
         lines.append(f"\npack import (as ComfyUI imports the folder): {result['import_seconds']:.3f}s"
                      f"{' (loads torch)' if result['import_loads_torch'] else ''}")

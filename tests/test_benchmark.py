@@ -36,23 +36,30 @@ def test_benchmark_command_end_to_end(tmp_path):
     result = json.loads(out.read_text())
     assert result["agreement"]["passed"] is True
     assert result["agreement"]["max_abs_diff"] <= result["agreement"]["tolerance"] == 1e-4
-    assert set(result["runs"]) == {"pack", "diffusers", "pack[fold_padding]", "pack[cfg_cutoff]",
+    assert set(result["runs"]) == {"pack", "pack[exact]", "diffusers", "pack[fold_padding]", "pack[cfg_cutoff]",
                                    "pack[step_cache]"}
     fields = ("seconds_per_image", "seconds_per_image_median", "seconds_per_step", "peak_memory_bytes",
-              "speedup_vs_diffusers")
+              "speedup_vs_diffusers", "speedup_vs_exact", "speedup_vs_default")
     for name, run in result["runs"].items():
         for field in fields:
             assert isinstance(run[field], (int, float)) and not isinstance(run[field], bool), (name, field)
             assert math.isfinite(run[field]) and run[field] >= 0, (name, field, run[field])
-        if name != "pack":
-            assert 0 <= run["max_abs_diff_vs_pack"] <= 1 and run["psnr_vs_pack_db"] > 0
-    assert result["runs"]["pack[fold_padding]"]["max_abs_diff_vs_diffusers"] <= 1e-4
+        assert 0 <= run["max_abs_diff_vs_exact"] <= 1 and run["psnr_vs_exact_db"] > 0
+    runs = result["runs"]
+    assert runs["pack[exact]"]["max_abs_diff_vs_exact"] == 0 and runs["pack[exact]"]["speedup_vs_exact"] == 1
+    assert runs["pack"]["speedup_vs_default"] == 1
+    # the default on the CPU is the lossless fold: the same image as pack[fold_padding], within 1e-4 of diffusers
+    for name in ("pack", "pack[fold_padding]"):
+        assert runs[name]["max_abs_diff_vs_diffusers"] <= 1e-4
+    assert 0 < runs["pack"]["max_abs_diff_vs_exact"] < 1e-4
+    assert result["ratio"] == runs["pack"]["speedup_vs_diffusers"]
     for name in ("pack", "diffusers"):
         load = result["load"][name]
         assert load["seconds"] > 0 and load["peak_bytes"] >= 0 and load["peak_over_weights"] >= 0
+        assert load["library_code_bytes"] >= 0
     assert result["weight_bytes"] > 0 and result["steps"] == 2 and result["width"] == 64
     if (ROOT / "__init__.py").exists():
         assert 0 < result["import_seconds"] < 60
     numbers = list(_numbers(result))
     assert len(numbers) > 40 and all(math.isfinite(v) for _, v in numbers), numbers
-    assert "agreement pack vs diffusers" in proc.stdout  # the table is printed too
+    assert "agreement pack and pack[exact] vs diffusers" in proc.stdout  # the table is printed too
