@@ -32,6 +32,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 TOLERANCE = 1e-4  # max abs difference allowed between the pack's and diffusers' decoded images (0..1 range)
+# In half precision diffusers rounds the latent to bf16/fp16 after every step while the pack keeps it in fp32,
+# so single pixels drift apart; there the images must agree to this PSNR instead (another schedule, a missed
+# step or a wrong position grid all fall far below it).
+HALF_PSNR_DB = 40.0
 MIB = 2**20
 
 
@@ -120,12 +124,40 @@ def build_model(preset: str, cache: Path) -> Path:
     return root
 
 
-def weight_bytes(root: Path) -> int:
-    return sum(f.stat().st_size for part in ("transformer", "text_encoder", "vae")
-               for f in (root / part).glob("*.safetensors"))
+def weight_bytes(root: Path, itemsize: int = 4) -> int:
+    """Bytes of the weights once loaded: transformer and text encoder at ``itemsize`` bytes an element, the VAE
+    at 4 (both pipelines run it in fp32)."""
+    from safetensors import safe_open
+
+    total = 0
+    for part in ("transformer", "text_encoder", "vae"):
+        for f in (root / part).glob("*.safetensors"):
+            with safe_open(f, "pt") as fh:
+                n = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+            total += n * (4 if part == "vae" else itemsize)
+    return total
 
 
-def probe(kind: str, arg: str, device: str = "cpu"):
+def torch_dtype(name: str, device: str):
+    """The dtype the pack's loader picks for ``name`` (auto: fp32 on the CPU, bf16 or fp16 on CUDA)."""
+    import torch
+
+    from aura_flow.loader import resolve_dtypes
+
+    return resolve_dtypes(name, torch.device(device))[1]
+
+
+def load_diffusers(root, device: str, dtype: str):
+    """diffusers' AuraFlowPipeline in ``dtype``, its VAE in fp32 as the pack's (its decode casts the latents)."""
+    import torch
+    from diffusers import AuraFlowPipeline
+
+    dpipe = AuraFlowPipeline.from_pretrained(root, local_files_only=True, torch_dtype=torch_dtype(dtype, device))
+    dpipe.vae.to(torch.float32)
+    return dpipe.to(device)
+
+
+def probe(kind: str, arg: str, device: str = "cpu", dtype: str = "auto"):
     """Run in a fresh interpreter by `_subprocess`: prints one JSON line."""
     if kind == "import":  # exactly how ComfyUI imports a custom node folder (nodes.load_custom_node)
         import importlib.util
@@ -151,9 +183,9 @@ def probe(kind: str, arg: str, device: str = "cpu"):
     with Peak(device) as peak:
         t0 = time.perf_counter()
         if kind == "load-pack":
-            model = aura_flow.loader.load(arg, device=device)
+            model = aura_flow.loader.load(arg, device=device, dtype=dtype)
         else:
-            model = AuraFlowPipeline.from_pretrained(arg, local_files_only=True).to(device)
+            model = load_diffusers(arg, device, dtype)
         seconds = time.perf_counter() - t0
         # read every weight once, so that weights still mapped from the file and not yet paged in count too
         for part in ("transformer", "text_encoder", "vae"):
@@ -167,9 +199,9 @@ def probe(kind: str, arg: str, device: str = "cpu"):
     print(json.dumps({"seconds": seconds, "peak_bytes": peak_bytes, "library_code_bytes": code}))
 
 
-def _subprocess(kind: str, arg, device: str = "cpu") -> dict:
+def _subprocess(kind: str, arg, device: str = "cpu", dtype: str = "auto") -> dict:
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.run import probe; "
-            f"probe({kind!r}, {str(arg)!r}, {device!r})")
+            f"probe({kind!r}, {str(arg)!r}, {device!r}, {dtype!r})")
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0:
@@ -255,6 +287,9 @@ def parse_args(argv=None):
     ap.add_argument("--negative-prompt", default="blurry")
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed rounds after the warm-up")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                    help="the transformer's and text encoder's dtype in both pipelines (auto: fp32 on the CPU, bf16 "
+                         "on CUDA, as the pack's loader); the VAE runs in fp32 in both")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--modes", default=None,
                     help="comma-separated aura_flow.speed modes to measure ('' for none; default cfg_cutoff,"
@@ -286,15 +321,18 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     notes = []
     root = build_model(args.preset, args.cache)
-    wbytes = weight_bytes(root)
-    result = {"preset": args.preset, "device": args.device, "width": args.width, "height": args.height,
+    dtype = torch_dtype(args.dtype, args.device)
+    wbytes = weight_bytes(root, dtype.itemsize)
+    half = dtype != torch.float32
+    result = {"preset": args.preset, "device": args.device, "dtype": str(dtype).replace("torch.", ""),
+              "width": args.width, "height": args.height,
               "steps": args.steps, "cfg": args.cfg, "repeats": args.repeats, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "weight_bytes": wbytes, "model": str(root)}
 
     # loading and importing, each in a fresh interpreter
     load = {}
     for name, kind in (("pack", "load-pack"), ("diffusers", "load-diffusers")):
-        r = min((_subprocess(kind, root, args.device) for _ in range(2)), key=lambda d: d["seconds"])
+        r = min((_subprocess(kind, root, args.device, args.dtype) for _ in range(2)), key=lambda d: d["seconds"])
         load[name] = {"seconds": r["seconds"], "peak_bytes": r["peak_bytes"],
                       "peak_over_weights": r["peak_bytes"] / wbytes, "library_code_bytes": r["library_code_bytes"]}
     result["load"] = load
@@ -308,12 +346,11 @@ def run(args) -> dict:
     # generation, side by side in this process
     import aura_flow
     from aura_flow.sampling import prepare_noise
-    from diffusers import AuraFlowPipeline
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
-    pipe = aura_flow.load(root, device=args.device)
-    dpipe = AuraFlowPipeline.from_pretrained(root, local_files_only=True).to(args.device)
+    pipe = aura_flow.load(root, device=args.device, dtype=args.dtype)
+    dpipe = load_diffusers(root, args.device, args.dtype)
     dpipe.set_progress_bar_config(disable=True)
     noise = prepare_noise((1, 4, args.height // 8, args.width // 8), args.seed)
 
@@ -356,18 +393,26 @@ def run(args) -> dict:
         s["max_abs_diff_vs_diffusers"] = (c.image - diff.image).abs().max().item()
         s["max_abs_diff_vs_exact"] = (c.image - exact.image).abs().max().item()
         s["psnr_vs_exact_db"] = min(psnr(c.image, exact.image), 999.0)  # JSON has no infinity
+        s["psnr_vs_diffusers_db"] = min(psnr(c.image, diff.image), 999.0)
         runs[c.name] = s
     result["runs"] = runs
-    worst = max(runs[n]["max_abs_diff_vs_diffusers"] for n in ("pack", "pack[exact]"))
-    result["agreement"] = {"max_abs_diff": worst, "tolerance": TOLERANCE, "passed": worst <= TOLERANCE,
+
+    def agrees(r):
+        return r["psnr_vs_diffusers_db"] >= HALF_PSNR_DB if half else r["max_abs_diff_vs_diffusers"] <= TOLERANCE
+
+    both = ("pack", "pack[exact]")
+    result["agreement"] = {"max_abs_diff": max(runs[n]["max_abs_diff_vs_diffusers"] for n in both),
+                           "psnr_db": min(runs[n]["psnr_vs_diffusers_db"] for n in both),
+                           "criterion": f"PSNR >= {HALF_PSNR_DB:g} dB" if half else f"max abs diff <= {TOLERANCE:g}",
+                           "tolerance": None if half else TOLERANCE, "passed": all(agrees(runs[n]) for n in both),
                            "compared": "pack (default) and pack[exact] against diffusers"}
     result["ratio"] = runs["pack"]["speedup_vs_diffusers"]
     result["ratio_median"] = runs["diffusers"]["seconds_per_image_median"] / runs["pack"]["seconds_per_image_median"]
     result["ratio_exact"] = runs["pack[exact]"]["speedup_vs_diffusers"]
     within = {n: r["speedup_vs_diffusers"] for n, r in runs.items()
-              if n.startswith("pack") and r["max_abs_diff_vs_diffusers"] <= TOLERANCE}
+              if n.startswith("pack") and agrees(r)}
     result["targets"] = {  # the issue's targets; each is measured, none is assumed
-        "pack_1.25x_vs_diffusers_within_1e-4": {n: v >= 1.25 for n, v in within.items()},
+        f"pack_1.25x_vs_diffusers_{'at_40dB' if half else 'within_1e-4'}": {n: v >= 1.25 for n, v in within.items()},
         "modes_1.5x_at_30dB": {m: runs[f"pack[{m}]"]["speedup_vs_exact"] >= 1.5
                                and runs[f"pack[{m}]"]["speedup_vs_diffusers"] >= 1.5
                                and runs[f"pack[{m}]"]["psnr_vs_exact_db"] >= 30 for m in args.modes
@@ -382,7 +427,7 @@ def run(args) -> dict:
 def table(result: dict) -> str:
     mib = lambda b: f"{b / MIB:8.1f}"  # noqa: E731
     lines = [f"AuraFlow {result['preset']} preset, {result['width']}x{result['height']}, {result['steps']} steps, "
-             f"cfg {result['cfg']}, euler/normal, {result['device']} ({result['threads']} threads, torch "
+             f"cfg {result['cfg']}, euler/normal, {result['dtype']}, {result['device']} ({result['threads']} threads, torch "
              f"{result['torch']}), best of {result['repeats']} alternating runs",
              "",
              f"{'contender':<20} {'s/image':>8} {'median':>8} {'s/step':>8} {'peak MiB':>9} {'vs diffusers':>13} "
@@ -398,8 +443,8 @@ def table(result: dict) -> str:
         if r.get("warmup_seconds") and r["warmup_seconds"] > 3 * r["seconds_per_image"]:
             lines.append(f"{'':<20} (first call {r['warmup_seconds']:.1f}s: build and warm-up)")
     a = result["agreement"]
-    lines += ["", f"agreement pack and pack[exact] vs diffusers: max abs diff {a['max_abs_diff']:.2e} "
-                  f"({'within' if a['passed'] else 'OUTSIDE'} {a['tolerance']:g})",
+    lines += ["", f"agreement pack and pack[exact] vs diffusers: max abs diff {a['max_abs_diff']:.2e}, PSNR "
+                  f"{a['psnr_db']:.1f} dB ({'passed' if a['passed'] else 'FAILED'}: {a['criterion']})",
               f"pack prompt encoding when not cached: {result['pack_prompt_encode_seconds']:.3f}s (both prompts; "
               f"diffusers encodes on every call, the pack caches repeated prompts)",
               "", f"{'load':<20} {'seconds':>8} {'peak MiB':>9} {'peak/weights':>13} {'lib code MiB':>13}   "

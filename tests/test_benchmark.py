@@ -63,3 +63,26 @@ def test_benchmark_command_end_to_end(tmp_path):
     numbers = list(_numbers(result))
     assert len(numbers) > 40 and all(math.isfinite(v) for _, v in numbers), numbers
     assert "agreement pack and pack[exact] vs diffusers" in proc.stdout  # the table is printed too
+
+
+@pytest.mark.heavy
+def test_benchmark_in_half_precision_compares_like_with_like(tmp_path):
+    """--dtype bf16 loads both pipelines in bf16 (VAE in fp32): diffusers rounds its latent to bf16 every step and
+    the pack does not, so the images are held to a PSNR rather than to 1e-4."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--size", "64", "--steps", "2",
+                           "--repeats", "1", "--modes", "", "--dtype", "bf16", "--cache", str(tmp_path / "models"),
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and set(result["runs"]) == {"pack", "pack[exact]", "diffusers"}
+    agreement = result["agreement"]
+    assert agreement["passed"] is True and agreement["criterion"] == "PSNR >= 40 dB"
+    assert 40 <= agreement["psnr_db"] < 999 and agreement["max_abs_diff"] > 0  # bf16 rounding, not a copy
+    from safetensors.torch import load_file
+
+    numel = {part: sum(t.numel() for f in (tmp_path / "models").rglob(f"{part}/*.safetensors")
+                       for t in load_file(f).values()) for part in ("transformer", "text_encoder", "vae")}
+    # transformer and text encoder at 2 bytes an element, the VAE (fp32 in both pipelines) at 4
+    assert result["weight_bytes"] == 2 * (numel["transformer"] + numel["text_encoder"]) + 4 * numel["vae"]
+    assert "pack_1.25x_vs_diffusers_at_40dB" in result["targets"]
