@@ -154,9 +154,21 @@ class AuraFlowPipeline:
                                timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
         return out[..., :h, :w].to(x.dtype)
 
-    def sample(self, positive, negative, latent, **kwargs):
-        """`aura_flow.sample` with this pipeline's transformer as the model."""
-        return _sample(self.velocity, positive, negative, latent, **kwargs)
+    def sample(self, positive, negative, latent, *, speed=None, **kwargs):
+        """`aura_flow.sample` with this pipeline's transformer as the model.
+
+        speed: as `generate`'s, but None (the exact path) by default; the modes see the run's own schedule (the
+        ``sigmas`` given, else the one the settings make)."""
+        options = resolve_speed(speed, self.device)
+        model = self.velocity
+        if options is not None:
+            sigmas = kwargs.get("sigmas")
+            if sigmas is None:  # scheduler, steps, shift, sampler and cfg are required arguments of aura_flow.sample
+                sigmas = make_sigmas(kwargs["scheduler"], kwargs["steps"], shift=kwargs["shift"],
+                                     denoise=kwargs.get("denoise", 1.0), sampler=kwargs["sampler"])
+            samples = latent["samples"] if isinstance(latent, dict) else latent
+            model = velocity_model(self, options, batch=samples.shape[0], cfg=kwargs["cfg"], sigmas=sigmas)
+        return _sample(model, positive, negative, latent, **kwargs)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

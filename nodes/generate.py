@@ -9,7 +9,7 @@ import io
 import logging
 
 from . import comfy_compat as compat
-from .widgets import generation_inputs
+from .widgets import generation_inputs, speed_input
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class AuraFlowGenerate:
         return {**inputs, "required": {
             "model": ("AURAFLOW_MODEL", {"tooltip": "The model from AuraFlow Loader (with its text encoder and VAE)."}),
             **inputs["required"],
-        }}
+        }, "optional": {"speed": speed_input()}}
 
     RETURN_TYPES = ("IMAGE", "INT")
     RETURN_NAMES = ("images", "seed")
@@ -32,16 +32,17 @@ class AuraFlowGenerate:
     CATEGORY = "AuraFlow/generate"
     DESCRIPTION = "Generates images from a prompt with the local AuraFlow model and the hosted API's parameters."
 
-    def generate(self, model, **params):
+    def generate(self, model, speed="auto", **params):
         import numpy as np
         import torch
         from PIL import Image
 
         imageio = compat.engine_module("imageio")
         checked = compat.engine.validate_generation(params)  # before the model moves to the GPU
+        compat.engine_module("speed").resolve(speed)
         progress = compat.Progress(checked["steps"])
         with compat.interruptible():  # each stage brings only its part to the GPU
-            result = model.generate(callback=progress, should_stop=compat.should_stop(),
+            result = model.generate(callback=progress, should_stop=compat.should_stop(), speed=speed,
                                     stage=lambda parts: compat.on_device(model, parts), **params)
         p = result.params
         if p["output_format"] == "png":

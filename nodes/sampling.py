@@ -5,7 +5,7 @@ import logging
 
 from . import comfy_compat as compat
 from .conditioning import context_from_conditioning
-from .widgets import generation_inputs
+from .widgets import generation_inputs, speed_input
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class AuraFlowSampler:
                 "latent_image": ("LATENT", {"tooltip": "Start latent (VAE Encode of an image for image-to-image). "
                                                        "Not connected: an empty latent of width x height x "
                                                        "batch_size."}),
+                "speed": speed_input(),
             },
         }
 
@@ -56,7 +57,7 @@ class AuraFlowSampler:
     DESCRIPTION = "Samples an AuraFlow latent from a prompt with ComfyUI's samplers and schedulers."
 
     def sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
-               width=1024, height=1024, batch_size=1, latent_image=None):
+               width=1024, height=1024, batch_size=1, latent_image=None, speed="auto"):
         import torch
 
         width_ctx = getattr(model, "context_dim", None)
@@ -74,12 +75,13 @@ class AuraFlowSampler:
         sigmas = compat.engine.sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler_name)
         compat.engine.params.check_seed(seed)
         compat.engine.params.check_range("cfg", cfg)
+        compat.engine_module("speed").resolve(speed)  # an unknown mode fails before the model moves
         progress = compat.Progress(max(len(sigmas) - 1, 0))
         with compat.on_device(model, parts=("transformer",)), compat.interruptible():
             start = dict(latent_image)
             start["samples"] = latent_image["samples"].to(model.device)
             out = model.sample(pos, neg, start, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
-                               scheduler=scheduler, shift=shift, denoise=denoise, sigmas=sigmas,
+                               scheduler=scheduler, shift=shift, denoise=denoise, sigmas=sigmas, speed=speed,
                                callback=progress, should_stop=compat.should_stop())
         out["samples"] = out["samples"].to(compat.intermediate_device())
         return (out,)

@@ -69,3 +69,13 @@ def generation_inputs(remote: bool) -> dict:
             "output_quality": _range("output_quality", "INT", 1),
         }
     }
+
+
+def speed_input() -> tuple:
+    """The optional ``speed`` widget of the local sampler and generator: aura_flow.speed's modes, "auto" first.
+    Optional, so prompts and workflows saved before it existed still run (as "auto")."""
+    names = ["auto", *engine_module("speed").MODES]  # imports torch: INPUT_TYPES runs after ComfyUI has it
+    return _choice(names, "auto", "auto: exact on a GPU, the lossless padding fold on the CPU. exact: the reference "
+                                  "path. fold_padding: lossless. compile: torch.compile, the first run builds it "
+                                  "(about a minute), then every size reuses it. cfg_cutoff, step_cache, fast: "
+                                  "faster, with a small measured change to the image (see the README).")

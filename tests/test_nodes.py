@@ -93,11 +93,12 @@ def test_hosted_api_defaults_and_ranges():
         assert inputs["width"][1]["step"] == 8
         assert inputs[sampler_key][1]["default"] == "uni_pc" and inputs["scheduler"][1]["default"] == "normal"
     assert list(generate)[1:] == ["prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height",
-                                  "sampler", "scheduler", "number_of_images", "output_format", "output_quality"]
+                                  "sampler", "scheduler", "number_of_images", "output_format", "output_quality",
+                                  "speed"]
     save = inputs_of(N["AuraFlowSaveImage"])
     assert save["format"][1]["default"] == "webp" and save["quality"][1]["default"] == 80
     remote = inputs_of(N["AuraFlowRemoteGenerate"])
-    assert list(remote) == list(generate)[1:]  # the two one-node generators can swap
+    assert list(remote) == list(generate)[1:-1]  # the two one-node generators can swap (speed is local only)
 
 
 def test_pack_imports_fast_without_torch_like_comfyui_does(tmp_path):
@@ -159,7 +160,7 @@ def sampler_args(model, **over):
 
 def test_sampler_equals_engine_sample(loaded):
     model = loaded[0]
-    args = sampler_args(model)
+    args = sampler_args(model, speed="exact")
     (out,) = run("AuraFlowSampler", **args)
     assert set(out) == {"samples"} and out["samples"].shape == (2, 4, SIZE // 8, SIZE // 8)
     ref = engine.sample(model.velocity, args["positive"][0][0], args["negative"][0][0],
@@ -167,6 +168,33 @@ def test_sampler_equals_engine_sample(loaded):
                         scheduler="normal", shift=1.73)
     assert torch.allclose(out["samples"], ref, atol=1e-6)
     assert out["samples"].abs().sum() > 0
+    (auto,) = run("AuraFlowSampler", **{**args, "speed": "auto"})  # the default: the lossless fold on the CPU
+    assert (auto["samples"] - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("node", ["AuraFlowSampler", "AuraFlowGenerate"])
+def test_speed_widget_runs_the_engine_modes(loaded, node):
+    from aura_flow.speed import MODES
+
+    model = loaded[0]
+    kind, opts = (N[node].INPUT_TYPES()["optional"]["speed"])
+    assert kind == ["auto", *MODES] and opts["default"] == "auto"
+    args = sampler_args(model) if node == "AuraFlowSampler" else generate_args(model, output_format="png")
+    rows = []
+    hook = model.transformer.joint_transformer_blocks[-1].register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        exact = run(node, **args, speed="exact")[0]
+        exact_rows, rows[:] = sum(rows), []
+        fast = run(node, **args, speed="fast")[0]
+    finally:
+        hook.remove()
+    if node == "AuraFlowSampler":
+        exact, fast = exact["samples"], fast["samples"]
+    assert sum(rows) < exact_rows  # the uncond pass and cached steps were skipped
+    assert 0 < (fast - exact).abs().max() < 0.1 * exact.abs().max()
+    with pytest.raises(ValueError, match="speed='turbo' is not known"):
+        run(node, **args, speed="turbo")
 
 
 def test_sampler_img2img_does_not_touch_its_inputs(loaded):

@@ -173,3 +173,17 @@ def test_compile_within_its_bound_and_across_sizes_without_a_rebuild(tiny_pipe, 
     torch.testing.assert_close(alone, tiny_pipe.generate(speed=None, **other).tensor, rtol=0, atol=1e-3)
     # another size, aspect and prompt length reused the build; only the call without a bias made a new graph
     assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+def test_pipeline_sample_takes_a_speed_and_defaults_to_exact(tiny_pipe):
+    from aura_flow.sampling import sample
+
+    pos, neg = tiny_pipe.encode_prompt(PARAMS["prompt"]), tiny_pipe.encode_prompt(PARAMS["negative_prompt"])
+    kw = {k: PARAMS[k] for k in ("seed", "steps", "cfg", "sampler", "scheduler", "shift")}
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    plain = sample(tiny_pipe.velocity, pos, neg, latent, **kw)["samples"]
+    assert torch.equal(tiny_pipe.sample(pos, neg, latent, **kw)["samples"], plain)
+    cut = tiny_pipe.sample(pos, neg, latent, speed="cfg_cutoff", **kw)["samples"]  # its schedule from the settings
+    assert 0 < (cut - plain).abs().max() < 0.05 * plain.abs().max()
+    with pytest.raises(ParameterError, match="speed='turbo'"):
+        tiny_pipe.sample(pos, neg, latent, speed="turbo", **kw)

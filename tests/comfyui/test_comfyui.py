@@ -130,6 +130,23 @@ def test_bundled_api_workflow_runs_to_images(comfy_server, path, tmp_path):
             assert img.getextrema() != ((0, 0),) * len(img.getbands()), f"{image_path} is all black"
 
 
+@pytest.mark.parametrize("speed", [None, "fast"], ids=["saved-before-speed", "fast"])
+def test_speed_input_is_optional_and_runs_a_mode(comfy_server, speed, tmp_path):
+    for path in workflow_files("api"):
+        prompt = small(headless.load_workflow(path))
+        nodes = [n for n in prompt.values() if n["class_type"] in ("AuraFlowSampler", "AuraFlowGenerate")]
+        if not nodes:
+            continue
+        for node in nodes:
+            assert node["inputs"]["speed"] == "auto"  # what the bundled workflows carry
+            if speed is None:
+                del node["inputs"]["speed"]  # a prompt written before the input existed
+            else:
+                node["inputs"]["speed"] = speed
+        paths = headless.run_workflow(prompt, comfy_server.url, out_dir=tmp_path / path.stem, timeout=600, poll=0.2)
+        assert paths, f"{path.name} with speed={speed} finished without images"
+
+
 def test_queue_command_against_real_comfyui(comfy_server, tmp_path):
     api = [p for p in workflow_files("api")
            if any(n["class_type"] == "AuraFlowSampler" for n in json.loads(p.read_text()).values())]
