@@ -294,7 +294,7 @@ def parse_args(argv=None):
     ap.add_argument("--modes", default=None,
                     help="comma-separated aura_flow.speed modes to measure ('' for none; default cfg_cutoff,"
                          "step_cache,fast, and fold_padding where the default speed does not already fold); add "
-                         "compile to time torch.compile (its first build takes minutes on a CPU)")
+                         "compile to time torch.compile (its first build takes about a minute on a CPU)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aura_flow_bench",
                     help="folder for the built models")
     ap.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time its native AuraFlow")
@@ -427,8 +427,8 @@ def run(args) -> dict:
 def table(result: dict) -> str:
     mib = lambda b: f"{b / MIB:8.1f}"  # noqa: E731
     lines = [f"AuraFlow {result['preset']} preset, {result['width']}x{result['height']}, {result['steps']} steps, "
-             f"cfg {result['cfg']}, euler/normal, {result['dtype']}, {result['device']} ({result['threads']} threads, torch "
-             f"{result['torch']}), best of {result['repeats']} alternating runs",
+             f"cfg {result['cfg']}, euler/normal, {result['dtype']}, {result['device']} ({result['threads']} threads, "
+             f"torch {result['torch']}), best of {result['repeats']} alternating runs",
              "",
              f"{'contender':<20} {'s/image':>8} {'median':>8} {'s/step':>8} {'peak MiB':>9} {'vs diffusers':>13} "
              f"{'vs exact':>9} {'vs default':>11} {'max|diff|':>10} {'PSNR dB':>8}",
