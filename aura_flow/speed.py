@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import logging
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -111,13 +110,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
 
 
 # ---------------------------------------------------------------- torch.compile, once per transformer
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def compiled_body(transformer):
     """`_body` for ``transformer`` compiled with dynamic shapes, built once per transformer and reused for every
-    image size, aspect ratio and prompt length (no rebuild per size)."""
-    fn = _COMPILED.get(transformer)
+    image size, aspect ratio and prompt length (no rebuild per size). Kept on the transformer itself, so it goes
+    when the model goes (a module-level cache would keep every model ever compiled alive)."""
+    fn = transformer.__dict__.get("_aura_flow_compiled")
     if fn is None:
         from torch.fx.experimental import _config as fx_config
 
@@ -128,7 +125,7 @@ def compiled_body(transformer):
             with fx_config.patch(use_duck_shape=False):
                 return opt(*args)
 
-        _COMPILED[transformer] = fn
+        transformer.__dict__["_aura_flow_compiled"] = fn
     return fn
 
 

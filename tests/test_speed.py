@@ -187,3 +187,21 @@ def test_pipeline_sample_takes_a_speed_and_defaults_to_exact(tiny_pipe):
     assert 0 < (cut - plain).abs().max() < 0.05 * plain.abs().max()
     with pytest.raises(ParameterError, match="speed='turbo'"):
         tiny_pipe.sample(pos, neg, latent, speed="turbo", **kw)
+
+
+@pytest.mark.heavy
+def test_a_compiled_model_is_freed_with_its_pipeline(tiny_models):
+    """The compiled blocks live on the transformer, so a model loaded in place of another (as in a long ComfyUI
+    session) does not keep the old one in memory."""
+    import gc
+    import weakref
+
+    import aura_flow
+
+    pipe = aura_flow.load(**tiny_models["diffusers"], device="cpu")
+    pipe.generate(speed="compile", **dict(PARAMS, steps=2))
+    assert "_aura_flow_compiled" in pipe.transformer.__dict__
+    ref = weakref.ref(pipe.transformer)
+    del pipe
+    gc.collect()
+    assert ref() is None
