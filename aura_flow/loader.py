@@ -488,23 +488,58 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
     return c, dev, storage, compute
 
 
-def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto"):
+# what sampling and a fp32 VAE decode of a 1024x1024 image need besides the weights (the decode dominates)
+WORKING_MEMORY = 4 * 2**30
+
+
+def text_encoder_should_wait(free_bytes: int, part_bytes: dict) -> bool:
+    """Whether the text encoder should wait on the CPU between prompts: when the device's free memory cannot hold
+    every part (``part_bytes``: name -> bytes) plus `WORKING_MEMORY`. The text encoder is only needed to encode a
+    prompt (cached afterwards), so it is the part to release before sampling."""
+    if not part_bytes.get("text_encoder"):
+        return False
+    return sum(part_bytes.values()) + WORKING_MEMORY > free_bytes
+
+
+def _parameter_bytes(module) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto",
+         offload_text_encoder="auto"):
     """Load AuraFlow from ``checkpoint`` and return an `AuraFlowPipeline`.
 
     checkpoint: a diffusers folder, an all-in-one .safetensors, or a transformer-only .safetensors (original or
     diffusers key names). tokenizer / text_encoder / vae: separate files or folders, overriding what the
     checkpoint carries. dtype: auto, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2 (fp8 is storage only; compute
     runs in bf16/fp16); the VAE always runs in fp32. device: auto, cpu, cuda, cuda:N, mps.
+    offload_text_encoder: True keeps the text encoder on the CPU between prompts (it visits the device only to
+    encode one); "auto" does so on a CUDA device whose free memory is short (`text_encoder_should_wait`).
     """
     import time
 
+    import torch
+
     from .pipeline import AuraFlowPipeline
 
+    if offload_text_encoder not in ("auto", True, False):
+        raise ParameterError(f"offload_text_encoder={offload_text_encoder!r}: give True, False or 'auto'")
     t0 = time.perf_counter()
     c, dev, storage, compute = load_components(checkpoint, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                                dtype=dtype, device=device)
+    if offload_text_encoder == "auto":
+        offload_text_encoder = False
+        if dev.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(dev)
+            parts = {name: _parameter_bytes(getattr(c, name)) for name in ("transformer", "text_encoder", "vae")}
+            offload_text_encoder = text_encoder_should_wait(free, parts)
+            if offload_text_encoder:
+                log.info("%.1f GiB free on %s for %.1f GiB of weights: the text encoder waits on the CPU between "
+                         "prompts", free / 2**30, dev, sum(parts.values()) / 2**30)
     pipe = AuraFlowPipeline(c.transformer, c.text_encoder, c.tokenizer, c.vae, device=dev, compute_dtype=compute,
-                            sources=c.sources)
+                            sources=c.sources, offload_text_encoder=offload_text_encoder)
     cfg = c.transformer.config
     log.info("AuraFlow loaded from %s: %d+%d blocks, width %d, %s on %s in %.1fs", checkpoint, cfg.num_mmdit_layers,
              cfg.num_single_dit_layers, cfg.num_attention_heads * cfg.attention_head_dim, dtype, dev,

@@ -398,3 +398,21 @@ def test_saved_images_are_readable_by_others(tmp_path):
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert Image.open(path).getpixel((3, 3)) == (200, 10, 10)
+
+
+def test_text_encoder_waits_on_the_cpu_only_when_memory_is_short(tiny_models):
+    from aura_flow.loader import WORKING_MEMORY, text_encoder_should_wait
+
+    gib = 2**30
+    real_bf16 = {"transformer": int(13.6 * gib), "text_encoder": int(2.4 * gib), "vae": int(0.33 * gib)}
+    assert not text_encoder_should_wait(40 * gib, real_bf16)  # an A100/H100: everything stays on the GPU
+    assert text_encoder_should_wait(16 * gib, real_bf16)  # a 16 GB card: the text encoder waits on the CPU
+    edge = sum(real_bf16.values()) + WORKING_MEMORY
+    assert not text_encoder_should_wait(edge, real_bf16) and text_encoder_should_wait(edge - 1, real_bf16)
+    assert not text_encoder_should_wait(1 * gib, {**real_bf16, "text_encoder": 0})  # none loaded: nothing to move
+    # on the CPU there is nothing to release; asking for it is allowed, a wrong value is named before any reading
+    assert aura_flow.load(**tiny_models["diffusers"], device="cpu").offload_text_encoder is False
+    pipe = aura_flow.load(**tiny_models["diffusers"], device="cpu", offload_text_encoder=True)
+    assert pipe.offload_text_encoder is True and pipe.encode_prompt("a cat").shape[1] >= 256
+    with pytest.raises(ParameterError, match="offload_text_encoder='yes'"):
+        aura_flow.load(**tiny_models["diffusers"], device="cpu", offload_text_encoder="yes")
