@@ -501,8 +501,9 @@ def text_encoder_should_wait(free_bytes: int, part_bytes: dict) -> bool:
     return sum(part_bytes.values()) + WORKING_MEMORY > free_bytes
 
 
-def _parameter_bytes(module) -> int:
-    if module is None:
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers (0 for None or anything that is not a module)."""
+    if module is None or not hasattr(module, "parameters"):
         return 0
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
@@ -533,7 +534,7 @@ def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto
         offload_text_encoder = False
         if dev.type == "cuda":
             free, _total = torch.cuda.mem_get_info(dev)
-            parts = {name: _parameter_bytes(getattr(c, name)) for name in ("transformer", "text_encoder", "vae")}
+            parts = {name: module_bytes(getattr(c, name)) for name in ("transformer", "text_encoder", "vae")}
             offload_text_encoder = text_encoder_should_wait(free, parts)
             if offload_text_encoder:
                 log.info("%.1f GiB free on %s for %.1f GiB of weights: the text encoder waits on the CPU between "

@@ -210,15 +210,10 @@ class AuraFlowPipeline:
         with stage(("text_encoder",)):
             positive = self.encode_prompt(p["prompt"])
             negative = self.encode_prompt(p["negative_prompt"]) if p["cfg"] != 1.0 else positive
-        with stage(("transformer",)):
-            options = resolve_speed(speed, self.device)  # where the transformer is now
-            model = self.velocity
-            if options is not None:  # see aura_flow.speed
-                model = velocity_model(self, options, batch=b, cfg=p["cfg"], sigmas=make_sigmas(
-                    p["scheduler"], p["steps"], shift=p["shift"], sampler=p["sampler"]))
-            out = _sample(model, positive, negative, torch.zeros(b, 4, h, w), seed=p["seed"], steps=p["steps"],
-                          cfg=p["cfg"], sampler=p["sampler"], scheduler=p["scheduler"], shift=p["shift"],
-                          callback=callback, should_stop=should_stop, noise=noise)
+        with stage(("transformer",)):  # the speed is resolved in sample(), where the transformer is now
+            out = self.sample(positive, negative, torch.zeros(b, 4, h, w), speed=speed, seed=p["seed"],
+                              steps=p["steps"], cfg=p["cfg"], sampler=p["sampler"], scheduler=p["scheduler"],
+                              shift=p["shift"], callback=callback, should_stop=should_stop, noise=noise)
         with stage(("vae",)):
             # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
             images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])

@@ -208,12 +208,6 @@ def intermediate_device():
     return torch.device("cpu")
 
 
-def _module_bytes(module) -> int:
-    if module is None or not hasattr(module, "parameters"):
-        return 0
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
 def load_placement() -> tuple[str, str]:
     """(device, dtype) to load with: ComfyUI's offload device and the dtype it would pick for a model on its GPU;
     ("auto", "auto") outside ComfyUI."""
@@ -248,7 +242,7 @@ def on_device(pipeline, parts=None):
     device = mm.get_torch_device()
     moving = [p for p in parts if getattr(pipeline, p, None) is not None and pipeline.part_device(p) != device]
     if moving:
-        need = sum(_module_bytes(getattr(pipeline, p)) for p in moving)
+        need = sum(engine_module("loader").module_bytes(getattr(pipeline, p)) for p in moving)
         mm.free_memory(int(need * 1.1) + 2 * 1024**3, device)  # weights + working room
         pipeline.to(device, parts=moving)
     try:

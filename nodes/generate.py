@@ -38,8 +38,7 @@ class AuraFlowGenerate:
         from PIL import Image
 
         imageio = compat.engine_module("imageio")
-        checked = compat.engine.validate_generation(params)  # before the model moves to the GPU
-        compat.engine_module("speed").resolve(speed)
+        checked = compat.engine.validate_generation(params)  # generate() checks speed too, before any stage
         progress = compat.Progress(checked["steps"])
         with compat.interruptible():  # each stage brings only its part to the GPU
             result = model.generate(callback=progress, should_stop=compat.should_stop(), speed=speed,

@@ -56,8 +56,7 @@ class AuraFlowVAE:
         return torch.float32
 
     def model_size(self) -> int:
-        vae = self.pipeline.vae
-        return sum(p.numel() * p.element_size() for p in vae.parameters()) if vae is not None else 0
+        return compat.engine_module("loader").module_bytes(self.pipeline.vae)
 
     def get_sd(self):
         return self.pipeline.vae.state_dict()

@@ -24,6 +24,16 @@ const PARAMS = [
 const COLORS = { background: "#16181d", grid: "#2c313a", axis: "#596273", line: "#4fc3f7", dot: "#ffd166",
                  text: "#c8ccd4", error: "#ff6b6b" };
 
+// obj[name] runs as before (if there was one), then after.apply(this, args); the original's result is returned
+function chainAfter(obj, name, after) {
+  const original = obj[name];
+  obj[name] = function (...args) {
+    const result = original?.apply(this, args);
+    after.apply(this, args);
+    return result;
+  };
+}
+
 function wantsPlot(nodeData) {
   const inputs = { ...(nodeData?.input?.required ?? {}), ...(nodeData?.input?.optional ?? {}) };
   return nodeData?.name?.startsWith("AuraFlow") && "scheduler" in inputs && "steps" in inputs;
@@ -190,35 +200,19 @@ function addSigmaPlot(node) {
 
   for (const [widgetName] of PARAMS) {
     const w = node.widgets?.find((x) => x.name === widgetName);
-    if (!w) continue;
-    const callback = w.callback;
-    w.callback = function (...args) {
-      const result = callback?.apply(this, args);
-      schedule();
-      return result;
-    };
+    if (w) chainAfter(w, "callback", schedule);
   }
 
   // values can also change without a widget callback (workflow load, undo, links): check on every draw
-  const onDrawForeground = node.onDrawForeground;
-  node.onDrawForeground = function (...args) {
-    const result = onDrawForeground?.apply(this, args);
+  chainAfter(node, "onDrawForeground", function () {
     if (queryFor(this) !== state.query) schedule();
-    return result;
-  };
-  const onConfigure = node.onConfigure;
-  node.onConfigure = function (...args) {
-    const result = onConfigure?.apply(this, args);
-    schedule();
-    return result;
-  };
-  const onRemoved = node.onRemoved;
-  node.onRemoved = function (...args) {
+  });
+  chainAfter(node, "onConfigure", schedule);
+  chainAfter(node, "onRemoved", () => {
     clearTimeout(state.timer);
     state.seq++;
     resizeObserver?.disconnect();
-    return onRemoved?.apply(this, args);
-  };
+  });
 
   const resizeObserver = typeof ResizeObserver === "function" ? new ResizeObserver(redraw) : null;
   resizeObserver?.observe(canvas);
@@ -231,13 +225,10 @@ app.registerExtension({
   name: "AuraFlow.SigmaPlot",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!wantsPlot(nodeData)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function (...args) {
-      const result = onNodeCreated?.apply(this, args);
+    chainAfter(nodeType.prototype, "onNodeCreated", function () {
       addSigmaPlot(this);
       const size = this.computeSize?.();
       if (size) this.setSize?.([Math.max(this.size[0], size[0]), Math.max(this.size[1], size[1])]);
-      return result;
-    };
+    });
   },
 });
