@@ -20,17 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .params import ParameterError
+from .errors import LoadError, ParameterError
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 TOKENIZER_HINT = ("pass tokenizer=PATH: a Pile-T5 sentencepiece 'tokenizer.model' (ComfyUI ships one as "
                   "comfy/text_encoders/t5_pile_tokenizer/tokenizer.model) or a diffusers 'tokenizer' folder")
-
-
-class LoadError(ValueError):
-    """A checkpoint cannot be loaded; the message names the file, what was found and the fix."""
 
 
 # ---------------------------------------------------------------- safetensors access
@@ -239,10 +235,20 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
 def build_transformer(sd: dict, config: dict, source, storage_dtype, compute_dtype):
     from diffusers import AuraFlowTransformer2DModel
 
+    from .weights.linear import PatchableLinear, make_patchable
+
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    model = _materialize(lambda: AuraFlowTransformer2DModel(**cfg), sd, "transformer", source)
-    if storage_dtype != compute_dtype:  # fp8 storage, upcast layer by layer at compute time
-        model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+
+    def factory():
+        model = AuraFlowTransformer2DModel(**cfg)
+        make_patchable(model)  # same keys; the layers take LoRA patches and stored dtypes other than the compute one
+        return model
+
+    model = _materialize(factory, sd, "transformer", source)
+    if storage_dtype != compute_dtype:  # fp8 storage: each layer casts its weight to the compute dtype as it runs
+        for layer in model.modules():
+            if isinstance(layer, PatchableLinear):
+                layer.weight.data = layer.weight.data.to(storage_dtype)
     return model
 
 

@@ -22,8 +22,7 @@ REMOTE_MIN_SIZE = 512
 REMOTE_MAX_SIZE = 2048
 
 
-class ParameterError(ValueError):
-    """A parameter is out of range or unknown. The message names the parameter, the value and what is allowed."""
+from .errors import ParameterError  # noqa: E402  (re-exported: aura_flow.params.ParameterError)
 
 
 @dataclass(frozen=True)

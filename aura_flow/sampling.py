@@ -15,15 +15,12 @@ from typing import Callable
 
 import torch
 
-from .params import ParameterError, check_range, check_seed
+from .errors import Interrupted, ParameterError
+from .params import check_range, check_seed
 from .registry import SCHEDULER_NAMES, get_sampler
 from .schedules import LATENT_SCALE, ModelSampling, sigmas as make_sigmas
 
 __all__ = ["sample", "prepare_noise", "Interrupted", "CFGDenoiser"]
-
-
-class Interrupted(RuntimeError):
-    """Raised when ``should_stop()`` turned true; the sampling was cancelled between two model calls."""
 
 
 def prepare_noise(shape, seed: int) -> torch.Tensor:
