@@ -10,19 +10,19 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": ".loader",
-    "AuraFlowPipeline": ".pipeline",
-    "GenerationResult": ".pipeline",
-    "sample": ".sampling",
-    "prepare_noise": ".sampling",
-    "Interrupted": ".sampling",
-    "sigmas": ".schedules",
-    "ModelSampling": ".schedules",
+    "AuraFlowPipeline": ".pipeline.pipeline",
+    "GenerationResult": ".pipeline.pipeline",
+    "sample": ".sampling.loop",
+    "prepare_noise": ".sampling.loop",
+    "Interrupted": ".sampling.loop",
+    "sigmas": ".sampling.schedules",
+    "ModelSampling": ".sampling.schedules",
     "LoadError": ".loader",
-    "SpeedOptions": ".speed",
+    "SpeedOptions": ".pipeline.speed",
 }
 
 from .params import DEFAULTS, ParameterError, validate_generation  # noqa: E402  (torch-free)
-from .registry import SAMPLER_NAMES, SAMPLERS, SCHEDULER_NAMES  # noqa: E402  (torch-free)
+from .sampling.registry import SAMPLER_NAMES, SAMPLERS, SCHEDULER_NAMES  # noqa: E402  (torch-free)
 
 
 def __getattr__(name):

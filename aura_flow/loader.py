@@ -405,7 +405,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
     Tensors are converted to their target dtype as they are read, so a component is never held twice."""
     import torch
 
-    from .text import PromptTokenizer
+    from .prompts import PromptTokenizer
 
     dev = resolve_device(device)
     storage, compute = resolve_dtypes(dtype, dev)
@@ -529,7 +529,7 @@ def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto
 
     import torch
 
-    from .pipeline import AuraFlowPipeline
+    from .pipeline.pipeline import AuraFlowPipeline
 
     if offload_text_encoder not in ("auto", True, False):
         raise ParameterError(f"offload_text_encoder={offload_text_encoder!r}: give True, False or 'auto'")

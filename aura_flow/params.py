@@ -132,7 +132,7 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
     Raises ParameterError on the first bad one, before any model work. Unknown keys are refused too, so a typo
     is not silently ignored.
     """
-    from .registry import SAMPLER_NAMES, SCHEDULER_NAMES, REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES
+    from .sampling.registry import SAMPLER_NAMES, SCHEDULER_NAMES, REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES
 
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:

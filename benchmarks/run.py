@@ -8,7 +8,7 @@ It builds a random-weight AuraFlow of the preset's size (cached under --cache), 
 each contender in one process (same weights, prompt, start noise, euler/normal, steps, cfg), checks that the
 decoded images agree, and prints a table and a JSON object: seconds per image and per step, the ratio to
 diffusers, peak memory (RSS on CPU, allocated on GPU), load time and load peak against the weight bytes, the
-pack's import time, and for each opt-in speed mode (aura_flow.speed) its speed-up and PSNR against the exact image.
+pack's import time, and for each opt-in speed mode (aura_flow.pipeline.speed) its speed-up and PSNR against the exact image.
 Contenders: `pack` (generate's default speed, "auto"), `pack[exact]` (speed=None, the reference image),
 `diffusers`, `pack[MODE]` for each --modes entry, and `comfyui` with --comfyui.
 Each contender is warmed up first; then the runs alternate for --repeats rounds and the best and the median
@@ -177,7 +177,7 @@ def probe(kind: str, arg: str, device: str = "cpu", dtype: str = "auto"):
     from transformers import UMT5EncoderModel  # noqa: F401
 
     import aura_flow.loader
-    import aura_flow.pipeline  # noqa: F401
+    import aura_flow.pipeline.pipeline  # noqa: F401
 
     code = library_bytes()
     with Peak(device) as peak:
@@ -292,7 +292,7 @@ def parse_args(argv=None):
                          "on CUDA, as the pack's loader); the VAE runs in fp32 in both")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--modes", default=None,
-                    help="comma-separated aura_flow.speed modes to measure ('' for none; default cfg_cutoff,"
+                    help="comma-separated aura_flow.pipeline.speed modes to measure ('' for none; default cfg_cutoff,"
                          "step_cache,fast, and fold_padding where the default speed does not already fold); add "
                          "compile to time torch.compile (its first build takes about a minute on a CPU)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aura_flow_bench",
@@ -302,7 +302,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.width = args.height = args.size
     if args.modes is None:
-        from aura_flow.speed import resolve
+        from aura_flow.pipeline.speed import resolve
 
         args.modes = ("" if resolve("auto", args.device) else "fold_padding,") + "cfg_cutoff,step_cache,fast"
     args.modes = [m for m in args.modes.split(",") if m]
@@ -312,7 +312,7 @@ def parse_args(argv=None):
 def run(args) -> dict:
     import torch
 
-    from aura_flow.speed import MODES, psnr
+    from aura_flow.pipeline.speed import MODES, psnr
 
     unknown = [m for m in args.modes if m not in MODES or m == "exact"]
     if unknown:
@@ -345,7 +345,7 @@ def run(args) -> dict:
 
     # generation, side by side in this process
     import aura_flow
-    from aura_flow.sampling import prepare_noise
+    from aura_flow.sampling.loop import prepare_noise
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()

@@ -62,7 +62,7 @@ def register_comfyui_samplers() -> list[str]:
     samplers = _comfy("comfy.samplers")
     if samplers is None or _comfy("comfy.model_sampling") is None:
         return []
-    registry = engine_module("registry")
+    registry = engine_module("sampling.registry")
     added = []
     for name in list(getattr(samplers.KSampler, "SAMPLERS", ())):
         if name in registry.SAMPLERS or name.endswith(LEFT_OUT):

@@ -37,7 +37,7 @@ class AuraFlowGenerate:
         import torch
         from PIL import Image
 
-        imageio = compat.engine_module("imageio")
+        imageio = compat.engine_module("images")
         checked = compat.engine.validate_generation(params)  # generate() checks speed too, before any stage
         progress = compat.Progress(checked["steps"])
         with compat.interruptible():  # each stage brings only its part to the GPU

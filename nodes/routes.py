@@ -49,9 +49,9 @@ def _number(query: dict, name: str, kind: type):
 def _engine_sigmas():
     """The engine's ``sigmas`` (imports torch, so only on the first request, not when the pack loads)."""
     if _IN_PACK:
-        from ..aura_flow.schedules import sigmas
+        from ..aura_flow.sampling.schedules import sigmas
     else:
-        from aura_flow.schedules import sigmas
+        from aura_flow.sampling.schedules import sigmas
     return sigmas
 
 

@@ -75,7 +75,7 @@ class AuraFlowSampler:
         sigmas = compat.engine.sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler_name)
         compat.engine.params.check_seed(seed)
         compat.engine.params.check_range("cfg", cfg)
-        compat.engine_module("speed").resolve(speed)  # an unknown mode fails before the model moves
+        compat.engine_module("pipeline.speed").resolve(speed)  # an unknown mode fails before the model moves
         progress = compat.Progress(max(len(sigmas) - 1, 0))
         with compat.on_device(model, parts=("transformer",)), compat.interruptible():
             start = dict(latent_image)

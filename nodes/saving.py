@@ -51,7 +51,7 @@ class AuraFlowSaveImage:
         import numpy as np
         from PIL import Image
 
-        imageio = compat.engine_module("imageio")
+        imageio = compat.engine_module("images")
         P = compat.engine.params
         fmt = P.check_choice("format", format, P.OUTPUT_FORMATS)
         quality = P.check_range("output_quality", quality)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .comfy_compat import engine_module
 
 P = engine_module("params")
-R = engine_module("registry")
+R = engine_module("sampling.registry")
 
 
 def _range(name: str, widget: str, step, **extra) -> tuple:
@@ -72,9 +72,9 @@ def generation_inputs(remote: bool) -> dict:
 
 
 def speed_input() -> tuple:
-    """The optional ``speed`` widget of the local sampler and generator: aura_flow.speed's modes, "auto" first.
+    """The optional ``speed`` widget of the local sampler and generator: aura_flow.pipeline.speed's modes, "auto" first.
     Optional, so prompts and workflows saved before it existed still run (as "auto")."""
-    names = ["auto", *engine_module("speed").MODES]  # imports torch: INPUT_TYPES runs after ComfyUI has it
+    names = ["auto", *engine_module("pipeline.speed").MODES]  # imports torch: INPUT_TYPES runs after ComfyUI has it
     return _choice(names, "auto", "auto: exact on a GPU, the lossless padding fold on the CPU. exact: the reference "
                                   "path. fold_padding: lossless. compile: torch.compile, the first run builds it "
                                   "(about a minute), then every size reuses it. cfg_cutoff, step_cache, fast: "

@@ -222,14 +222,14 @@ def test_long_prompts_are_not_truncated(tiny_pipe):
     ("unclosed (paren", [("unclosed ", 1.0), ("(paren", 1.0)]),
 ])
 def test_prompt_weights_parse_like_comfyui(text, parsed):
-    from aura_flow.text import parse_weights
+    from aura_flow.prompts import parse_weights
 
     assert parse_weights(text) == parsed
 
 
 def test_weighted_tokens_scale_away_from_the_empty_prompt(tiny_pipe):
     """z = z_empty + w (z - z_empty) on the weighted tokens (ComfyUI's rule); other tokens are untouched."""
-    from aura_flow.text import encode_prompt
+    from aura_flow.prompts import encode_prompt
 
     te, tok = tiny_pipe.text_encoder, tiny_pipe.tokenizer
     ids, mask, weights = tok.weighted("a (cat:1.5) on a mat")
@@ -373,7 +373,7 @@ def test_cli_generate_writes_images(tmp_path, tiny_models):
     assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
     from PIL import Image
 
-    from aura_flow.imageio import read_metadata
+    from aura_flow.images import read_metadata
 
     img = Image.open(paths[0])
     assert img.size == (64, 72)
@@ -389,7 +389,7 @@ def test_saved_images_are_readable_by_others(tmp_path):
 
     from PIL import Image
 
-    from aura_flow.imageio import save_image_atomic
+    from aura_flow.images import save_image_atomic
 
     old = os.umask(0o022)
     try:

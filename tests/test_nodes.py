@@ -21,7 +21,7 @@ from workflow_exec import CORE_NODES, ROOT, inputs_of, is_widget, load_pack
 pack = load_pack()
 N = pack.NODE_CLASS_MAPPINGS
 engine = sys.modules[f"{pack.__name__}.aura_flow"]
-imageio = importlib.import_module(f"{pack.__name__}.aura_flow.imageio")
+imageio = importlib.import_module(f"{pack.__name__}.aura_flow.images")
 compat = sys.modules[f"{pack.__name__}.nodes.comfy_compat"]
 SIZE, STEPS = 64, 2
 
@@ -174,7 +174,7 @@ def test_sampler_equals_engine_sample(loaded):
 
 @pytest.mark.parametrize("node", ["AuraFlowSampler", "AuraFlowGenerate"])
 def test_speed_widget_runs_the_engine_modes(loaded, node):
-    from aura_flow.speed import MODES
+    from aura_flow.pipeline.speed import MODES
 
     model = loaded[0]
     kind, opts = (N[node].INPUT_TYPES()["optional"]["speed"])
@@ -559,7 +559,7 @@ except mm.InterruptProcessingException:
 comfy.utils.set_progress_bar_global_hook(None)
 import importlib
 ext = importlib.import_module(N["AuraFlowSampler"].__module__.rsplit(".", 1)[0] + ".external_samplers")
-registry = ext.engine_module("registry")
+registry = ext.engine_module("sampling.registry")
 assert ext.register_comfyui_samplers() == []  # every ComfyUI 0.29 name is the engine's own
 for name in ("euler_ancestral", "dpmpp_2m_sde", "res_multistep", "dpm_2", "uni_pc"):
     registry.register_sampler("comfyui_" + name, ext.comfy_sampler_function(name),
@@ -572,7 +572,7 @@ for name in ("euler_ancestral", "dpmpp_2m_sde", "res_multistep", "dpm_2", "uni_p
 # prompt weighting parses exactly as ComfyUI's own tokenizer does
 import random
 from comfy.sd1_clip import escape_important, token_weights, unescape_important
-text_mod = ext.engine_module("text")
+text_mod = ext.engine_module("prompts")
 rng = random.Random(0)
 alphabet = ["a", "b", " ", "(", ")", ":", "1.5", "0.7", "\\(", "\\)", "x", ":bad", "((", "))"]
 for t in ["a (red:1.5) ((cat))", "a \\(lit\\) (b:2)"] + [
@@ -609,7 +609,7 @@ def test_nodes_inside_a_real_comfyui(tmp_path, tiny_models):
 
 def test_external_samplers_are_offered_only_inside_comfyui():
     """Outside ComfyUI there is no sampler of ComfyUI's to serve: nothing is added to the engine's registry."""
-    from aura_flow import registry
+    from aura_flow.sampling import registry
     from nodes.external_samplers import register_comfyui_samplers
 
     before = registry.SAMPLER_NAMES

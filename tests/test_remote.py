@@ -541,7 +541,7 @@ def test_widgets_follow_the_hosted_api():
     assert (remote["steps"][1]["default"], remote["steps"][1]["min"], remote["steps"][1]["max"]) == (25, 1, 100)
     assert (remote["width"][1]["min"], remote["width"][1]["max"], remote["width"][1]["default"]) == (512, 2048, 1024)
     assert (local["height"][1]["min"], local["height"][1]["max"], local["height"][1]["step"]) == (64, 16384, 8)
-    from aura_flow import registry
+    from aura_flow.sampling import registry
     assert remote["sampler"][0] == list(registry.REMOTE_SAMPLER_NAMES) and remote["sampler"][1]["default"] == "uni_pc"
     assert remote["scheduler"][0] == list(registry.REMOTE_SCHEDULER_NAMES)
     assert local["sampler"][0] == list(registry.SAMPLER_NAMES)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aura_flow
-from aura_flow.registry import SAMPLERS, SCHEDULER_NAMES
+from aura_flow.sampling.registry import SAMPLERS, SCHEDULER_NAMES
 from nodes import routes
 
 # REFERENCE.md §3, derived values at shift 1.73 and 25 steps: first three and last three before the final 0

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aura_flow import ParameterError, registry
-from aura_flow.registry import SAMPLER_NAMES, SAMPLER_NAMES_COMFYUI_0_29, SAMPLERS, SamplerInfo, get_sampler
-from aura_flow.samplers_sde import BrownianNoise, step_noise
-from aura_flow.sampling import sample
-from aura_flow.schedules import ModelSampling, sigmas as make_sigmas
+from aura_flow import ParameterError
+from aura_flow.sampling import registry
+from aura_flow.sampling.registry import SAMPLER_NAMES, SAMPLER_NAMES_COMFYUI_0_29, SAMPLERS, SamplerInfo, get_sampler
+from aura_flow.sampling.sde import BrownianNoise, step_noise
+from aura_flow.sampling.loop import sample
+from aura_flow.sampling.schedules import ModelSampling, sigmas as make_sigmas
 
 DATA = json.loads((Path(__file__).resolve().parent / "data" / "comfyui_sampler_parity.json").read_text())
 CASES = DATA["cases"]
@@ -335,7 +336,7 @@ def test_registry_stays_torch_free():
     import subprocess
     import sys
 
-    code = "import sys; import aura_flow.registry; assert 'torch' not in sys.modules"
+    code = "import sys; import aura_flow.sampling.registry; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

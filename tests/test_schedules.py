@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from aura_flow import ParameterError
-from aura_flow.registry import SAMPLER_NAMES, SCHEDULER_NAMES
-from aura_flow.schedules import ModelSampling, sigmas
+from aura_flow.sampling.registry import SAMPLER_NAMES, SCHEDULER_NAMES
+from aura_flow.sampling.schedules import ModelSampling, sigmas
 
 DATA = Path(__file__).resolve().parent / "data" / "comfyui_schedules.json"
 ROWS = json.loads(DATA.read_text())["rows"]

@@ -1,4 +1,4 @@
-"""Opt-in speed modes (aura_flow.speed): the exact mode is the plain path, each mode stays within its PSNR bound
+"""Opt-in speed modes (aura_flow.pipeline.speed): the exact mode is the plain path, each mode stays within its PSNR bound
 and really skips work. Tiny random model; timing lives in benchmarks/run.py only."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aura_flow.params import ParameterError
-from aura_flow.speed import MODES, PSNR_BOUNDS, FastTransformer, SpeedOptions, fold_padding, psnr, velocity_model
+from aura_flow.pipeline.speed import MODES, PSNR_BOUNDS, FastTransformer, SpeedOptions, fold_padding, psnr, velocity_model
 
 PARAMS = dict(prompt="a cat on a mat", negative_prompt="blurry", width=64, height=64, steps=8, cfg=5.0, seed=3,
               sampler="euler", scheduler="normal", shift=1.73)
@@ -33,8 +33,8 @@ class BlockCounter:
 
 def _sample_with(pipe, speed, params=PARAMS):
     """aura_flow.sample with the speed mode's velocity model; -> (latent, model, rows computed)."""
-    from aura_flow.sampling import sample
-    from aura_flow.schedules import sigmas
+    from aura_flow.sampling.loop import sample
+    from aura_flow.sampling.schedules import sigmas
 
     p = params
     pos, neg = pipe.encode_prompt(p["prompt"]), pipe.encode_prompt(p["negative_prompt"])
@@ -55,7 +55,7 @@ def test_exact_mode_is_the_plain_path(tiny_pipe, exact):
 
 
 def test_auto_is_the_padding_fold_on_cpu_and_exact_elsewhere(tiny_pipe, exact):
-    from aura_flow.speed import resolve
+    from aura_flow.pipeline.speed import resolve
 
     auto = tiny_pipe.generate(**PARAMS).tensor  # generate's default
     assert torch.equal(auto, tiny_pipe.generate(speed="fold_padding", **PARAMS).tensor)
@@ -66,7 +66,7 @@ def test_auto_is_the_padding_fold_on_cpu_and_exact_elsewhere(tiny_pipe, exact):
 
 @pytest.mark.parametrize("mode", ["compile", "cfg_cutoff", "step_cache", "fast"])
 def test_named_modes_build_on_the_default(mode):
-    from aura_flow.speed import resolve
+    from aura_flow.pipeline.speed import resolve
 
     on_cpu, on_cuda = resolve(mode, "cpu"), resolve(mode, "cuda")
     assert on_cpu.fold_padding and on_cpu == SpeedOptions(**{**MODES[mode].__dict__, "fold_padding": True})
@@ -176,7 +176,7 @@ def test_compile_within_its_bound_and_across_sizes_without_a_rebuild(tiny_pipe, 
 
 
 def test_pipeline_sample_takes_a_speed_and_defaults_to_exact(tiny_pipe):
-    from aura_flow.sampling import sample
+    from aura_flow.sampling.loop import sample
 
     pos, neg = tiny_pipe.encode_prompt(PARAMS["prompt"]), tiny_pipe.encode_prompt(PARAMS["negative_prompt"])
     kw = {k: PARAMS[k] for k in ("seed", "steps", "cfg", "sampler", "scheduler", "shift")}

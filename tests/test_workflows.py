@@ -17,7 +17,7 @@ WORKFLOWS = wx.ROOT / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 pack = wx.load_pack()
 classes = wx.all_classes(pack)
-imageio = importlib.import_module(f"{pack.__name__}.aura_flow.imageio")
+imageio = importlib.import_module(f"{pack.__name__}.aura_flow.images")
 sys.path.insert(0, str(WORKFLOWS))
 import build  # noqa: E402  (workflows/build.py)
 

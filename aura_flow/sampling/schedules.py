@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from .params import ParameterError, check_range
+from ..params import ParameterError, check_range
 from .registry import SCHEDULER_NAMES, get_sampler
 
 LATENT_SCALE = 0.13025  # SDXL VAE scaling factor, no shift
@@ -208,7 +208,7 @@ def sigmas(scheduler: str, steps: int, *, shift: float = 1.73, denoise: float = 
     return calc(new_steps)[-(steps + 1):]
 
 
-from .params import Range as _Range  # noqa: E402
+from ..params import Range as _Range  # noqa: E402
 
 # The engine's own step limit is wider than the hosted API's 1..100 (ComfyUI allows up to 10000).
 _STEPS_ANY = _Range(1, 10000, 25, int, "number of sampling steps")

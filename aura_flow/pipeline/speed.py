@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import ParameterError
+from ..params import ParameterError
 
 log = logging.getLogger(__name__)
 

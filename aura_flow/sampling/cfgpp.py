@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .samplers import ancestral_step, emit, half_log_snr, ones, to_d
-from .samplers_sde import res_multistep, step_noise
+from .ode import ancestral_step, emit, half_log_snr, ones, to_d
+from .sde import res_multistep, step_noise
 
 
 def _no_uncond(sampler):

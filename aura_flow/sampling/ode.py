@@ -49,7 +49,7 @@ def model_sampling_of(model, sampler: str):
     """The `ModelSampling` the denoiser carries (``CFGDenoiser.model_sampling``); a few samplers need its shift."""
     ms = getattr(model, "model_sampling", None)
     if ms is None:
-        raise TypeError(f"sampler {sampler!r} needs model.model_sampling (an aura_flow.schedules.ModelSampling) to "
+        raise TypeError(f"sampler {sampler!r} needs model.model_sampling (an aura_flow.sampling.schedules.ModelSampling) to "
                         "know the shift; pass model_sampling= to CFGDenoiser or set the attribute on the model")
     return ms
 
@@ -479,7 +479,7 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
     Only the first and last non-zero sigma of the schedule are used; the number of model calls varies.
     """
     if order not in (2, 3):
-        from .params import ParameterError
+        from ..params import ParameterError
 
         raise ParameterError(f"dpm_adaptive order={order!r} is not allowed; valid values: 2, 3")
     if len(sigmas) <= 1:

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from .errors import Interrupted, ParameterError
-from .params import check_range, check_seed
+from ..errors import Interrupted, ParameterError
+from ..params import check_range, check_seed
 from .registry import SCHEDULER_NAMES, get_sampler
 from .schedules import LATENT_SCALE, ModelSampling, sigmas as make_sigmas
 

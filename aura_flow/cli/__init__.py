@@ -12,8 +12,8 @@ import sys
 
 # command modules, in help order; each has register(subparsers)
 COMMAND_MODULES = (
-    "aura_flow.cli_generate",  # generate, demo
-    "aura_flow.remote_cli",  # remote
+    "aura_flow.cli.generate",  # generate, demo
+    "aura_flow.cli.remote",  # remote
     "aura_flow.headless",  # queue
 )
 
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .loader import LoadError
-    from .params import ParameterError
+    from ..loader import LoadError
+    from ..params import ParameterError
 
     try:
         return int(args.func(args) or 0)

@@ -6,12 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-from .params import DEFAULTS, OUTPUT_FORMATS, RANGES
+from ..params import DEFAULTS, OUTPUT_FORMATS, RANGES
 
 
 def add_generation_flags(p, *, remote: bool = False):
     """One flag per hosted-API parameter (shared with the ``remote`` command)."""
-    from .registry import REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES
+    from ..sampling.registry import REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES
 
     p.add_argument("--prompt", default=DEFAULTS["prompt"], help="what to draw")
     p.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"], help="what to avoid")
@@ -78,7 +78,7 @@ class ProgressBar:
 
 
 def write_images(result, out_dir, fmt: str, quality: int, stem: str = "aura_flow") -> list[str]:
-    from .imageio import EXT, save_image_atomic
+    from ..images import EXT, save_image_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def write_images(result, out_dir, fmt: str, quality: int, stem: str = "aura_flow
 
 
 def _generate(pipe, args) -> int:
-    from .params import validate_generation
+    from ..params import validate_generation
 
     params = validate_generation(generation_params(args))
     result = pipe.generate(callback=ProgressBar(), speed=args.speed, **params)
@@ -102,8 +102,8 @@ def _generate(pipe, args) -> int:
 
 
 def run_generate(args) -> int:
-    from . import load
-    from .params import validate_generation
+    from .. import load
+    from ..params import validate_generation
 
     validate_generation(generation_params(args))  # fail before loading 16 GB
     pipe = load(args.checkpoint, tokenizer=args.tokenizer, text_encoder=args.text_encoder, vae=args.vae,
@@ -112,9 +112,9 @@ def run_generate(args) -> int:
 
 
 def run_demo(args) -> int:
-    from . import load
-    from .params import validate_generation
-    from .tiny import build_tiny
+    from .. import load
+    from ..params import validate_generation
+    from ..tiny import build_tiny
 
     validate_generation(generation_params(args))
     root = Path(args.cache) / "demo-tiny"

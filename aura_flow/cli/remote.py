@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from . import remote as remote_api
-from .cli_generate import add_generation_flags, generation_params
+from .. import remote as remote_api
+from .generate import add_generation_flags, generation_params
 
 
 def register(subparsers) -> None:

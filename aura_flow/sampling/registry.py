@@ -40,7 +40,7 @@ def _s(name, impl, **kw):
     return SamplerInfo(name, impl, **kw)
 
 
-_ODE, _SDE, _CFGPP, _UNIPC = ".samplers:", ".samplers_sde:", ".samplers_cfgpp:", ".samplers_unipc:"
+_ODE, _SDE, _CFGPP, _UNIPC = ".ode:", ".sde:", ".cfgpp:", ".unipc:"
 
 # ComfyUI 0.29's KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2, in its order; every one has an engine implementation
 # that reproduces ComfyUI's numbers for this model (tests/test_samplers.py holds the parity cases).
@@ -150,7 +150,7 @@ def register_sampler(info_or_name: SamplerInfo | str, fn: Callable | None = None
 
 
 def get_sampler(name: str) -> SamplerInfo:
-    from .params import ParameterError
+    from ..params import ParameterError
 
     try:
         return SAMPLERS[name]

@@ -10,11 +10,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .params import validate_generation
-from .sampling import sample as _sample
-from .schedules import LATENT_SCALE, sigmas as make_sigmas
+from ..params import validate_generation
+from ..sampling.loop import sample as _sample
+from ..sampling.schedules import LATENT_SCALE, sigmas as make_sigmas
 from .speed import resolve as resolve_speed, velocity_model
-from .text import encode_prompt
+from ..prompts import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class AuraFlowPipeline:
         """Flow velocity for model-space latents x (N,4,h,w) at per-row sigma (N,) given context (N,T,D).
 
         Sizes that are not a multiple of the patch size are padded circularly and cropped back (as ComfyUI).
-        transformer: a stand-in with the transformer's call signature (aura_flow.speed's compiled or cached one).
+        transformer: a stand-in with the transformer's call signature (aura_flow.pipeline.speed's compiled or cached one).
         """
         h, w = x.shape[-2:]
         p = self.patch_size
@@ -197,7 +197,7 @@ class AuraFlowPipeline:
         callback(step, total, x0) after each step; should_stop() polled before every model call.
         noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
         speed: "auto" (the lossless padding fold on the CPU, exact elsewhere), None (exact), a mode name or an
-        `aura_flow.speed.SpeedOptions` (the lossy ones are opt-in, with a bounded, measured fidelity loss).
+        `aura_flow.pipeline.speed.SpeedOptions` (the lossy ones are opt-in, with a bounded, measured fidelity loss).
         stage(parts): a context manager entered around each stage with the parts it uses (("text_encoder",),
         ("transformer",), ("vae",)), so a host can bring just those to its GPU; by default nothing moves.
         """
