@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ".loader",
+    "load": ".pipeline.pipeline",
     "AuraFlowPipeline": ".pipeline.pipeline",
     "GenerationResult": ".pipeline.pipeline",
     "sample": ".sampling.loop",
@@ -17,11 +17,11 @@ _LAZY = {
     "Interrupted": ".sampling.loop",
     "sigmas": ".sampling.schedules",
     "ModelSampling": ".sampling.schedules",
-    "LoadError": ".loader",
     "SpeedOptions": ".pipeline.speed",
 }
 
-from .params import DEFAULTS, ParameterError, validate_generation  # noqa: E402  (torch-free)
+from .errors import LoadError, ParameterError  # noqa: E402  (torch-free)
+from .params import DEFAULTS, validate_generation  # noqa: E402  (torch-free)
 from .sampling.registry import SAMPLER_NAMES, SAMPLERS, SCHEDULER_NAMES  # noqa: E402  (torch-free)
 
 
@@ -33,5 +33,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'aura_flow' has no attribute {name!r}")
 
 
-__all__ = sorted(list(_LAZY) + ["DEFAULTS", "ParameterError", "validate_generation", "SAMPLER_NAMES", "SAMPLERS",
+__all__ = sorted(list(_LAZY) + ["DEFAULTS", "LoadError", "ParameterError", "validate_generation", "SAMPLER_NAMES", "SAMPLERS",
                                 "SCHEDULER_NAMES"])

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 MAX_SEED = 2**64 - 1
 OUTPUT_FORMATS = ("webp", "jpg", "png")
+# weight dtypes of the transformer and text encoder (fp8 is storage only; compute runs in bf16/fp16)
+DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
 # Local sizes: multiples of 8 (the VAE's factor) from 64 up to ComfyUI's MAX_RESOLUTION (16384).
 LOCAL_MIN_SIZE = 64

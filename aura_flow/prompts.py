@@ -12,7 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .errors import LoadError
+
 log = logging.getLogger(__name__)
+
+TOKENIZER_HINT = ("pass tokenizer=PATH: a Pile-T5 sentencepiece 'tokenizer.model' (ComfyUI ships one as "
+                  "comfy/text_encoders/t5_pile_tokenizer/tokenizer.model) or a diffusers 'tokenizer' folder")
 
 MIN_LENGTH = 256
 PAD_ID = 1
@@ -30,8 +35,6 @@ class PromptTokenizer:
 
     @classmethod
     def load(cls, path) -> "PromptTokenizer":
-        from .loader import LoadError, TOKENIZER_HINT
-
         path = Path(path)
         if path.is_dir() and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
             from transformers import AutoTokenizer

@@ -142,7 +142,7 @@ def torch_dtype(name: str, device: str):
     """The dtype the pack's loader picks for ``name`` (auto: fp32 on the CPU, bf16 or fp16 on CUDA)."""
     import torch
 
-    from aura_flow.loader import resolve_dtypes
+    from aura_flow.weights.devices import resolve_dtypes
 
     return resolve_dtypes(name, torch.device(device))[1]
 
@@ -176,14 +176,14 @@ def probe(kind: str, arg: str, device: str = "cpu", dtype: str = "auto"):
     from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderKL  # noqa: F401
     from transformers import UMT5EncoderModel  # noqa: F401
 
-    import aura_flow.loader
+    import aura_flow
     import aura_flow.pipeline.pipeline  # noqa: F401
 
     code = library_bytes()
     with Peak(device) as peak:
         t0 = time.perf_counter()
         if kind == "load-pack":
-            model = aura_flow.loader.load(arg, device=device, dtype=dtype)
+            model = aura_flow.load(arg, device=device, dtype=dtype)
         else:
             model = load_diffusers(arg, device, dtype)
         seconds = time.perf_counter() - t0

@@ -242,7 +242,7 @@ def on_device(pipeline, parts=None):
     device = mm.get_torch_device()
     moving = [p for p in parts if getattr(pipeline, p, None) is not None and pipeline.part_device(p) != device]
     if moving:
-        need = sum(engine_module("loader").module_bytes(getattr(pipeline, p)) for p in moving)
+        need = sum(engine_module("weights.devices").module_bytes(getattr(pipeline, p)) for p in moving)
         mm.free_memory(int(need * 1.1) + 2 * 1024**3, device)  # weights + working room
         pipeline.to(device, parts=moving)
     try:

@@ -9,7 +9,7 @@ from .vae import AuraFlowVAE
 log = logging.getLogger(__name__)
 
 FROM_CHECKPOINT = "(from checkpoint)"
-WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # aura_flow.loader.DTYPES, torch-free
+WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # aura_flow.params.DTYPES, torch-free
 
 
 def _checkpoint_names() -> list[str]:

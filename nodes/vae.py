@@ -56,7 +56,7 @@ class AuraFlowVAE:
         return torch.float32
 
     def model_size(self) -> int:
-        return compat.engine_module("loader").module_bytes(self.pipeline.vae)
+        return compat.engine_module("weights.devices").module_bytes(self.pipeline.vae)
 
     def get_sd(self):
         return self.pipeline.vae.state_dict()

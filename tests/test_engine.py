@@ -12,7 +12,7 @@ import torch
 
 import aura_flow
 from aura_flow import ParameterError
-from aura_flow.loader import LoadError
+from aura_flow.errors import LoadError
 from aura_flow.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_every_layout_loads_the_same_weights(tiny_models, tiny_pipe, layout):
 
 
 def test_config_is_inferred_from_shapes(tiny_pipe):
-    from aura_flow.loader import infer_t5_config, infer_transformer_config, infer_vae_config
+    from aura_flow.weights.configs import infer_t5_config, infer_transformer_config, infer_vae_config
 
     t = infer_transformer_config(tiny_pipe.transformer.state_dict(), {"aura_flow.attention_head_dim": "8"})
     cfg = tiny_pipe.transformer.config
@@ -401,7 +401,7 @@ def test_saved_images_are_readable_by_others(tmp_path):
 
 
 def test_text_encoder_waits_on_the_cpu_only_when_memory_is_short(tiny_models):
-    from aura_flow.loader import WORKING_MEMORY, text_encoder_should_wait
+    from aura_flow.weights.devices import WORKING_MEMORY, text_encoder_should_wait
 
     gib = 2**30
     real_bf16 = {"transformer": int(13.6 * gib), "text_encoder": int(2.4 * gib), "vae": int(0.33 * gib)}

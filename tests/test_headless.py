@@ -42,7 +42,7 @@ EXECUTION_ERROR_MESSAGES = [
     ["execution_start", {"prompt_id": "x", "timestamp": 1}],
     ["execution_error", {"prompt_id": "x", "node_id": "4", "node_type": "CheckpointLoaderSimple",
                          "executed": [], "exception_message": "a.safetensors: no AuraFlow keys found\n",
-                         "exception_type": "/opt/ComfyUI/custom_nodes/ComfyUI-AuraFlow.aura_flow.loader.LoadError",
+                         "exception_type": "/opt/ComfyUI/custom_nodes/ComfyUI-AuraFlow.aura_flow.errors.LoadError",
                          "traceback": ["Traceback ...\n"],
                          "current_inputs": {}, "current_outputs": []}],
 ]

@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from ..loader import LoadError
-    from ..params import ParameterError
+    from ..errors import LoadError, ParameterError
 
     try:
         return int(args.func(args) or 0)

@@ -14,7 +14,10 @@ from ..params import validate_generation
 from ..sampling.loop import sample as _sample
 from ..sampling.schedules import LATENT_SCALE, sigmas as make_sigmas
 from .speed import resolve as resolve_speed, velocity_model
+from ..errors import ParameterError
 from ..prompts import encode_prompt
+from ..weights.components import Components, load_components
+from ..weights.devices import module_bytes, offload_text_encoder_auto
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,15 @@ class AuraFlowPipeline:
         pe = transformer.pos_embed
         pe.forward = types.MethodType(_pos_embed_forward, pe)
         self.to(self.device)
+
+    @classmethod
+    def from_components(cls, c: Components, *, offload_text_encoder="auto") -> "AuraFlowPipeline":
+        """The pipeline over what `load_components` read, moved to its device. offload_text_encoder: see `load`."""
+        if offload_text_encoder == "auto":
+            offload_text_encoder = offload_text_encoder_auto(
+                c.device, {name: module_bytes(getattr(c, name)) for name in cls.PARTS})
+        return cls(c.transformer, c.text_encoder, c.tokenizer, c.vae, device=c.device, compute_dtype=c.compute_dtype,
+                   sources=c.sources, offload_text_encoder=offload_text_encoder)
 
     # -------------------------------------------------------------- devices
     PARTS = ("transformer", "text_encoder", "vae")
@@ -219,3 +231,29 @@ class AuraFlowPipeline:
             images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
         pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
         return GenerationResult(images=pil, tensor=images, seed=p["seed"], params=p)
+
+
+def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto",
+         offload_text_encoder="auto") -> AuraFlowPipeline:
+    """Load AuraFlow from ``checkpoint`` and return an `AuraFlowPipeline`.
+
+    checkpoint: a diffusers folder, an all-in-one .safetensors, or a transformer-only .safetensors (original or
+    diffusers key names). tokenizer / text_encoder / vae: separate files or folders, overriding what the
+    checkpoint carries. dtype: auto, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2 (fp8 is storage only; compute
+    runs in bf16/fp16); the VAE always runs in fp32. device: auto, cpu, cuda, cuda:N, mps.
+    offload_text_encoder: True keeps the text encoder on the CPU between prompts (it visits the device only to
+    encode one); "auto" does so on a CUDA device whose free memory is short (`text_encoder_should_wait`).
+    """
+    import time
+
+    if offload_text_encoder not in ("auto", True, False):
+        raise ParameterError(f"offload_text_encoder={offload_text_encoder!r}: give True, False or 'auto'")
+    t0 = time.perf_counter()
+    c = load_components(checkpoint, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, dtype=dtype,
+                        device=device)
+    pipe = AuraFlowPipeline.from_components(c, offload_text_encoder=offload_text_encoder)
+    cfg = c.transformer.config
+    log.info("AuraFlow loaded from %s: %d+%d blocks, width %d, %s on %s in %.1fs", checkpoint, cfg.num_mmdit_layers,
+             cfg.num_single_dit_layers, cfg.num_attention_heads * cfg.attention_head_dim, dtype, c.device,
+             time.perf_counter() - t0)
+    return pipe

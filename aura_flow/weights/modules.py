@@ -1,0 +1,131 @@
+"""Modules built from state dicts on the meta device, so no random initialisation runs and no second copy of the
+weights is made: the transformer (its linears `PatchableLinear`), the Pile-T5 text encoder and the SDXL VAE, from
+either key naming."""
+from __future__ import annotations
+
+import logging
+
+from ..errors import LoadError
+from .configs import count_blocks, infer_t5_config, infer_transformer_config, infer_vae_config
+from .layouts import DIFFUSERS_TRANSFORMER_KEYS, ORIGINAL_TRANSFORMER_KEYS, describe, find_prefix
+
+log = logging.getLogger(__name__)
+
+
+def _materialize(cls_or_factory, sd: dict, what: str, source):
+    """Build a module on the meta device and assign the loaded tensors (no random init, no second copy)."""
+    import torch
+
+    with torch.device("meta"):
+        module = cls_or_factory()
+    expected = set(module.state_dict().keys())
+    missing = sorted(expected - set(sd))
+    # tied / derived weights the files leave out
+    if what == "text encoder" and "encoder.embed_tokens.weight" in missing and "shared.weight" in sd:
+        missing.remove("encoder.embed_tokens.weight")
+    unexpected = sorted(set(sd) - expected)
+    if missing:
+        raise LoadError(f"{source}: the {what} is missing {len(missing)} weights (e.g. {', '.join(missing[:3])}); "
+                        f"the file is incomplete or of another model.")
+    if unexpected:
+        log.debug("%s: ignoring %d unexpected %s keys (e.g. %s)", source, len(unexpected), what, unexpected[:3])
+        sd = {k: v for k, v in sd.items() if k in expected}
+    for k in list(sd):
+        ref = module.state_dict()[k]
+        if tuple(sd[k].shape) != tuple(ref.shape):
+            raise LoadError(f"{source}: {what} weight {k} has shape {tuple(sd[k].shape)}, expected {tuple(ref.shape)}")
+    module.load_state_dict(sd, strict=False, assign=True)
+    if what == "text encoder":
+        module.encoder.embed_tokens = module.shared
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise LoadError(f"{source}: {what} weight {name} was not loaded")
+    return module.eval().requires_grad_(False)
+
+
+def build_transformer(sd: dict, config: dict, source, storage_dtype, compute_dtype):
+    from diffusers import AuraFlowTransformer2DModel
+
+    from .linear import PatchableLinear, make_patchable
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def factory():
+        model = AuraFlowTransformer2DModel(**cfg)
+        make_patchable(model)  # same keys; the layers take LoRA patches and stored dtypes other than the compute one
+        return model
+
+    model = _materialize(factory, sd, "transformer", source)
+    if storage_dtype != compute_dtype:  # fp8 storage: each layer casts its weight to the compute dtype as it runs
+        for layer in model.modules():
+            if isinstance(layer, PatchableLinear):
+                layer.weight.data = layer.weight.data.to(storage_dtype)
+    return model
+
+
+def build_text_encoder(sd: dict, config, source):
+    from transformers import UMT5EncoderModel
+
+    return _materialize(lambda: UMT5EncoderModel(config), sd, "text encoder", source)
+
+
+def build_vae(sd: dict, config: dict, source):
+    from diffusers import AutoencoderKL
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    return _materialize(lambda: AutoencoderKL(**cfg), sd, "VAE", source)
+
+
+def text_encoder_from_sd(sd: dict, source, config=None):
+    """``sd`` already holds the tensors in their target dtype (`SafetensorsReader.take(dtype=...)`)."""
+    keys = list(sd)
+    prefix = find_prefix(keys, ("encoder.block.0.layer.0.SelfAttention.q.weight",))
+    if prefix is None:
+        raise LoadError(f"{source}: no T5 encoder weights found (expected encoder.block.N.layer... keys)")
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
+    sd.pop("encoder.embed_tokens.weight", None)
+    if config is None:
+        config = infer_t5_config(sd)
+    return build_text_encoder(sd, config, source)
+
+
+def vae_from_sd(sd: dict, source, config=None):
+    """``sd`` already holds fp32 tensors (`SafetensorsReader.take(dtype=torch.float32)`)."""
+    if not any(k.startswith("encoder.down_blocks.") for k in sd):
+        prefix = find_prefix(list(sd), ("encoder.down.0.block.0.conv1.weight",))
+        if prefix is None:
+            raise LoadError(f"{source}: no VAE weights found (expected encoder.down... or encoder.down_blocks... keys)")
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        ldm = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        n = count_blocks(ldm, "encoder.down.")
+        sd = convert_ldm_vae_checkpoint(ldm, {"down_block_types": ["DownEncoderBlock2D"] * n,
+                                              "up_block_types": ["UpDecoderBlock2D"] * n})
+    if config is None:
+        config = infer_vae_config(sd)
+    return build_vae(sd, config, source)
+
+
+def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=None):
+    """``sd`` already holds the tensors in the compute dtype (`SafetensorsReader.take(dtype=compute)`)."""
+    keys = list(sd)
+    prefix = find_prefix(keys, ORIGINAL_TRANSFORMER_KEYS)
+    if prefix is not None:
+        from diffusers.loaders.single_file_utils import convert_auraflow_transformer_checkpoint_to_diffusers
+
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = convert_auraflow_transformer_checkpoint_to_diffusers(sd)
+        sd = {k: v for k, v in sd.items() if v is not None}
+    else:
+        prefix = find_prefix(keys, DIFFUSERS_TRANSFORMER_KEYS)
+        if prefix is None:
+            raise LoadError(describe(source, keys))
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if config is None:
+        config = infer_transformer_config(sd, metadata)
+    return build_transformer(sd, config, source, storage, compute)
+
+
