@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+from pathlib import Path
 
 from .params import OUTPUT_FORMATS, check_choice, check_range
 
@@ -147,3 +148,30 @@ def read_metadata(source) -> dict:
         except ValueError:
             continue  # a camera's own Make/Model string, not ours
     return out
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension for image bytes, from their magic number (``bin`` when they are no image)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return "bin"
+
+
+def write_new_file(directory, stem: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/stem.<ext>`` (``stem_1.<ext>``... if taken), never overwriting a file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ext = image_extension(data)
+    for n in range(100000):
+        path = directory / (f"{stem}.{ext}" if n == 0 else f"{stem}_{n}.{ext}")
+        try:
+            with open(path, "xb") as fh:
+                fh.write(data)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free name for {stem}.{ext}; clean the folder")

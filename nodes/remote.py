@@ -34,7 +34,7 @@ def keep_rejected(result) -> dict:
     kept = {}
     for failure in (result.failures if result is not None else ()):
         if failure.data:
-            kept[failure.index] = str(remote_api.write_new_file(rejected_folder(), f"image_{failure.index + 1}",
+            kept[failure.index] = str(compat.engine_module("images").write_new_file(rejected_folder(), f"image_{failure.index + 1}",
                                                                 failure.data))
     return kept
 
@@ -94,7 +94,7 @@ class AuraFlowRemoteGenerate:
                       width=width, height=height, sampler=sampler, scheduler=scheduler,
                       number_of_images=number_of_images, output_format=output_format,
                       output_quality=output_quality)
-        remote_api.validate_generation(params, remote=True)  # parameter errors before the key is looked up
+        compat.engine.validate_generation(params, remote=True)  # parameter errors before the key is looked up
         client = client or remote_api.RemoteClient.from_environment(key_file=key_file_path())
         progress = compat.Progress(number_of_images)  # a ProgressBar in ComfyUI; it also raises on Cancel
 

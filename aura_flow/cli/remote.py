@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 
 from .. import remote as remote_api
+from ..images import write_new_file
+from ..params import validate_generation
 from .generate import add_generation_flags, generation_params
 
 
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Exit codes: 0 all images written, 1 some or all failed (what arrived is still written), 130 interrupted."""
-    params = remote_api.validate_generation(generation_params(args), remote=True)  # before the key is read
+    params = validate_generation(generation_params(args), remote=True)  # before the key is read
     try:
         client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=args.timeout,
                                                           max_concurrency=args.concurrency)
@@ -46,14 +48,14 @@ def run(args) -> int:
 def _write(result, out, *, report_failures: bool) -> None:
     """Write every image that arrived and print its path; bytes billed but rejected (wrong size) are kept too."""
     for im in result.images:
-        sys.stdout.write(f"{remote_api.write_new_file(out, f'auraflow_{im.seed}', im.data)}\n")
+        sys.stdout.write(f"{write_new_file(out, f'auraflow_{im.seed}', im.data)}\n")
     sys.stdout.flush()
     n = result.params["number_of_images"]
     for failure in result.failures:
         kept = ""
         if failure.data:
             seed = remote_api.batch_seed(result.params["seed"], failure.index)
-            path = remote_api.write_new_file(out, f"auraflow_{seed}_rejected", failure.data)
+            path = write_new_file(out, f"auraflow_{seed}_rejected", failure.data)
             kept = f"; its bytes are kept as {path}"
         if report_failures or kept:
             sys.stderr.write(f"image {failure.index + 1}/{n}: {failure if report_failures else 'rejected'}{kept}\n")

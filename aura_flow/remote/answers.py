@@ -1,0 +1,147 @@
+"""Reading the service's answers: an image checked against what was asked, or an error that says what to do, and
+rate-limit reset times. Everything the service says is scrubbed of the key, put on one line and bounded."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from email.utils import parsedate_to_datetime
+
+from .endpoint import API_URL_ENV, DEFAULT_API_URL, Endpoint
+from .errors import RemoteError
+from .keys import API_KEY_ENV
+from .results import RemoteImage
+from .transport import Response
+
+log = logging.getLogger(__name__)
+
+_ERROR_TEXT_LIMIT = 300  # characters of a service error message shown
+_FORMATS = {"WEBP": "webp", "JPEG": "jpg", "PNG": "png"}
+_RESET_HEADERS = ("x-ratelimit-reset", "x-rate-limit-reset", "ratelimit-reset", "x-ratelimit-reset-requests",
+                  "retry-after")
+
+
+class Answers:
+    """Reads answers for one client: ``endpoint`` and ``key_source`` for messages, ``key`` only to scrub it."""
+
+    def __init__(self, endpoint: Endpoint, key: str, key_source: str):
+        self.endpoint = endpoint
+        self._key = key
+        self.key_source = key_source
+
+    def scrub(self, text: str) -> str:
+        """Service text made safe to show: the key removed, one line, bounded length."""
+        text = text.replace(self._key, "***")
+        text = " ".join(text.split())
+        return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT] + "…"
+
+    def service_message(self, body: bytes) -> str:
+        text = body[:4096].decode("utf-8", "replace")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            for name in ("error", "message", "detail", "msg"):
+                if doc.get(name):
+                    value = doc[name]
+                    return self.scrub(value if isinstance(value, str) else json.dumps(value))
+        if re.search(r"<\s*(html|!doctype)", text, re.I):
+            title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+            return self.scrub(f"an HTML page{': ' + title.group(1) if title else ''}")
+        return self.scrub(text) or "(empty body)"
+
+    def fatal(self, resp: Response, index: int) -> RemoteError:
+        """The error for a status that retrying cannot fix."""
+        s, msg, where = resp.status, self.service_message(resp.body), self.endpoint.display
+        if s in (400, 422):
+            text = f"the service rejected the parameters ({s}): {msg}"
+        elif s == 401:
+            text = (f"the service refused the API key from {self.key_source} (401: missing or invalid): {msg}. "
+                    f"Check the key (SG_ followed by 16 hex digits) in {API_KEY_ENV} or the key file")
+        elif s == 402:
+            text = f"not enough credits (402): {msg}. Top up at https://cloud.segmind.com/console/billing"
+        elif s == 403:
+            text = f"the API key is not allowed to use this model (403 forbidden): {msg}"
+        elif s == 404:
+            text = f"no model or endpoint at {where} (404): {msg}. Check {API_URL_ENV} (default {DEFAULT_API_URL})"
+        elif s == 405:
+            text = (f"{where} does not accept POST (405 method not allowed; the body was {msg}). {API_URL_ENV} "
+                    f"probably points at a web page, not the API; the default is {DEFAULT_API_URL}")
+        elif s == 406:
+            low = msg.lower()
+            if ("content" in low and "type" in low) or "json" in low:
+                text = (f"the service refused the request's content type (406): {msg}. The client sends "
+                        "application/json; a proxy in between may be rewriting it")
+            elif "credit" in low or "balance" in low:
+                text = f"not enough credits (406): {msg}. Top up at https://cloud.segmind.com/console/billing"
+            else:
+                text = f"the service refused the request (406 not acceptable: credits or content type): {msg}"
+        elif 300 <= s < 400:
+            text = (f"{where} redirects ({s}) to {self.scrub(resp.headers.get('location', '(no location)'))}; not "
+                    f"followed, so the key goes nowhere else. If the API moved, set {API_URL_ENV} to the new address")
+        else:
+            text = f"the service answered HTTP {s}: {msg}"
+        return RemoteError(text, status=s, index=index, billed=False)
+
+    def decode(self, resp: Response, params: dict, index: int, seed: int) -> RemoteImage:
+        from PIL import Image, UnidentifiedImageError
+
+        ctype = resp.headers.get("content-type", "")
+        billed_note = ("; a 200 is billed: report it to Segmind support with x-request-id "
+                       f"{self.scrub(resp.headers.get('x-request-id', '(none)'))}")
+        try:
+            img = Image.open(io.BytesIO(resp.body))
+            fmt = _FORMATS.get(img.format or "")
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+            img, fmt = None, None
+        if img is None or fmt is None:
+            raise RemoteError(f"the service answered 200 but the body is not an image (content type "
+                              f"{self.scrub(ctype) or 'none'}, {len(resp.body):,} bytes, starting "
+                              f"{self.scrub(repr(resp.body[:16]))}){billed_note}",
+                              status=200, index=index, billed=True, data=resp.body)
+        if img.size != (params["width"], params["height"]):
+            raise RemoteError(f"the service returned a {img.size[0]}x{img.size[1]} {fmt} image, but "
+                              f"{params['width']}x{params['height']} was asked (a 200 is billed, so the bytes are "
+                              "kept apart)",
+                              status=200, index=index, billed=True, data=resp.body)
+        try:
+            img.load()
+            rgb = img.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise RemoteError(f"the service's {fmt} image is damaged ({exc.__class__.__name__}: "
+                              f"{self.scrub(str(exc))}){billed_note}",
+                              status=200, index=index, billed=True, data=resp.body) from None
+        if fmt != params["output_format"]:
+            log.warning("image %d: asked for %s, the service sent %s; kept as sent", index + 1,
+                        params["output_format"], fmt)
+        accounting = {k: self.scrub(v) for k, v in resp.headers.items()
+                      if k in ("x-remaining-credits", "x-seed-value", "x-generation-time", "x-cost",
+                               "x-request-id")}
+        try:
+            used_seed = int(accounting.get("x-seed-value", seed))
+        except ValueError:
+            used_seed = seed
+        return RemoteImage(index, used_seed, resp.body, fmt, img.size[0], img.size[1], rgb, accounting)
+
+    def reset_delay(self, headers: dict) -> float | None:
+        for name in _RESET_HEADERS:
+            value = (headers.get(name) or "").strip()
+            if not value:
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                try:
+                    return parsedate_to_datetime(value).timestamp() - time.time()
+                except (TypeError, ValueError):
+                    continue
+            if number > 1e12:  # epoch milliseconds
+                return number / 1000.0 - time.time()
+            if number > 1e9:  # epoch seconds
+                return number - time.time()
+            return number  # seconds from now
+        return None
+

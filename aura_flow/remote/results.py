@@ -1,0 +1,46 @@
+"""What a remote generation returns: the images that arrived, the failures, the account's balance."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..params import MAX_SEED
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` of a batch: one request per image, seeds seed, seed+1, ... modulo 2**64."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
+
+@dataclass
+class RemoteImage:
+    index: int  # position in the batch
+    seed: int  # the seed used (the service's x-seed-value when it reports one)
+    data: bytes  # the body exactly as received (no metadata added)
+    format: str  # webp | jpg | png, from the bytes
+    width: int
+    height: int
+    image: object  # PIL.Image.Image in RGB
+    headers: dict = field(default_factory=dict)  # the accounting headers, lower-case names
+
+    @property
+    def remaining_credits(self) -> Optional[str]:
+        return self.headers.get("x-remaining-credits")
+
+
+@dataclass
+class RemoteResult:
+    params: dict  # the validated parameters of the whole call
+    images: list = field(default_factory=list)  # RemoteImage, in batch order
+    failures: list = field(default_factory=list)  # RemoteError with .index, in batch order
+    remaining_credits: Optional[str] = None  # the lowest balance the responses reported (the latest)
+
+    @property
+    def seed(self) -> int:
+        """The seed of the first image that arrived (the requested one if none did)."""
+        return self.images[0].seed if self.images else self.params["seed"]
+
+    def failure_summary(self) -> str:
+        n = self.params["number_of_images"]
+        return "; ".join(f"image {e.index + 1}/{n} failed: {e}" for e in self.failures)

@@ -1,0 +1,142 @@
+"""One HTTP exchange with the service on its own connection: TLS, the key header, bounded bodies, and an abort
+from another thread that ends a blocked read (Cancel, the total timeout)."""
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+from .endpoint import API_URL_ENV, Endpoint
+from .errors import RemoteError, Cancelled
+
+# The largest body accepted: a 2048x2048 PNG of noise is about 12.6 MB.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+
+class Exchange:
+    """One POST on its own connection. `abort` (from the waiting thread) shuts the socket so a blocked read ends."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.reason: str | None = None  # "timeout" | "cancel" once aborted
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def attach(self, conn):
+        with self._lock:
+            self._conn = conn
+            if self.reason:
+                raise Cancelled()
+
+    def abort(self, reason: str):
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            sock = getattr(self._conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Dropped(Exception):
+    """Internal: the connection failed after (part of) the request was sent; ``status`` if a response had begun."""
+
+    def __init__(self, what: str, status=None, timed_out: bool = False):
+        super().__init__(what)
+        self.status = status
+        self.timed_out = timed_out
+
+
+class NotSent(Exception):
+    """Internal: connecting failed; nothing reached the service."""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict  # lower-case names
+    body: bytes
+
+
+
+class HttpTransport:
+    """POSTs to one endpoint with the key in its header; bodies are capped at ``max_body_bytes``."""
+
+    def __init__(self, endpoint: Endpoint, key: str, *, connect_timeout: float, max_body_bytes: int,
+                 ssl_context: ssl.SSLContext | None = None):
+        self.endpoint = endpoint
+        self._key = key
+        self.connect_timeout = float(connect_timeout)
+        self.max_body_bytes = int(max_body_bytes)
+        self._ssl_context = ssl_context
+
+    def post(self, exchange: Exchange, body: bytes) -> Response:
+        ep = self.endpoint
+        if ep.scheme == "https":
+            conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=self.connect_timeout,
+                                               context=self._ssl_context or ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(ep.host, ep.port, timeout=self.connect_timeout)
+        try:
+            exchange.attach(conn)
+            try:
+                conn.connect()
+            except ssl.SSLCertVerificationError as exc:
+                raise RemoteError(f"the TLS certificate of {ep.host} is not trusted ({exc.verify_message}); "
+                                  f"nothing was sent. Check the system's CA certificates, or {API_URL_ENV}",
+                                  billed=False) from None
+            except (OSError, http.client.HTTPException) as exc:
+                if exchange.reason:
+                    raise Cancelled() from None
+                raise NotSent(f"{exc.__class__.__name__}: {exc}") from None
+            if exchange.reason:  # aborted while connecting: send nothing
+                raise Cancelled()
+            conn.sock.settimeout(max(0.05, exchange.deadline - time.monotonic()))
+            try:
+                conn.putrequest("POST", ep.path, skip_accept_encoding=True)
+                conn.putheader("Content-Type", "application/json")
+                conn.putheader("Accept", "*/*")
+                conn.putheader("x-api-key", self._key)
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise Dropped(exc.__class__.__name__, timed_out=isinstance(exc, TimeoutError)) from None
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            length = headers.get("content-length")
+            billed = (" A 200 is billed; if the service really sends images this large, raise max_body_bytes"
+                      if resp.status == 200 else "")
+            if length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes:
+                raise RemoteError(
+                    f"the service announced a {int(length):,}-byte body (HTTP {resp.status}), over the "
+                    f"{self.max_body_bytes:,}-byte cap; refused without reading it.{billed}",
+                    status=resp.status, billed=resp.status == 200)
+            chunks, size = [], 0
+            try:
+                while True:
+                    chunk = resp.read(65536)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise RemoteError(
+                            f"the service sent more than {self.max_body_bytes:,} bytes (HTTP {resp.status}); "
+                            f"stopped reading at the cap.{billed}", status=resp.status, billed=resp.status == 200)
+                    chunks.append(chunk)
+            except (OSError, http.client.HTTPException) as exc:
+                raise Dropped(f"{exc.__class__.__name__} after {size:,} bytes", resp.status,
+                               timed_out=isinstance(exc, TimeoutError)) from None
+            if exchange.reason:  # the socket was shut under a body without a length: it is truncated
+                raise Dropped(f"aborted after {size:,} bytes", resp.status)
+            if length is not None and length.strip().isdigit() and size < int(length):
+                raise Dropped(f"connection closed after {size:,} of {int(length):,} bytes", resp.status)
+            return Response(resp.status, headers, b"".join(chunks))
+        finally:
+            conn.close()
+
