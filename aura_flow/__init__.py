@@ -8,21 +8,21 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
+_LAZY = {  # name -> the module that defines it (imported on first use: they import torch)
     "load": ".pipeline.pipeline",
     "AuraFlowPipeline": ".pipeline.pipeline",
     "GenerationResult": ".pipeline.pipeline",
     "sample": ".sampling.loop",
     "prepare_noise": ".sampling.loop",
-    "Interrupted": ".sampling.loop",
-    "sigmas": ".sampling.schedules",
     "ModelSampling": ".sampling.schedules",
-    "SpeedOptions": ".pipeline.speed",
 }
 
-from .errors import LoadError, ParameterError  # noqa: E402  (torch-free)
-from .params import DEFAULTS, validate_generation  # noqa: E402  (torch-free)
-from .sampling.registry import SAMPLER_NAMES, SAMPLERS, SCHEDULER_NAMES  # noqa: E402  (torch-free)
+# torch-free
+from .errors import Interrupted, LoadError, ParameterError  # noqa: E402
+from .params import DEFAULTS, validate_generation  # noqa: E402
+from .pipeline.modes import SpeedOptions  # noqa: E402
+from .plan import GenerationPlan, SamplingPlan, plan_generation, plan_sampling, sigmas  # noqa: E402
+from .sampling.registry import SAMPLER_NAMES, SAMPLERS, SCHEDULER_NAMES, register_sampler  # noqa: E402
 
 
 def __getattr__(name):
@@ -33,5 +33,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'aura_flow' has no attribute {name!r}")
 
 
-__all__ = sorted(list(_LAZY) + ["DEFAULTS", "LoadError", "ParameterError", "validate_generation", "SAMPLER_NAMES", "SAMPLERS",
-                                "SCHEDULER_NAMES"])
+__all__ = sorted([*_LAZY, "Interrupted", "LoadError", "ParameterError", "DEFAULTS", "validate_generation",
+                  "SpeedOptions", "GenerationPlan", "SamplingPlan", "plan_generation", "plan_sampling", "sigmas",
+                  "SAMPLER_NAMES", "SAMPLERS", "SCHEDULER_NAMES", "register_sampler"])

@@ -1,14 +1,11 @@
-"""Headless runs: ``python -m aura_flow queue WORKFLOW.json --server URL`` queues an API-format workflow on a
-running ComfyUI, follows it to the end and downloads the images it made.
+"""Headless runs: queue an API-format workflow on a running ComfyUI, follow it to the end and download the images it
+made (``python -m aura_flow queue``, aura_flow/cli/queue.py, is its command line).
 
 Standard library only. It talks to ComfyUI's HTTP API: ``POST /prompt`` (with a client id), polling of
 ``GET /history/<prompt_id>`` until the prompt has finished, and ``GET /view`` for each output image. A prompt that
 ComfyUI rejects (HTTP 400 with ``error`` and ``node_errors``) or that fails while running (an ``execution_error``
-in the history's status messages) ends the command with exit code 1 and ComfyUI's own error text.
-
-Exit codes: 0 done, 1 ComfyUI rejected or failed the prompt, 2 bad arguments or workflow file, 3 ComfyUI could
-not be reached or the prompt did not finish within ``--timeout``, 130 interrupted (the prompt is then removed
-from ComfyUI's queue or interrupted).
+in the history's status messages) raises `QueueError` with ComfyUI's own error text; a server that cannot be
+reached, answers something else or does not finish in time raises `ServerUnavailable`.
 """
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ import copy
 import json
 import logging
 import os
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +20,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .params import ParameterError
+from .errors import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -312,37 +308,3 @@ def run_workflow(prompt: dict, server: str = DEFAULT_SERVER, *, sets=(), out_dir
         log.warning("prompt %s finished without output files (does the workflow end in a Save Image node?)",
                     prompt_id)
     return paths
-
-
-# --------------------------------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("queue", help="run an API-format workflow on a running ComfyUI and download images",
-                              description="Queue an API-format workflow on a running ComfyUI, wait for it and "
-                                          "download the images it made; prints the paths written.",
-                              epilog="exit codes: 0 done; 1 ComfyUI rejected or failed the prompt (its error text "
-                                     "on stderr); 2 bad arguments or workflow file; 3 ComfyUI unreachable or "
-                                     "--timeout passed; 130 interrupted (the prompt is cancelled)")
-    p.add_argument("workflow", help="API-format workflow JSON (the editor's Export (API), or workflows/api/*.json)")
-    p.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI address (default {DEFAULT_SERVER})")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="change an input before queueing; NODE is a node id, title or class_type; VALUE is JSON "
-                        "when it parses, else text (repeatable): --set 3.seed=5 --set KSampler.steps=20")
-    p.add_argument("--out", default="out", help="folder for the downloaded images (default ./out)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds to wait for the prompt to finish, 0 for no limit (default {DEFAULT_TIMEOUT:g})")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    prompt = load_workflow(args.workflow)
-    try:
-        paths = run_workflow(prompt, args.server, sets=args.sets, out_dir=args.out, timeout=args.timeout)
-    except QueueError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    except ServerUnavailable as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 3
-    for path in paths:
-        sys.stdout.write(f"{path}\n")
-    return 0

@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 from .params import OUTPUT_FORMATS, check_choice, check_range
@@ -94,30 +94,25 @@ def encode_image(pil, fmt: str, quality: int = 80, metadata: dict | None = None)
     return buf.getvalue()
 
 
-def save_image_atomic(pil, path, fmt: str, quality: int = 80, metadata: dict | None = None) -> str:
-    """Encode and write ``pil`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+def save_new_image(pil, directory, stem: str, fmt: str, quality: int = 80, metadata: dict | None = None) -> Path:
+    """Encode ``pil`` and write it as ``directory/stem.<ext>``, or ``stem_1.<ext>``, ``stem_2.<ext>``... when that
+    name is taken: an existing file is never replaced, and a reader never sees a half-written one."""
+    return write_new_file(directory, stem, encode_image(pil, fmt, quality, metadata))
 
-    A reader never sees a half-written file, and a failed save leaves nothing behind. Returns the path.
-    """
+
+def save_image_atomic(pil, path, fmt: str, quality: int = 80, metadata: dict | None = None) -> str:
+    """Encode and write ``pil`` to ``path`` (replacing it) through a temporary file in the same folder.
+
+    A reader never sees a half-written file, and a failed save leaves nothing behind. Returns the path."""
     data = encode_image(pil, fmt, quality, metadata)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = _write_temp(folder, data)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; an image file should read like any other
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink(tmp)
         raise
     return path
 
@@ -161,17 +156,59 @@ def image_extension(data: bytes) -> str:
     return "bin"
 
 
-def write_new_file(directory, stem: str, data: bytes) -> Path:
-    """Write ``data`` to ``directory/stem.<ext>`` (``stem_1.<ext>``... if taken), never overwriting a file."""
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_temp(folder, data: bytes) -> str:
+    """``data`` in a new hidden file of ``folder``, flushed to disk; its path. Created with mode 0666 less the
+    process's umask (applied by the system: nothing here changes the umask), never through a link."""
+    tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def write_first_free(directory, data: bytes, names) -> Path:
+    """Write ``data`` under the first of ``names`` (file names in ``directory``) that is free, atomically: the file
+    appears whole under its name or not at all, an existing file (or link) is never replaced, and concurrent
+    writers each get their own name. The path written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temp(directory, data)
+    try:
+        for name in names:
+            path = directory / name
+            try:
+                os.link(tmp, path)  # fails when the name exists, also as a dangling link
+                return path
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: exclusive create, then write
+                try:
+                    with open(path, "xb") as fh:
+                        fh.write(data)
+                    return path
+                except FileExistsError:
+                    continue
+        raise FileExistsError(f"{directory}: no free file name left; clean the folder")
+    finally:
+        _unlink(tmp)
+
+
+def write_new_file(directory, stem: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/stem.<ext>`` (``stem_1.<ext>``... if taken), never overwriting a file; the
+    extension comes from the bytes (`image_extension`)."""
     ext = image_extension(data)
-    for n in range(100000):
-        path = directory / (f"{stem}.{ext}" if n == 0 else f"{stem}_{n}.{ext}")
-        try:
-            with open(path, "xb") as fh:
-                fh.write(data)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{directory}: no free name for {stem}.{ext}; clean the folder")
+    return write_first_free(directory, data, (f"{stem}.{ext}" if n == 0 else f"{stem}_{n}.{ext}"
+                                              for n in range(100000)))

@@ -10,6 +10,9 @@ import math
 import random
 from dataclasses import dataclass
 
+from .errors import ParameterError  # re-exported: aura_flow.params.ParameterError
+from .sampling import registry  # names read when used: register_sampler adds to them at runtime
+
 MAX_SEED = 2**64 - 1
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 # weight dtypes of the transformer and text encoder (fp8 is storage only; compute runs in bf16/fp16)
@@ -23,8 +26,6 @@ SIZE_STEP = 8
 REMOTE_MIN_SIZE = 512
 REMOTE_MAX_SIZE = 2048
 
-
-from .errors import ParameterError  # noqa: E402  (re-exported: aura_flow.params.ParameterError)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,16 @@ def check_size(name: str, value, *, remote: bool = False) -> int:
     return value
 
 
+def check_shift(value) -> float:
+    """The flow shift: a number in 0..10 (the hosted API's range) other than 0, which would make every noise level 0
+    and leave nothing to sample."""
+    value = check_range("shift", value)
+    if value == 0.0:
+        raise ParameterError(f"shift={value!r} makes every noise level 0, so nothing would be sampled; allowed: above "
+                             f"0 up to {RANGES['shift'].hi:g} (AuraFlow's default is {RANGES['shift'].default})")
+    return value
+
+
 def check_seed(seed) -> int:
     """A seed from 0 to 2**64-1; None draws a random one (the caller reports the seed it used)."""
     if seed is None:
@@ -134,8 +145,6 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
     Raises ParameterError on the first bad one, before any model work. Unknown keys are refused too, so a typo
     is not silently ignored.
     """
-    from .sampling.registry import SAMPLER_NAMES, SCHEDULER_NAMES, REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES
-
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
         raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
@@ -145,12 +154,14 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
         "negative_prompt": check_text("negative_prompt", p["negative_prompt"]),
         "cfg": check_range("cfg", p["cfg"]),
         "seed": check_seed(p["seed"]),
-        "shift": check_range("shift", p["shift"]),
+        "shift": check_shift(p["shift"]),
         "steps": check_range("steps", p["steps"]),
         "width": check_size("width", p["width"], remote=remote),
         "height": check_size("height", p["height"], remote=remote),
-        "sampler": check_choice("sampler", p["sampler"], REMOTE_SAMPLER_NAMES if remote else SAMPLER_NAMES),
-        "scheduler": check_choice("scheduler", p["scheduler"], REMOTE_SCHEDULER_NAMES if remote else SCHEDULER_NAMES),
+        "sampler": check_choice("sampler", p["sampler"],
+                                registry.REMOTE_SAMPLER_NAMES if remote else registry.SAMPLER_NAMES),
+        "scheduler": check_choice("scheduler", p["scheduler"],
+                                  registry.REMOTE_SCHEDULER_NAMES if remote else registry.SCHEDULER_NAMES),
         "number_of_images": check_range("number_of_images", p["number_of_images"]),
         "output_format": check_choice("output_format", p["output_format"], OUTPUT_FORMATS),
         "output_quality": check_range("output_quality", p["output_quality"]),

@@ -169,7 +169,7 @@ def test_seed_reproducible_and_reported(tiny_pipe):
     r = tiny_pipe.generate(prompt="a cat", **SMALL)  # no seed: a random one, reported
     again = tiny_pipe.generate(prompt="a cat", seed=r.seed, **SMALL)
     assert torch.equal(r.tensor, again.tensor)
-    assert a.seeds == [42] and a.params["seed"] == 42
+    assert a.seed == 42 and a.params["seed"] == 42
 
 
 def test_batch_uses_one_noise_tensor(tiny_pipe):

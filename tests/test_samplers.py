@@ -23,7 +23,8 @@ from aura_flow.sampling import registry
 from aura_flow.sampling.registry import SAMPLER_NAMES, SAMPLER_NAMES_COMFYUI_0_29, SAMPLERS, SamplerInfo, get_sampler
 from aura_flow.sampling.sde import BrownianNoise, step_noise
 from aura_flow.sampling.loop import sample
-from aura_flow.sampling.schedules import ModelSampling, sigmas as make_sigmas
+from aura_flow.plan import sigmas as make_sigmas
+from aura_flow.sampling.schedules import ModelSampling
 
 DATA = json.loads((Path(__file__).resolve().parent / "data" / "comfyui_sampler_parity.json").read_text())
 CASES = DATA["cases"]

@@ -9,7 +9,8 @@ import torch
 
 from aura_flow import ParameterError
 from aura_flow.sampling.registry import SAMPLER_NAMES, SCHEDULER_NAMES
-from aura_flow.sampling.schedules import ModelSampling, sigmas
+from aura_flow.plan import sigmas
+from aura_flow.sampling.schedules import ModelSampling
 
 DATA = Path(__file__).resolve().parent / "data" / "comfyui_schedules.json"
 ROWS = json.loads(DATA.read_text())["rows"]

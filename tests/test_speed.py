@@ -34,7 +34,7 @@ class BlockCounter:
 def _sample_with(pipe, speed, params=PARAMS):
     """aura_flow.sample with the speed mode's velocity model; -> (latent, model, rows computed)."""
     from aura_flow.sampling.loop import sample
-    from aura_flow.sampling.schedules import sigmas
+    from aura_flow.plan import sigmas
 
     p = params
     pos, neg = pipe.encode_prompt(p["prompt"]), pipe.encode_prompt(p["negative_prompt"])

@@ -1,35 +1,28 @@
 """AuraFlow from the command line: local generation, a no-download demo, the hosted API, ComfyUI headless runs.
 
-Each command lives in its own module that defines ``register(subparsers)``; the parser it adds sets
-``func=run`` (called with the parsed args, returning the exit code). Modules load only when listed here.
+Each command lives in its own module with ``register(subparsers)``, which adds its parser with ``func`` (called
+with the parsed args, returning the exit code) and ``parser`` (for wording errors in its flags) as defaults.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# command modules, in help order; each has register(subparsers)
-COMMAND_MODULES = (
-    "aura_flow.cli.generate",  # generate, demo
-    "aura_flow.cli.remote",  # remote
-    "aura_flow.headless",  # queue
-)
+from ..errors import LoadError, ParameterError
+from . import generate, queue, remote
+from .flags import HelpFormatter, in_flag_words
+
+COMMANDS = (generate, remote, queue)  # in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aura_flow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m aura_flow", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a command module not written yet
-                continue
-            raise
-        module.register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 
@@ -37,12 +30,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from ..errors import LoadError, ParameterError
-
     try:
         return int(args.func(args) or 0)
     except (ParameterError, LoadError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {in_flag_words(str(exc), args.parser)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -1,4 +1,6 @@
-"""``generate`` and ``demo`` commands: text to image on the local engine, written to files."""
+"""``generate`` and ``demo`` commands: text to image on the local engine, written to files.
+
+Every parameter is checked (into a plan) and the output folder tested before the model is loaded."""
 from __future__ import annotations
 
 import os
@@ -6,61 +8,30 @@ import sys
 import time
 from pathlib import Path
 
-from ..params import DEFAULTS, OUTPUT_FORMATS, RANGES
-
-
-def add_generation_flags(p, *, remote: bool = False):
-    """One flag per hosted-API parameter (shared with the ``remote`` command)."""
-    from ..sampling.registry import REMOTE_SAMPLER_NAMES, REMOTE_SCHEDULER_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES
-
-    p.add_argument("--prompt", default=DEFAULTS["prompt"], help="what to draw")
-    p.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"], help="what to avoid")
-    p.add_argument("--cfg", type=float, default=DEFAULTS["cfg"], help=f"guidance {RANGES['cfg'].lo:g}-{RANGES['cfg'].hi:g}")
-    p.add_argument("--seed", type=int, default=None, help="0..2^64-1; random when omitted (the seed used is printed)")
-    p.add_argument("--shift", type=float, default=DEFAULTS["shift"], help="flow shift 0-10")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps 1-100")
-    p.add_argument("--width", type=int, default=DEFAULTS["width"], help="image width (multiple of 8)")
-    p.add_argument("--height", type=int, default=DEFAULTS["height"], help="image height (multiple of 8)")
-    # choices are validated by the engine with the full list in the message; metavar keeps --help short
-    p.add_argument("--sampler", default=DEFAULTS["sampler"], metavar="NAME",
-                   help="one of: " + ", ".join(REMOTE_SAMPLER_NAMES if remote else SAMPLER_NAMES))
-    p.add_argument("--scheduler", default=DEFAULTS["scheduler"], metavar="NAME",
-                   help="one of: " + ", ".join(REMOTE_SCHEDULER_NAMES if remote else SCHEDULER_NAMES))
-    p.add_argument("--number-of-images", type=int, default=DEFAULTS["number_of_images"], help="1-10")
-    p.add_argument("--output-format", default=DEFAULTS["output_format"], choices=OUTPUT_FORMATS)
-    p.add_argument("--output-quality", type=int, default=DEFAULTS["output_quality"], help="0-100 (webp/jpg)")
-    p.add_argument("--out", default="out", help="folder to write the images into (default: ./out)")
-
-
-def add_speed_flag(p):
-    p.add_argument("--speed", default="auto", metavar="MODE",
-                   help="auto (lossless padding fold on the CPU, exact elsewhere), exact, fold_padding, compile, or "
-                        "the lossy opt-ins cfg_cutoff, step_cache, fast; named modes add to auto's fold on the CPU "
-                        "(see aura_flow/speed.py)")
-
-
-def generation_params(args) -> dict:
-    return {k: getattr(args, k) for k in DEFAULTS}
+from ..params import DTYPES
+from .flags import HelpFormatter, add_generation_flags, add_speed_flag, check_output_folder, generation_params
 
 
 def register(sub):
-    g = sub.add_parser("generate", help="text to image with a local AuraFlow checkpoint")
+    g = sub.add_parser("generate", help="text to image with a local AuraFlow checkpoint",
+                       formatter_class=HelpFormatter)
     g.add_argument("--checkpoint", required=True, help="diffusers folder, all-in-one or transformer .safetensors")
     g.add_argument("--tokenizer", help="tokenizer.model or tokenizer folder (single files)")
     g.add_argument("--text-encoder", help="Pile-T5-XL .safetensors or folder (transformer-only files)")
     g.add_argument("--vae", help="SDXL VAE .safetensors or folder (transformer-only files)")
-    g.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2")
+    g.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)}")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     add_speed_flag(g)
     add_generation_flags(g)
-    g.set_defaults(func=run_generate)
+    g.set_defaults(func=run_generate, parser=g)
 
-    d = sub.add_parser("demo", help="build a tiny random-weight AuraFlow once and generate with it (no downloads)")
+    d = sub.add_parser("demo", help="build a tiny random-weight AuraFlow once and generate with it (no downloads)",
+                       formatter_class=HelpFormatter)
     d.add_argument("--cache", default=os.environ.get("AURAFLOW_CACHE", str(Path.home() / ".cache" / "aura_flow")),
-                   help="where the demo model is built (default ~/.cache/aura_flow, or $AURAFLOW_CACHE)")
+                   help="where the demo model is built ($AURAFLOW_CACHE overrides the default)")
     add_speed_flag(d)
     add_generation_flags(d)
-    d.set_defaults(func=run_demo, prompt="a watercolor painting of a fox", width=256, height=256, steps=8,
+    d.set_defaults(func=run_demo, parser=d, prompt="a watercolor painting of a fox", width=256, height=256, steps=8,
                    sampler="euler")
 
 
@@ -77,50 +48,51 @@ class ProgressBar:
         self.stream.flush()
 
 
-def write_images(result, out_dir, fmt: str, quality: int, stem: str = "aura_flow") -> list[str]:
-    from ..images import EXT, save_image_atomic
+def write_images(result, out_dir, stem: str = "aura_flow") -> list[str]:
+    """Each image as ``<stem>_<seed>_<i>.<ext>`` in ``out_dir``, never replacing a file (``_1``, ``_2``... when
+    taken), with the parameters embedded; the paths written."""
+    from ..images import save_new_image
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(result.images):
-        path = out / f"{stem}_{result.seed}_{i:02d}{EXT[fmt]}"
-        save_image_atomic(img, path, fmt, quality, metadata={"parameters": result.params})
-        paths.append(str(path))
-    return paths
+    plan = result.plan
+    return [str(save_new_image(img, out_dir, f"{stem}_{result.seed}_{i:02d}", plan.output_format,
+                               plan.output_quality, metadata={"parameters": result.params}))
+            for i, img in enumerate(result.images)]
 
 
-def _generate(pipe, args) -> int:
-    from ..params import validate_generation
+def _plan(args):
+    from ..plan import plan_generation
 
-    params = validate_generation(generation_params(args))
-    result = pipe.generate(callback=ProgressBar(), speed=args.speed, **params)
-    for path in write_images(result, args.out, params["output_format"], params["output_quality"]):
+    plan = plan_generation(generation_params(args), speed=args.speed)
+    check_output_folder(args.out)
+    return plan
+
+
+def _generate(pipe, plan, args) -> int:
+    result = pipe.generate(plan, callback=ProgressBar())
+    for path in write_images(result, args.out):
         sys.stdout.write(path + "\n")
     sys.stderr.write(f"seed: {result.seed}\n")
     return 0
 
 
 def run_generate(args) -> int:
-    from .. import load
-    from ..params import validate_generation
+    from ..pipeline.pipeline import load
 
-    validate_generation(generation_params(args))  # fail before loading 16 GB
+    plan = _plan(args)  # every parameter and the output folder, before loading 16 GB
     pipe = load(args.checkpoint, tokenizer=args.tokenizer, text_encoder=args.text_encoder, vae=args.vae,
                 dtype=args.dtype, device=args.device)
-    return _generate(pipe, args)
+    return _generate(pipe, plan, args)
 
 
 def run_demo(args) -> int:
-    from .. import load
-    from ..params import validate_generation
+    from ..pipeline.pipeline import load
     from ..tiny import build_tiny
 
-    validate_generation(generation_params(args))
+    plan = _plan(args)
     root = Path(args.cache) / "demo-tiny"
     ckpt = root / "diffusers"
     if not (ckpt / "model_index.json").exists():
         sys.stderr.write(f"building the tiny demo model in {root} (once)\n")
         build_tiny(root, "diffusers")
     pipe = load(ckpt, device="cpu")
-    return _generate(pipe, args)
+    return _generate(pipe, plan, args)

@@ -9,30 +9,31 @@ import sys
 
 from .. import remote as remote_api
 from ..images import write_new_file
-from ..params import validate_generation
-from .generate import add_generation_flags, generation_params
+from ..plan import plan_generation
+from .flags import HelpFormatter, add_generation_flags, check_output_folder, generation_params
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("remote", help="generate with the hosted Aura Flow API (needs SEGMIND_API_KEY)",
                               description="Generate with the hosted Aura Flow API (Segmind), write the "
                               "images to --out and print their paths. The key comes from SEGMIND_API_KEY or the key "
-                              "file, never from the command line.")
+                              "file, never from the command line.", formatter_class=HelpFormatter)
     add_generation_flags(p, remote=True)
     p.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
                                                     "or ~/.config/auraflow/segmind_api_key)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests at a time (default %(default)s)")
-    p.set_defaults(func=run)
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image")
+    p.add_argument("--concurrency", type=int, default=2, help="requests at a time")
+    p.set_defaults(func=run, parser=p)
 
 
 def run(args) -> int:
     """Exit codes: 0 all images written, 1 some or all failed (what arrived is still written), 130 interrupted."""
-    params = validate_generation(generation_params(args), remote=True)  # before the key is read
+    plan = plan_generation(generation_params(args), remote=True)  # before the key is read
+    check_output_folder(args.out)
     try:
         client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=args.timeout,
                                                           max_concurrency=args.concurrency)
-        result = client.generate(params)
+        result = client.generate(plan)
     except remote_api.RemoteError as exc:
         sys.stderr.write(f"error: {exc}\n")
         if exc.result is not None:

@@ -10,10 +10,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..params import validate_generation
+from ..plan import GenerationPlan, plan_generation, plan_sampling
 from ..sampling.loop import sample as _sample
-from ..sampling.schedules import LATENT_SCALE, sigmas as make_sigmas
-from .speed import resolve as resolve_speed, velocity_model
+from .modes import resolve as resolve_speed
+from .speed import velocity_model
 from ..errors import ParameterError
 from ..prompts import encode_prompt
 from ..weights.components import Components, load_components
@@ -52,11 +52,8 @@ class GenerationResult:
     images: list  # PIL images
     tensor: torch.Tensor  # (B, H, W, 3) float32 in [0, 1] (ComfyUI IMAGE)
     seed: int  # the seed used for the whole batch (ComfyUI semantics: one noise tensor for all images)
-    params: dict = field(default_factory=dict)  # the validated parameters
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed] * len(self.images)
+    params: dict = field(default_factory=dict)  # the checked parameters, as the hosted API names them
+    plan: GenerationPlan | None = None  # everything the run used (its schedule and speed mode too)
 
 
 class AuraFlowPipeline:
@@ -166,21 +163,24 @@ class AuraFlowPipeline:
                                timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
         return out[..., :h, :w].to(x.dtype)
 
-    def sample(self, positive, negative, latent, *, speed=None, **kwargs):
+    def sample(self, positive, negative, latent, plan=None, *, speed=None, callback=None, should_stop=None,
+               noise=None, **settings):
         """`aura_flow.sample` with this pipeline's transformer as the model.
 
-        speed: as `generate`'s, but None (the exact path) by default; the modes see the run's own schedule (the
-        ``sigmas`` given, else the one the settings make)."""
-        options = resolve_speed(speed, self.device)
+        plan: an `aura_flow.plan.SamplingPlan`, or the settings as keywords (as `aura_flow.sample` takes them) with
+        speed as `generate`'s but None (the exact path) by default. The speed mode is resolved here, for the device
+        the transformer is on now, and its modes see the run's own schedule."""
+        if plan is None:
+            plan = plan_sampling(speed=speed, **settings)
+        elif settings or speed is not None:
+            raise TypeError("sample() takes a plan or the settings, not both")
+        options = resolve_speed(plan.speed, self.device)
         model = self.velocity
         if options is not None:
-            sigmas = kwargs.get("sigmas")
-            if sigmas is None:  # scheduler, steps, shift, sampler and cfg are required arguments of aura_flow.sample
-                sigmas = make_sigmas(kwargs["scheduler"], kwargs["steps"], shift=kwargs["shift"],
-                                     denoise=kwargs.get("denoise", 1.0), sampler=kwargs["sampler"])
             samples = latent["samples"] if isinstance(latent, dict) else latent
-            model = velocity_model(self, options, batch=samples.shape[0], cfg=kwargs["cfg"], sigmas=sigmas)
-        return _sample(model, positive, negative, latent, **kwargs)
+            model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg, sigmas=plan.sigmas_tensor())
+        return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
+                       noise=noise)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -201,37 +201,41 @@ class AuraFlowPipeline:
         return self.vae.encode(_conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
 
     # -------------------------------------------------------------- the whole job
-    def generate(self, *, callback: Callable | None = None, should_stop: Callable | None = None,
-                 noise: torch.Tensor | None = None, speed="auto", stage: Callable | None = None,
-                 **params) -> GenerationResult:
-        """Text to image with the hosted API's parameters (see aura_flow.params); validated before any work.
+    def generate(self, plan: GenerationPlan | None = None, *, callback: Callable | None = None,
+                 should_stop: Callable | None = None, noise: torch.Tensor | None = None, speed="auto",
+                 stage: Callable | None = None, **params) -> GenerationResult:
+        """Text to image with the hosted API's parameters (see aura_flow.params), checked before any work.
 
+        plan: an `aura_flow.plan.GenerationPlan` (``plan_generation(params, speed=...)``), or instead the parameters
+        as keywords and ``speed``: "auto" (the lossless padding fold on the CPU, exact elsewhere), None (exact), a
+        mode name or an `aura_flow.pipeline.modes.SpeedOptions` (the lossy ones are opt-in, with a bounded,
+        measured fidelity loss).
         callback(step, total, x0) after each step; should_stop() polled before every model call.
         noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
-        speed: "auto" (the lossless padding fold on the CPU, exact elsewhere), None (exact), a mode name or an
-        `aura_flow.pipeline.speed.SpeedOptions` (the lossy ones are opt-in, with a bounded, measured fidelity loss).
         stage(parts): a context manager entered around each stage with the parts it uses (("text_encoder",),
         ("transformer",), ("vae",)), so a host can bring just those to its GPU; by default nothing moves.
         """
-        p = validate_generation(params)
-        resolve_speed(speed, self.device)  # an unknown mode fails here, before any work
+        if plan is None:
+            plan = plan_generation(params, speed=speed)
+        elif params:
+            raise TypeError(f"generate() takes a plan or the parameters, not both (got {', '.join(sorted(params))})")
+        if plan.sampling is None:
+            raise ParameterError("this plan is for the hosted API (remote=True); plan a local run with "
+                                 "plan_generation(params)")
         stage = stage or (lambda parts: contextlib.nullcontext())
         from PIL import Image
 
-        b, h, w = p["number_of_images"], p["height"] // 8, p["width"] // 8
         with stage(("text_encoder",)):
-            positive = self.encode_prompt(p["prompt"])
-            negative = self.encode_prompt(p["negative_prompt"]) if p["cfg"] != 1.0 else positive
+            positive = self.encode_prompt(plan.prompt)
+            negative = self.encode_prompt(plan.negative_prompt) if plan.cfg != 1.0 else positive
         with stage(("transformer",)):  # the speed is resolved in sample(), where the transformer is now
-            out = self.sample(positive, negative, torch.zeros(b, 4, h, w), speed=speed, seed=p["seed"],
-                              steps=p["steps"], cfg=p["cfg"], sampler=p["sampler"], scheduler=p["scheduler"],
-                              shift=p["shift"], callback=callback, should_stop=should_stop, noise=noise)
+            out = self.sample(positive, negative, torch.zeros(plan.latent_shape), plan.sampling, callback=callback,
+                              should_stop=should_stop, noise=noise)
         with stage(("vae",)):
             # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
             images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
         pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
-        return GenerationResult(images=pil, tensor=images, seed=p["seed"], params=p)
-
+        return GenerationResult(images=pil, tensor=images, seed=plan.seed, params=plan.params(), plan=plan)
 
 def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto",
          offload_text_encoder="auto") -> AuraFlowPipeline:

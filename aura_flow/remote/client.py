@@ -26,11 +26,13 @@ import random
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..params import validate_generation
+from ..errors import ParameterError
+from ..plan import plan_generation
 from .answers import Answers
 from .endpoint import API_URL_ENV, DEFAULT_API_URL, parse_endpoint
 from .errors import Cancelled, RemoteError, RemoteInterrupted, RemoteTimeout
@@ -189,16 +191,22 @@ class RemoteClient:
 
     # ------------------------------------------------------------------------------------------- public
 
-    def generate(self, params: dict, *, should_stop: Callable[[], bool] | None = None,
+    def generate(self, plan, *, should_stop: Callable[[], bool] | None = None,
                  on_progress: Callable[[int, int, str], None] | None = None) -> RemoteResult:
-        """Generate ``params["number_of_images"]`` images. Validates everything before sending anything.
+        """Generate the plan's ``number_of_images`` images. ``plan``: a remote `GenerationPlan`
+        (``plan_generation(params, remote=True)``), or the parameters as a dict, checked here before anything is sent.
 
         Returns a `RemoteResult` when at least one image arrived (``result.failures`` lists the others); raises
         `RemoteError` when none did (a single failure is raised as is), `RemoteInterrupted` when ``should_stop()``
         turned true (polled every ``poll_interval`` seconds, also while waiting to retry). ``on_progress(done,
         total, text)`` is called when an image arrives and about once a second while waiting.
         """
-        params = validate_generation(params, remote=True)
+        if isinstance(plan, Mapping):
+            plan = plan_generation(plan, remote=True)
+        elif not plan.remote:
+            raise ParameterError("this plan was made for the local engine; plan a remote run with "
+                                 "plan_generation(params, remote=True) (the service's sizes and names differ)")
+        params = plan.params()
         n = params["number_of_images"]
         ctx = _Call(params, n)
         result = RemoteResult(params)

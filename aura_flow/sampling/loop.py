@@ -16,9 +16,8 @@ from typing import Callable
 import torch
 
 from ..errors import Interrupted, ParameterError
-from ..params import check_range, check_seed
-from .registry import SCHEDULER_NAMES, get_sampler
-from .schedules import LATENT_SCALE, ModelSampling, sigmas as make_sigmas
+from ..plan import plan_sampling
+from .schedules import LATENT_SCALE, ModelSampling
 
 __all__ = ["sample", "prepare_noise", "Interrupted", "CFGDenoiser"]
 
@@ -85,34 +84,28 @@ class CFGDenoiser:
         return uncond + (cond - uncond) * self.cfg
 
 
-def sample(model, positive, negative, latent, *, seed: int, steps: int, cfg: float, sampler: str, scheduler: str,
-           shift: float, denoise: float = 1.0, callback: Callable | None = None,
-           should_stop: Callable[[], bool] | None = None, noise: torch.Tensor | None = None,
-           sigmas: torch.Tensor | None = None):
+def sample(model, positive, negative, latent, plan=None, *, callback: Callable | None = None,
+           should_stop: Callable[[], bool] | None = None, noise: torch.Tensor | None = None, **settings):
     """Sample a LATENT the way ComfyUI's KSampler does for AuraFlow; returns a LATENT of the same kind as given.
 
+    ``plan``: an `aura_flow.plan.SamplingPlan` (checked settings and their schedule), or instead the settings
+    themselves as keywords (seed, steps, cfg, sampler, scheduler, shift, denoise=1.0, sigmas=None), checked here.
     ``callback(step, total, x0)`` is called after each sampler step with the current x0 estimate (model space);
     ``should_stop()`` is polled before every model call and raises `Interrupted` when it returns true.
-    ``noise`` overrides the seeded start noise (same shape as the latent); ``sigmas`` overrides the schedule.
+    ``noise`` overrides the seeded start noise (same shape as the latent).
     """
+    if plan is None:
+        plan = plan_sampling(**settings)
+    elif settings:
+        raise TypeError(f"sample() takes a plan or the settings, not both (got {', '.join(sorted(settings))})")
     as_dict = isinstance(latent, dict)
     samples = latent["samples"] if as_dict else latent
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise ParameterError("latent must be a (batch, 4, height/8, width/8) tensor or a LATENT dict")
-    seed = check_seed(seed)
-    cfg = check_range("cfg", cfg)
-    info = get_sampler(sampler)
-    if scheduler not in SCHEDULER_NAMES:
-        raise ParameterError(f"scheduler={scheduler!r} is not known; valid names: {', '.join(SCHEDULER_NAMES)}")
-    ms = ModelSampling(check_range("shift", shift))
-    if sigmas is None:
-        sigmas = make_sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler, model_sampling=ms)
+    seed, info, ms = plan.seed, plan.sampler_info, ModelSampling(plan.shift)
     device = samples.device
-    if len(sigmas) == 0:  # denoise 0: nothing to do
+    if len(plan.sigmas) == 0:  # denoise 0: nothing to do
         return dict(latent) if as_dict else samples.clone()
-    if torch.isnan(sigmas).any():  # ComfyUI samples these into a NaN (black) image; say why instead
-        raise ParameterError(f"scheduler={scheduler!r} gives no usable schedule for steps={steps} "
-                             f"(ComfyUI's formula yields NaN); use at least 2 steps or another scheduler")
 
     if noise is None:
         noise = prepare_noise(samples.shape, seed)
@@ -123,9 +116,9 @@ def sample(model, positive, negative, latent, *, seed: int, steps: int, cfg: flo
     latent_in = samples.to(device=device, dtype=work_dtype)
     if torch.count_nonzero(latent_in) > 0:
         latent_in = latent_in * LATENT_SCALE
-    sig = sigmas.to(device=device, dtype=work_dtype)
+    sig = plan.sigmas_tensor().to(device=device, dtype=work_dtype)
 
-    denoiser = CFGDenoiser(model, positive, negative, cfg, need_uncond=info.needs_uncond, should_stop=should_stop,
+    denoiser = CFGDenoiser(model, positive, negative, plan.cfg, need_uncond=info.needs_uncond, should_stop=should_stop,
                             model_sampling=ms)
     total = len(sig) - 1
 

@@ -479,7 +479,7 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
     Only the first and last non-zero sigma of the schedule are used; the number of model calls varies.
     """
     if order not in (2, 3):
-        from ..params import ParameterError
+        from ..errors import ParameterError
 
         raise ParameterError(f"dpm_adaptive order={order!r} is not allowed; valid values: 2, 3")
     if len(sigmas) <= 1:

@@ -150,7 +150,7 @@ def register_sampler(info_or_name: SamplerInfo | str, fn: Callable | None = None
 
 
 def get_sampler(name: str) -> SamplerInfo:
-    from ..params import ParameterError
+    from ..errors import ParameterError
 
     try:
         return SAMPLERS[name]

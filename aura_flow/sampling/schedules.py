@@ -11,8 +11,7 @@ import math
 import numpy as np
 import torch
 
-from ..params import ParameterError, check_range
-from .registry import SCHEDULER_NAMES, get_sampler
+from .registry import SCHEDULER_NAMES
 
 LATENT_SCALE = 0.13025  # SDXL VAE scaling factor, no shift
 
@@ -54,12 +53,7 @@ class ModelSampling:
             return 0.0
         return float(time_shift(self.shift, 1.0 - percent))
 
-    # CONST prediction
-    @staticmethod
-    def calculate_denoised(sigma, model_output, model_input):
-        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
-        return model_input - model_output * sigma
-
+    # CONST prediction: denoised = x - sigma * v (aura_flow.sampling.loop.CFGDenoiser)
     @staticmethod
     def noise_scaling(sigma, noise, latent_image):
         return sigma * noise + (1.0 - sigma) * latent_image
@@ -173,30 +167,21 @@ SCHEDULERS = {
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
 
-def scheduler_sigmas(ms: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:
-    if scheduler not in SCHEDULERS:
-        raise ParameterError(f"scheduler={scheduler!r} is not known; valid names: {', '.join(SCHEDULER_NAMES)}")
-    return SCHEDULERS[scheduler](ms, steps)
+def schedule(ms: ModelSampling, scheduler: str, steps: int, *, denoise: float = 1.0,
+             discard_penultimate: bool = False) -> torch.Tensor:
+    """Exactly ``comfy.samplers.KSampler(...).sigmas`` for AuraFlow patched with ``ModelSamplingAuraFlow(shift)``,
+    for settings already checked (`aura_flow.plan` checks them; `aura_flow.sigmas` is the checked entry point).
 
-
-def sigmas(scheduler: str, steps: int, *, shift: float = 1.73, denoise: float = 1.0, sampler: str | None = None,
-           model_sampling: ModelSampling | None = None) -> torch.Tensor:
-    """Exactly ``comfy.samplers.KSampler(...).sigmas`` for AuraFlow patched with ``ModelSamplingAuraFlow(shift)``.
-
-    ``sampler`` matters only for the samplers that drop the penultimate sigma (dpm_2, dpm_2_ancestral, uni_pc,
-    uni_pc_bh2). Returns a float32 CPU tensor of steps+1 values ending in 0 (empty when denoise is 0).
+    ``discard_penultimate``: the samplers that compute steps+1 sigmas and drop the second-to-last (dpm_2,
+    dpm_2_ancestral, uni_pc, uni_pc_bh2). Returns a float32 CPU tensor of steps+1 values ending in 0 (empty when
+    denoise is 0).
     """
-    steps = check_range("steps", steps, _STEPS_ANY)
-    shift = check_range("shift", shift)
-    denoise = check_range("denoise", denoise)
-    discard = get_sampler(sampler).discard_penultimate if sampler is not None else False
-    ms = model_sampling or ModelSampling(shift)
 
     def calc(n):
-        if discard:
+        if discard_penultimate:
             n += 1
-        s = scheduler_sigmas(ms, scheduler, n)
-        if discard:
+        s = SCHEDULERS[scheduler](ms, n)
+        if discard_penultimate:
             s = torch.cat([s[:-2], s[-1:]])
         return s
 
@@ -204,11 +189,12 @@ def sigmas(scheduler: str, steps: int, *, shift: float = 1.73, denoise: float = 
         return calc(steps)
     if denoise <= 0.0:
         return torch.FloatTensor([])
-    new_steps = int(steps / denoise)
-    return calc(new_steps)[-(steps + 1):]
+    return calc(schedule_length(steps, denoise))[-(steps + 1):]
 
 
-from ..params import Range as _Range  # noqa: E402
-
-# The engine's own step limit is wider than the hosted API's 1..100 (ComfyUI allows up to 10000).
-_STEPS_ANY = _Range(1, 10000, 25, int, "number of sampling steps")
+def schedule_length(steps: int, denoise: float) -> int:
+    """How many steps ComfyUI schedules to run the last ``steps`` of them at ``denoise`` < 1 (its int(steps/denoise));
+    none at denoise 0."""
+    if denoise <= 0.0:
+        return 0
+    return steps if denoise > 0.9999 else int(steps / denoise)

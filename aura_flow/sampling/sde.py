@@ -207,7 +207,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         noise_sampler=None, solver_type="midpoint", cpu_tree=True):
     """DPM-Solver++(2M) SDE; ``solver_type`` 'midpoint' or 'heun' picks the second-order correction."""
     if solver_type not in ("midpoint", "heun"):
-        from ..params import ParameterError
+        from ..errors import ParameterError
 
         raise ParameterError(f"solver_type={solver_type!r} is not known; valid values: midpoint, heun")
     if len(sigmas) <= 1:
@@ -324,7 +324,7 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
                    noise_sampler=None, r=0.5, solver_type="phi_1"):
     """SEEDS-2 (Gonzalez et al. 2023), data prediction in half-log-SNR; exp_heun_2_x0 is its r = 1, phi_2 case."""
     if solver_type not in ("phi_1", "phi_2"):
-        from ..params import ParameterError
+        from ..errors import ParameterError
 
         raise ParameterError(f"solver_type={solver_type!r} is not known; valid values: phi_1, phi_2")
     extra_args = extra_args or {}

@@ -39,7 +39,7 @@ def _bshape(v, ndim):
 class _UniPC:
     def __init__(self, model, extra_args, variant):
         if variant not in ("bh1", "bh2"):
-            from ..params import ParameterError
+            from ..errors import ParameterError
 
             raise ParameterError(f"uni_pc variant={variant!r} is not known; valid values: bh1, bh2")
         self.model = model

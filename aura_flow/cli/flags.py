@@ -1,0 +1,97 @@
+"""The flags the commands share (one per hosted-API parameter, the speed mode, the output folder), built from the
+parameter table so ranges and defaults are written once, and the wording of errors for a command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from ..errors import ParameterError
+from ..params import DEFAULTS, MAX_SEED, OUTPUT_FORMATS, RANGES
+from ..pipeline.modes import SPEED_NAMES
+
+
+def _range(name: str) -> str:
+    rng = RANGES[name]
+    return f"{rng.lo:g}-{rng.hi:g}"
+
+
+def add_generation_flags(p, *, remote: bool = False) -> None:
+    """One flag per hosted-API parameter (``generate``, ``demo`` and ``remote``)."""
+    from ..params import LOCAL_MAX_SIZE, LOCAL_MIN_SIZE, REMOTE_MAX_SIZE, REMOTE_MIN_SIZE, SIZE_STEP
+    from ..sampling import registry
+
+    lo, hi = (REMOTE_MIN_SIZE, REMOTE_MAX_SIZE) if remote else (LOCAL_MIN_SIZE, LOCAL_MAX_SIZE)
+    size = f"{lo}-{hi}" + ("" if remote else f", a multiple of {SIZE_STEP}")
+    p.add_argument("--prompt", default=DEFAULTS["prompt"], help="what to draw")
+    p.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"], help="what to avoid")
+    p.add_argument("--cfg", type=float, default=DEFAULTS["cfg"], help=f"guidance {_range('cfg')}; 1 skips the "
+                                                                        "negative prompt")
+    p.add_argument("--seed", type=int, default=None, help=f"0-{MAX_SEED}; random when omitted (the seed used is "
+                                                          "printed)")
+    p.add_argument("--shift", type=float, default=DEFAULTS["shift"], help=f"flow shift, above 0 up to "
+                                                                          f"{RANGES['shift'].hi:g}")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"sampling steps {_range('steps')}")
+    p.add_argument("--width", type=int, default=DEFAULTS["width"], help=f"image width {size}")
+    p.add_argument("--height", type=int, default=DEFAULTS["height"], help=f"image height {size}")
+    # choices are checked by the engine with the full list in the message; metavar keeps --help short
+    p.add_argument("--sampler", default=DEFAULTS["sampler"], metavar="NAME",
+                   help="one of: " + ", ".join(registry.REMOTE_SAMPLER_NAMES if remote else registry.SAMPLER_NAMES))
+    p.add_argument("--scheduler", default=DEFAULTS["scheduler"], metavar="NAME",
+                   help="one of: " + ", ".join(registry.REMOTE_SCHEDULER_NAMES if remote
+                                               else registry.SCHEDULER_NAMES))
+    p.add_argument("--number-of-images", type=int, default=DEFAULTS["number_of_images"],
+                   help=_range("number_of_images"))
+    p.add_argument("--output-format", default=DEFAULTS["output_format"], choices=OUTPUT_FORMATS)
+    p.add_argument("--output-quality", type=int, default=DEFAULTS["output_quality"],
+                   help=f"{_range('output_quality')} (webp/jpg)")
+    p.add_argument("--out", default="out", help="folder to write the images into; existing files are never replaced")
+
+
+def add_speed_flag(p) -> None:
+    p.add_argument("--speed", default="auto", metavar="MODE",
+                   help=f"one of: {', '.join(SPEED_NAMES)}. auto is the lossless padding fold on the CPU and exact "
+                        "elsewhere; cfg_cutoff, step_cache and fast trade a measured bit of fidelity for time "
+                        "(README: Speed and benchmarks)")
+
+
+def generation_params(args) -> dict:
+    return {k: getattr(args, k) for k in DEFAULTS}
+
+
+def check_output_folder(path, flag: str = "--out") -> Path:
+    """The folder images will be written to, checked before any heavy work: not an existing file, and writable
+    (or creatable) by this user. Nothing is created yet."""
+    folder = Path(os.fspath(path)).expanduser()
+    if "\0" in str(folder):
+        raise ParameterError(f"{flag} {str(folder)!r}: a path cannot hold a NUL character")
+    if folder.exists() and not folder.is_dir():
+        raise ParameterError(f"{flag} {folder}: is a file, not a folder; give a folder to write the images into")
+    probe = folder
+    while not probe.exists():  # the nearest existing parent decides whether the folder can be made
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ParameterError(f"{flag} {folder}: {probe} is not a writable folder; give a folder you can write to")
+    return folder
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default (except where there is none)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
+    """An engine message in the words of a command line: ``cfg=30`` -> ``--cfg=30``, ``pass tokenizer=PATH`` ->
+    ``pass --tokenizer=PATH``, for every parameter that is one of this command's flags."""
+    dests = {a.dest for a in parser._actions if a.option_strings}
+    for dest in sorted(dests, key=len, reverse=True):
+        flag = "--" + dest.replace("_", "-")
+        message = re.sub(rf"(?<![\w\-.']){re.escape(dest)}=", f"{flag}=", message)
+    return message
