@@ -8,14 +8,14 @@ module of the same name in another pack), and add nothing to sys.path. Tests imp
 
 Importing is cheap: no torch, diffusers or transformers until a node runs.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
 WEB_DIRECTORY = "./web"
 
+# pytest (importlib mode) imports this file on its own, with no package, when the checkout's folder name is not a
+# Python name ("ComfyUI-AuraFlow"): there is nothing to register then, and relative imports cannot work.
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes import routes as _routes
 
-# the editor's HTTP routes (nodes/routes.py); added only when ComfyUI's server is running
-from .nodes import routes as _routes  # noqa: E402
-
-_routes.register()
+    _routes.register()  # the editor's HTTP routes, all of them; added only when ComfyUI's server is running
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -42,7 +42,7 @@ def contender(args, root: Path, pipe, noise):
     import torch
 
     from aura_flow.tiny import transformer_to_original, vae_to_original
-    from benchmarks.run import Contender
+    from benchmarks.measure import Contender
 
     comfy, why = _import_comfy(args.comfyui, args.device)
     if comfy is None:

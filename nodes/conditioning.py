@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from . import comfy_compat as compat
+from ..aura_flow.errors import ParameterError
+from .comfyui import devices
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ class AuraFlowTextEncode:
     DESCRIPTION = "Encodes a prompt with AuraFlow's Pile-T5-XL text encoder."
 
     def encode(self, text_encoder, text):
-        with compat.on_device(text_encoder, parts=("text_encoder",)):
+        with devices.on_device(text_encoder, parts=("text_encoder",)):
             context = text_encoder.encode_prompt(text)
-        return ([[context.to(compat.intermediate_device()), {}]],)
+        return ([[context.to(devices.intermediate_device()), {}]],)
 
 
 def context_from_conditioning(conditioning, name: str, width: int | None = None):
@@ -44,7 +45,6 @@ def context_from_conditioning(conditioning, name: str, width: int | None = None)
     One entry is expected (what a text encoder, Conditioning Concat or Conditioning Average gives); several
     entries (Conditioning Combine) would need ComfyUI's area-weighted mixing, which this sampler does not do.
     """
-    ParameterError = compat.ParameterError
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ParameterError(f"{name}: expected a CONDITIONING (a list of [tensor, options]); connect AuraFlow Text "
                              "Encode or CLIP Text Encode")

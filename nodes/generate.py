@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import logging
 
-from . import comfy_compat as compat
+from ..aura_flow.images import encode_image
+from ..aura_flow.plan import plan_generation
+from .comfyui import devices, progress
 from .widgets import generation_inputs, speed_input
 
 log = logging.getLogger(__name__)
@@ -37,19 +39,17 @@ class AuraFlowGenerate:
         import torch
         from PIL import Image
 
-        imageio = compat.engine_module("images")
-        checked = compat.engine.validate_generation(params)  # generate() checks speed too, before any stage
-        progress = compat.Progress(checked["steps"])
-        with compat.interruptible():  # each stage brings only its part to the GPU
-            result = model.generate(callback=progress, should_stop=compat.should_stop(), speed=speed,
-                                    stage=lambda parts: compat.on_device(model, parts), **params)
-        p = result.params
-        if p["output_format"] == "png":
+        plan = plan_generation(params, speed=speed)  # every parameter, before any stage
+        bar = progress.Progress(plan.steps)
+        with progress.interruptible():  # each stage brings only its part to the GPU
+            result = model.generate(plan, callback=bar, should_stop=progress.should_stop(),
+                                    stage=lambda parts: devices.on_device(model, parts))
+        if plan.output_format == "png":
             images = result.tensor
         else:  # what the hosted API would return: the image through its lossy encoding
             decoded = []
             for pil in result.images:
-                data = imageio.encode_image(pil, p["output_format"], p["output_quality"])
+                data = encode_image(pil, plan.output_format, plan.output_quality)
                 decoded.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0)
             images = torch.from_numpy(np.stack(decoded))
-        return (images.to(compat.intermediate_device()), result.seed)
+        return (images.to(devices.intermediate_device()), result.seed)

@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import logging
 
-from . import comfy_compat as compat
+from ..aura_flow.params import DTYPES
+from .comfyui import devices, folders
 from .vae import AuraFlowVAE
 
 log = logging.getLogger(__name__)
 
 FROM_CHECKPOINT = "(from checkpoint)"
-WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # aura_flow.params.DTYPES, torch-free
 
 
 def _checkpoint_names() -> list[str]:
     names = []
-    for folder in compat.CHECKPOINT_FOLDERS:
-        names += compat.model_names(folder)
-    return sorted(set(names)) + compat.diffusers_names()
+    for folder in folders.CHECKPOINT_FOLDERS:
+        names += folders.model_names(folder)
+    return sorted(set(names)) + folders.diffusers_names()
 
 
 class AuraFlowLoader:
@@ -28,18 +28,18 @@ class AuraFlowLoader:
                     "tooltip": "The AuraFlow model: an all-in-one .safetensors (models/checkpoints), a transformer-only "
                                ".safetensors (models/diffusion_models), or a diffusers folder with model_index.json "
                                "(models/diffusers)."}),
-                "text_encoder": ([FROM_CHECKPOINT] + compat.model_names("text_encoders"), {
+                "text_encoder": ([FROM_CHECKPOINT] + folders.model_names("text_encoders"), {
                     "default": FROM_CHECKPOINT,
                     "tooltip": "Pile-T5-XL text encoder from models/text_encoders; needed when the checkpoint has "
                                "none (transformer-only files)."}),
-                "vae": ([FROM_CHECKPOINT] + compat.model_names("vae"), {
+                "vae": ([FROM_CHECKPOINT] + folders.model_names("vae"), {
                     "default": FROM_CHECKPOINT,
                     "tooltip": "SDXL VAE from models/vae; needed when the checkpoint has none."}),
-                "tokenizer": ([FROM_CHECKPOINT] + compat.tokenizer_names(), {
+                "tokenizer": ([FROM_CHECKPOINT] + folders.tokenizer_names(), {
                     "default": FROM_CHECKPOINT,
                     "tooltip": "Pile-T5 tokenizer (tokenizer.model or tokenizer.json under models/text_encoders). "
                                "By default the checkpoint's own, one beside the file, or the one ComfyUI ships."}),
-                "weight_dtype": (list(WEIGHT_DTYPES), {
+                "weight_dtype": (list(DTYPES), {
                     "default": "auto",
                     "tooltip": "Weight precision of the transformer and text encoder. auto: what ComfyUI picks for "
                                "this GPU (bf16 or fp16); fp8 halves the memory and computes in bf16/fp16. "
@@ -58,15 +58,17 @@ class AuraFlowLoader:
 
     def load(self, checkpoint, text_encoder=FROM_CHECKPOINT, vae=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT,
              weight_dtype="auto"):
-        ckpt = compat.resolve_model(checkpoint, compat.CHECKPOINT_FOLDERS, what="checkpoint", diffusers=True)
+        ckpt = folders.resolve_model(checkpoint, folders.CHECKPOINT_FOLDERS, what="checkpoint", diffusers=True)
 
         def optional(name, folder, what, **kw):
             if name in (None, "", FROM_CHECKPOINT):
                 return None
-            return compat.resolve_model(name, (folder,), what=what, **kw)
+            return folders.resolve_model(name, (folder,), what=what, **kw)
 
-        device, auto_dtype = compat.load_placement()
-        pipeline = compat.engine.load(
+        from ..aura_flow.pipeline.pipeline import load  # torch: when the node runs, not when the pack loads
+
+        device, auto_dtype = devices.load_placement()
+        pipeline = load(
             ckpt,
             text_encoder=optional(text_encoder, "text_encoders", "text encoder"),
             vae=optional(vae, "vae", "VAE"),

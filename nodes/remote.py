@@ -7,26 +7,21 @@ from __future__ import annotations
 
 import logging
 
-from . import comfy_compat as compat
-from . import remote_routes
+from ..aura_flow import remote as remote_api
+from ..aura_flow.images import write_new_file
+from ..aura_flow.plan import plan_generation
+from .comfyui import devices, folders, progress
+from .routes import key_file_path
 from .widgets import generation_inputs
 
-remote_api = compat.engine_module("remote")
 log = logging.getLogger(__name__)
 
 REJECTED_SUBFOLDER = "auraflow_remote_rejected"
 
-remote_routes.register()  # the key's settings route; does nothing outside a running ComfyUI
-
-
-def key_file_path():
-    """``<ComfyUI user dir>/auraflow/segmind_api_key`` inside ComfyUI, else the command line's key file."""
-    return remote_routes.key_file_path()
-
 
 def rejected_folder() -> str:
     """Where images that arrived but cannot join the batch (wrong size) are kept: output/auraflow_remote_rejected."""
-    return f"{compat.output_directory()}/{REJECTED_SUBFOLDER}"
+    return f"{folders.output_directory()}/{REJECTED_SUBFOLDER}"
 
 
 def keep_rejected(result) -> dict:
@@ -34,28 +29,8 @@ def keep_rejected(result) -> dict:
     kept = {}
     for failure in (result.failures if result is not None else ()):
         if failure.data:
-            kept[failure.index] = str(compat.engine_module("images").write_new_file(rejected_folder(), f"image_{failure.index + 1}",
-                                                                failure.data))
+            kept[failure.index] = str(write_new_file(rejected_folder(), f"image_{failure.index + 1}", failure.data))
     return kept
-
-
-def _raise_if_comfy_interrupted():
-    """Turn our interrupt into ComfyUI's own, so Cancel reads as a cancel, not an error."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    mm.throw_exception_if_processing_interrupted()
-
-
-def _send_progress_text(text: str, node_id) -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if node_id is not None and hasattr(server, "send_progress_text"):  # newer ComfyUI only
-        server.send_progress_text(text, node_id)
 
 
 def _images_to_tensor(images):
@@ -94,19 +69,17 @@ class AuraFlowRemoteGenerate:
                       width=width, height=height, sampler=sampler, scheduler=scheduler,
                       number_of_images=number_of_images, output_format=output_format,
                       output_quality=output_quality)
-        compat.engine.validate_generation(params, remote=True)  # parameter errors before the key is looked up
+        plan = plan_generation(params, remote=True)  # parameter errors before the key is looked up
         client = client or remote_api.RemoteClient.from_environment(key_file=key_file_path())
-        progress = compat.Progress(number_of_images)  # a ProgressBar in ComfyUI; it also raises on Cancel
+        bar = progress.Progress(plan.number_of_images)  # a ProgressBar in ComfyUI; it also raises on Cancel
 
         def on_progress(done, total, text):
-            progress(done, total)
-            _send_progress_text(text, unique_id)
+            bar(done, total)
+            progress.send_text(text, unique_id)
 
         try:
-            result = client.generate(params, should_stop=compat.should_stop(), on_progress=on_progress)
-        except remote_api.RemoteInterrupted:
-            _raise_if_comfy_interrupted()
-            raise
+            with progress.interruptible(remote_api.RemoteInterrupted):
+                result = client.generate(plan, should_stop=progress.should_stop(), on_progress=on_progress)
         except remote_api.RemoteError as exc:
             kept = keep_rejected(exc.result)
             if kept:
@@ -116,7 +89,7 @@ class AuraFlowRemoteGenerate:
         report = self._report(result, keep_rejected(result))
         if result.failures:
             log.warning("AuraFlow Remote Generate: %s", report)
-        images = _images_to_tensor(result.images).to(compat.intermediate_device())
+        images = _images_to_tensor(result.images).to(devices.intermediate_device())
         return (images, result.seed, result.remaining_credits or "", report)
 
     @staticmethod

@@ -1,36 +1,39 @@
-"""HTTP routes the pack adds to ComfyUI's server.
+"""Every HTTP route the pack adds to ComfyUI's server, registered in one place (`register`, called by the pack's
+``__init__``); the logic is plain functions, testable without ComfyUI.
 
-``GET /auraflow/sigmas?scheduler=normal&steps=25&shift=1.73&denoise=1&sampler=uni_pc`` answers
-``{"sigmas": [...]}``: exactly the schedule the AuraFlow Sampler will run with those settings (the editor draws it
-on the node, web/auraflow.js), or HTTP 400 with ``{"error": "<which parameter, what is allowed>"}``.
-
-The logic is the plain function `sigmas_response`, testable without ComfyUI; `register()` adds the route to
-``server.PromptServer.instance.routes`` only when ComfyUI's server is running (the pack's ``__init__`` calls it).
+- ``GET /auraflow/sigmas?scheduler=normal&steps=25&shift=1.73&denoise=1&sampler=uni_pc`` answers
+  ``{"sigmas": [...]}``: exactly the schedule the AuraFlow Sampler will run with those settings (the editor draws it
+  on the node, web/auraflow.js), or HTTP 400 with ``{"error": "<which parameter, what is allowed>"}``. The work is
+  bounded (at most `MAX_SCHEDULE_STEPS` sigmas) and runs off ComfyUI's event loop.
+- ``GET /auraflow/remote/key`` answers ``{"configured": bool, "source": "environment" | "file" | null,
+  "path": "<key file>"}`` — never the key. ``POST /auraflow/remote/key`` with a JSON body ``{"key": "SG_..."}``
+  writes ``<ComfyUI user dir>/auraflow/segmind_api_key`` (owner-only permissions); ``{"key": ""}`` deletes it
+  (the editor's "Segmind API key" dialog, web/remote_key.js). The key file sits beside ComfyUI's per-user folders,
+  not in one, so /userdata never serves it, and the key never passes through ComfyUI's settings.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 
-from .comfy_compat import add_routes
-
-try:  # inside the ComfyUI pack
-    from ..aura_flow.params import DEFAULTS as _NODE_DEFAULTS, ParameterError
-
-    _IN_PACK = True
-except ImportError:  # imported from the repository root (tests, tools)
-    from aura_flow.params import DEFAULTS as _NODE_DEFAULTS, ParameterError
-
-    _IN_PACK = False
+from ..aura_flow import remote
+from ..aura_flow.errors import ParameterError
+from ..aura_flow.params import DEFAULTS as _NODE_DEFAULTS
+from .comfyui import folders
+from .comfyui.server import add_routes
 
 log = logging.getLogger(__name__)
 
-ROUTE = "/auraflow/sigmas"
+SIGMAS_ROUTE = "/auraflow/sigmas"
+KEY_ROUTE = "/auraflow/remote/key"
+ROUTE = SIGMAS_ROUTE  # the sigma route's old name
 # a parameter left out takes the sampler node's default; no sampler means none that drops the penultimate sigma
 DEFAULTS = {"scheduler": _NODE_DEFAULTS["scheduler"], "steps": _NODE_DEFAULTS["steps"],
             "shift": _NODE_DEFAULTS["shift"], "denoise": 1.0, "sampler": None}
 
 
+# ------------------------------------------------------------------------------------------------ sigmas
 def _number(query: dict, name: str, kind: type):
     text = query.get(name)
     if text is None or text == "":
@@ -44,15 +47,6 @@ def _number(query: dict, name: str, kind: type):
             raise ValueError(f"{name}={text!r} is not a whole number (e.g. {name}={DEFAULTS[name]})")
         return int(value)
     return value
-
-
-def _engine_sigmas():
-    """The engine's ``sigmas`` (imports torch, so only on the first request, not when the pack loads)."""
-    if _IN_PACK:
-        from ..aura_flow.sampling.schedules import sigmas
-    else:
-        from aura_flow.sampling.schedules import sigmas
-    return sigmas
 
 
 def sigmas_response(query: dict) -> tuple[int, dict]:
@@ -69,20 +63,80 @@ def sigmas_response(query: dict) -> tuple[int, dict]:
         return 400, {"error": str(exc)}
     scheduler = query.get("scheduler") or DEFAULTS["scheduler"]
     sampler = query.get("sampler") or None
+    from ..aura_flow.plan import sigmas  # imports torch: on the first request, not when the pack loads
+
     try:
-        values = _engine_sigmas()(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler)
+        values = [float(v) for v in sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler).tolist()]
     except ParameterError as exc:
         return 400, {"error": str(exc)}
-    return 200, {"sigmas": [float(v) for v in values.tolist()]}
+    if not all(math.isfinite(v) for v in values):  # JSON has no NaN; say so rather than send invalid JSON
+        return 400, {"error": f"scheduler={scheduler!r} gives no usable schedule for these settings"}
+    return 200, {"sigmas": values}
 
 
+# ------------------------------------------------------------------------------------------------ the API key
+def key_file_path():
+    """``$AURAFLOW_SEGMIND_KEY_FILE`` if set, else ``<ComfyUI user dir>/auraflow/segmind_api_key`` inside ComfyUI,
+    else the command line's ``~/.config/auraflow/segmind_api_key``."""
+    user = folders.user_directory()
+    if user is None or os.environ.get(remote.KEY_FILE_ENV):
+        return remote.default_key_file()
+    return remote.comfyui_key_file(user)
+
+
+def key_status() -> dict:
+    path = key_file_path()
+    if os.environ.get(remote.API_KEY_ENV, "").strip():
+        source = "environment"
+    elif path.is_file() and path.stat().st_size > 0:
+        source = "file"
+    else:
+        source = None
+    return {"configured": source is not None, "source": source, "path": str(path), "env": remote.API_KEY_ENV}
+
+
+def save_key_response(body) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for a POST: writes or deletes the key file; the answer never holds the key."""
+    if not isinstance(body, dict) or not isinstance(body.get("key"), str):
+        return 400, {"error": 'send JSON {"key": "SG_..."}, or {"key": ""} to delete the key file'}
+    try:
+        path = remote.save_api_key(body["key"], key_file_path())
+    except remote.RemoteError as exc:  # its message names the problem, never the key
+        return 400, {"error": str(exc)}
+    except OSError as exc:
+        return 500, {"error": f"could not write the key file: {exc.__class__.__name__}: {exc.strerror or ''}"}
+    log.info("AuraFlow: Segmind API key %s %s", "saved to" if body["key"].strip() else "removed from", path)
+    return 200, key_status()
+
+
+# ------------------------------------------------------------------------------------------------ registration
 def register() -> bool:
-    """Add the route to ComfyUI's server; False (and nothing done) outside a running ComfyUI."""
+    """Add every route to ComfyUI's server; False (and nothing done) outside a running ComfyUI."""
 
-    def add(web, routes):
-        @routes.get(ROUTE)
+    def add_sigmas(web, routes):
+        @routes.get(SIGMAS_ROUTE)
         async def auraflow_sigmas(request):
-            status, body = sigmas_response(dict(request.rel_url.query))
+            import asyncio
+
+            query = dict(request.rel_url.query)
+            # off the event loop: the first call imports torch, and a schedule is up to MAX_SCHEDULE_STEPS values
+            status, body = await asyncio.get_running_loop().run_in_executor(None, sigmas_response, query)
             return web.json_response(body, status=status)
 
-    return add_routes(ROUTE, add)
+    def add_key(web, routes):
+        @routes.get(KEY_ROUTE)
+        async def auraflow_remote_key_status(request):
+            return web.json_response(key_status())
+
+        @routes.post(KEY_ROUTE)
+        async def auraflow_remote_key_save(request):
+            if request.content_type != "application/json":  # a plain HTML form cannot post JSON cross-site
+                return web.json_response({"error": "send Content-Type: application/json"}, status=415)
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            status, answer = save_key_response(body)
+            return web.json_response(answer, status=status)
+
+    return add_routes(SIGMAS_ROUTE, add_sigmas) & add_routes(KEY_ROUTE, add_key)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from . import comfy_compat as compat
+from ..aura_flow.params import RANGES, check_range, check_size
+from ..aura_flow.plan import plan_sampling
+from .comfyui import devices, progress
 from .conditioning import context_from_conditioning
 from .widgets import generation_inputs, speed_input
 
@@ -13,7 +15,7 @@ log = logging.getLogger(__name__)
 def sampler_inputs() -> dict:
     """The sampler node's widgets, taken from the one-node generator's so both share ranges and tooltips."""
     gen = generation_inputs(remote=False)["required"]
-    denoise = compat.engine.params.RANGES["denoise"]
+    denoise = RANGES["denoise"]
     return {
         "seed": gen["seed"],
         "steps": gen["steps"],
@@ -63,25 +65,20 @@ class AuraFlowSampler:
         width_ctx = getattr(model, "context_dim", None)
         pos = context_from_conditioning(positive, "positive", width_ctx)
         neg = context_from_conditioning(negative, "negative", width_ctx)
+        # every setting is checked (and the schedule made) before the model moves to the GPU
+        plan = plan_sampling(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=shift,
+                             denoise=denoise, speed=speed)
         if latent_image is None:
-            P = compat.engine.params
-            width, height = P.check_size("width", width), P.check_size("height", height)
-            batch_size = P.check_range("number_of_images", batch_size)
+            width, height = check_size("width", width), check_size("height", height)
+            batch_size = check_range("number_of_images", batch_size)
             latent_image = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
         elif latent_image.get("noise_mask") is not None:
             log.warning("AuraFlow Sampler: the latent's noise_mask (inpainting) is not supported; the whole image "
                         "is sampled")
-        # every setting is checked (and the schedule made) before the model moves to the GPU
-        sigmas = compat.engine.sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler_name)
-        compat.engine.params.check_seed(seed)
-        compat.engine.params.check_range("cfg", cfg)
-        compat.engine_module("pipeline.speed").resolve(speed)  # an unknown mode fails before the model moves
-        progress = compat.Progress(max(len(sigmas) - 1, 0))
-        with compat.on_device(model, parts=("transformer",)), compat.interruptible():
+        bar = progress.Progress(max(len(plan.sigmas) - 1, 0))
+        with devices.on_device(model, parts=("transformer",)), progress.interruptible():
             start = dict(latent_image)
             start["samples"] = latent_image["samples"].to(model.device)
-            out = model.sample(pos, neg, start, seed=seed, steps=steps, cfg=cfg, sampler=sampler_name,
-                               scheduler=scheduler, shift=shift, denoise=denoise, sigmas=sigmas, speed=speed,
-                               callback=progress, should_stop=compat.should_stop())
-        out["samples"] = out["samples"].to(compat.intermediate_device())
+            out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
+        out["samples"] = out["samples"].to(devices.intermediate_device())
         return (out,)

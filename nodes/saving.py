@@ -4,19 +4,21 @@ from __future__ import annotations
 import logging
 import os
 
-from . import comfy_compat as compat
+from ..aura_flow import params as P
+from ..aura_flow.errors import ParameterError
+from ..aura_flow.images import EXT, encode_image, write_first_free
+from .comfyui import folders
 
 log = logging.getLogger(__name__)
 
 
 class AuraFlowSaveImage:
     def __init__(self):
-        self.output_dir = compat.output_directory()
+        self.output_dir = folders.output_directory()
         self.type = "output"
 
     @classmethod
     def INPUT_TYPES(cls):
-        P = compat.engine.params
         quality = P.RANGES["output_quality"]
         return {
             "required": {
@@ -51,25 +53,29 @@ class AuraFlowSaveImage:
         import numpy as np
         from PIL import Image
 
-        imageio = compat.engine_module("images")
-        P = compat.engine.params
         fmt = P.check_choice("format", format, P.OUTPUT_FORMATS)
         quality = P.check_range("output_quality", quality)
         metadata = None
-        if embed_workflow and not compat.metadata_disabled():
+        if embed_workflow and not folders.metadata_disabled():
             metadata = {}
             if prompt is not None:
                 metadata["prompt"] = prompt
             for key, value in (extra_pnginfo or {}).items():
                 metadata[key] = value
         height, width = int(images.shape[1]), int(images.shape[2])
-        folder, stem, counter, subfolder = compat.save_image_path(filename_prefix, self.output_dir, width, height)
+        folder, stem, counter, subfolder = folders.save_image_path(filename_prefix, self.output_dir, width, height)
+        real_out = os.path.realpath(self.output_dir)
+        if os.path.commonpath((real_out, os.path.realpath(folder))) != real_out:  # a link out of the folder
+            raise ParameterError(f"filename_prefix={filename_prefix!r}: {folder} leads outside the output folder "
+                                 f"{self.output_dir} through a link; use a sub-folder that is inside it")
         results = []
         for batch_number, image in enumerate(images):
             pixels = (image.detach().float().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-            name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_{imageio.EXT[fmt]}"
-            imageio.save_image_atomic(Image.fromarray(pixels), os.path.join(folder, name), fmt, quality, metadata)
-            results.append({"filename": name, "subfolder": subfolder, "type": self.type})
-            counter += 1
+            data = encode_image(Image.fromarray(pixels), fmt, quality, metadata)
+            base = stem.replace("%batch_num%", str(batch_number))
+            # the counter ComfyUI gave, or the next free one when another save took it meanwhile: never replaced
+            path = write_first_free(folder, data, (f"{base}_{n:05}_{EXT[fmt]}" for n in range(counter, counter + 100000)))
+            counter = int(path.name[len(base) + 1:].split("_", 1)[0]) + 1
+            results.append({"filename": path.name, "subfolder": subfolder, "type": self.type})
         log.debug("saved %d %s image(s) to %s", len(results), fmt, folder)
         return {"ui": {"images": results}, "result": (images,)}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from . import comfy_compat as compat
+from ..aura_flow.weights.devices import module_bytes
+from .comfyui import devices
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class AuraFlowVAE:
         return torch.float32
 
     def model_size(self) -> int:
-        return compat.engine_module("weights.devices").module_bytes(self.pipeline.vae)
+        return module_bytes(self.pipeline.vae)
 
     def get_sd(self):
         return self.pipeline.vae.state_dict()
@@ -106,7 +107,7 @@ class AuraFlowVAE:
         import torch
 
         out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
-        with compat.on_device(self.pipeline, parts=("vae",)):
+        with devices.on_device(self.pipeline, parts=("vae",)):
             out = []
             for i in range(batch.shape[0]):
                 item = batch[i:i + 1]
@@ -116,10 +117,10 @@ class AuraFlowVAE:
                         continue
                     except out_of_memory:
                         log.warning("AuraFlow VAE: out of memory; retrying with tiles of %d px", tile_latent * SCALE)
-                        compat.empty_cache()
+                        devices.empty_cache()
                 with self._tiling(tile_latent, overlap):
                     out.append(fn(item))
-        return torch.cat(out).to(compat.intermediate_device())
+        return torch.cat(out).to(devices.intermediate_device())
 
     @contextlib.contextmanager
     def _tiling(self, tile_latent: int, overlap: float):

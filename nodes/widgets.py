@@ -5,10 +5,9 @@ other and keep its widget values. Only the image size range and the sampler/sche
 """
 from __future__ import annotations
 
-from .comfy_compat import engine_module
-
-P = engine_module("params")
-R = engine_module("sampling.registry")
+from ..aura_flow import params as P
+from ..aura_flow.pipeline.modes import SPEED_NAMES
+from ..aura_flow.sampling import registry as R
 
 
 def _range(name: str, widget: str, step, **extra) -> tuple:
@@ -17,7 +16,7 @@ def _range(name: str, widget: str, step, **extra) -> tuple:
     if widget == "INT":
         opts = {k: int(v) for k, v in opts.items()}
     opts.update(extra)
-    opts["tooltip"] = rng.help[0].upper() + rng.help[1:] + f" ({rng.lo:g} to {rng.hi:g})."
+    opts["tooltip"] = rng.help[0].upper() + rng.help[1:] + f" ({opts['min']:g} to {opts['max']:g})."
     return (widget, opts)
 
 
@@ -35,7 +34,7 @@ def generation_inputs(remote: bool) -> dict:
     """
     lo, hi = (P.REMOTE_MIN_SIZE, P.REMOTE_MAX_SIZE) if remote else (P.LOCAL_MIN_SIZE, P.LOCAL_MAX_SIZE)
     if not remote:  # ComfyUI asks for INPUT_TYPES after every pack has loaded: pick up their sampler names
-        from .external_samplers import register_comfyui_samplers
+        from .comfyui.samplers import register_comfyui_samplers
 
         register_comfyui_samplers()
     where = "the service" if remote else "the engine"
@@ -74,8 +73,7 @@ def generation_inputs(remote: bool) -> dict:
 def speed_input() -> tuple:
     """The optional ``speed`` widget of the local sampler and generator: aura_flow.pipeline.speed's modes, "auto" first.
     Optional, so prompts and workflows saved before it existed still run (as "auto")."""
-    names = ["auto", *engine_module("pipeline.speed").MODES]  # imports torch: INPUT_TYPES runs after ComfyUI has it
-    return _choice(names, "auto", "auto: exact on a GPU, the lossless padding fold on the CPU. exact: the reference "
+    return _choice(SPEED_NAMES, "auto", "auto: exact on a GPU, the lossless padding fold on the CPU. exact: the reference "
                                   "path. fold_padding: lossless. compile: torch.compile, the first run builds it "
                                   "(about a minute), then every size reuses it. cfg_cutoff, step_cache, fast: "
                                   "faster, with a small measured change to the image (see the README).")

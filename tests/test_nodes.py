@@ -16,13 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from workflow_exec import CORE_NODES, ROOT, inputs_of, is_widget, load_pack
+from workflow_exec import CORE_NODES, ROOT, inputs_of, is_widget, load_pack, pack_module
 
 pack = load_pack()
 N = pack.NODE_CLASS_MAPPINGS
 engine = sys.modules[f"{pack.__name__}.aura_flow"]
 imageio = importlib.import_module(f"{pack.__name__}.aura_flow.images")
-compat = sys.modules[f"{pack.__name__}.nodes.comfy_compat"]
 SIZE, STEPS = 64, 2
 
 
@@ -558,8 +557,9 @@ except mm.InterruptProcessingException:
 # served), give the engine's numbers for the same sampler: the bridge hands them what they read.
 comfy.utils.set_progress_bar_global_hook(None)
 import importlib
-ext = importlib.import_module(N["AuraFlowSampler"].__module__.rsplit(".", 1)[0] + ".external_samplers")
-registry = ext.engine_module("sampling.registry")
+pack_name = N["AuraFlowSampler"].__module__.split(".")[0]
+ext = importlib.import_module(pack_name + ".nodes.comfyui.samplers")
+registry = importlib.import_module(pack_name + ".aura_flow.sampling.registry")
 assert ext.register_comfyui_samplers() == []  # every ComfyUI 0.29 name is the engine's own
 for name in ("euler_ancestral", "dpmpp_2m_sde", "res_multistep", "dpm_2", "uni_pc"):
     registry.register_sampler("comfyui_" + name, ext.comfy_sampler_function(name),
@@ -572,7 +572,7 @@ for name in ("euler_ancestral", "dpmpp_2m_sde", "res_multistep", "dpm_2", "uni_p
 # prompt weighting parses exactly as ComfyUI's own tokenizer does
 import random
 from comfy.sd1_clip import escape_important, token_weights, unescape_important
-text_mod = ext.engine_module("prompts")
+text_mod = importlib.import_module(pack_name + ".aura_flow.prompts")
 rng = random.Random(0)
 alphabet = ["a", "b", " ", "(", ")", ":", "1.5", "0.7", "\\(", "\\)", "x", ":bad", "((", "))"]
 for t in ["a (red:1.5) ((cat))", "a \\(lit\\) (b:2)"] + [
@@ -609,8 +609,8 @@ def test_nodes_inside_a_real_comfyui(tmp_path, tiny_models):
 
 def test_external_samplers_are_offered_only_inside_comfyui():
     """Outside ComfyUI there is no sampler of ComfyUI's to serve: nothing is added to the engine's registry."""
-    from aura_flow.sampling import registry
-    from nodes.external_samplers import register_comfyui_samplers
+    registry = pack_module("aura_flow.sampling.registry")
+    register_comfyui_samplers = pack_module("nodes.comfyui.samplers").register_comfyui_samplers
 
     before = registry.SAMPLER_NAMES
     assert register_comfyui_samplers() == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +15,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from remote_server import KEY, FakeService, seed_colour  # noqa: E402
 
-from aura_flow import remote as R  # noqa: E402
-from aura_flow.images import image_extension  # noqa: E402
-from aura_flow.params import ParameterError, validate_generation  # noqa: E402
-from aura_flow.remote.transport import Response  # noqa: E402
+from workflow_exec import pack_module  # noqa: E402
+
+# the engine as the nodes see it (the pack's own copy), so the node tests and the client tests share one
+R = pack_module("aura_flow.remote")
+image_extension = pack_module("aura_flow.images").image_extension
+ParameterError = pack_module("aura_flow.errors").ParameterError
+validate_generation = pack_module("aura_flow.params").validate_generation
+Response = pack_module("aura_flow.remote.transport").Response
 
 FAST = R.RetryPolicy(backoff=0.01, backoff_max=0.05, jitter=0.5, rate_limit_default_wait=0.05)
 HOSTED_ORDER = ["prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height", "sampler",
@@ -488,29 +491,28 @@ def test_progress_reported(svc):
 
 
 def load_node_module():
-    import importlib
+    from workflow_exec import pack_module
 
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("nodes.remote"), importlib.import_module("nodes.widgets")
+    return pack_module("nodes.remote"), pack_module("nodes.widgets")
 
 
 def test_node_registered_without_comfyui():
-    import importlib
+
+    from workflow_exec import pack_module
 
     load_node_module()
-    nodes = importlib.import_module("nodes")
+    nodes = pack_module("nodes")
     assert nodes.NODE_CLASS_MAPPINGS["AuraFlowRemoteGenerate"].__name__ == "AuraFlowRemoteGenerate"
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["AuraFlowRemoteGenerate"] == "AuraFlow Remote Generate"
-    assert importlib.import_module("nodes.remote_routes").register() is False  # no ComfyUI server here
+    assert pack_module("nodes.routes").register() is False  # no ComfyUI server here
 
 
 def test_key_route_writes_but_never_returns_the_key(tmp_path, monkeypatch):
-    import importlib
+
+    from workflow_exec import pack_module
 
     load_node_module()
-    routes = importlib.import_module("nodes.remote_routes")
+    routes = pack_module("nodes.routes")
     key_file = tmp_path / "config" / "auraflow" / "segmind_api_key"
     assert routes.key_status() == {"configured": False, "source": None, "path": str(key_file),
                                    "env": "SEGMIND_API_KEY"}
@@ -607,7 +609,7 @@ def test_node_raises_when_nothing_arrived(svc, tmp_path):
 
 def test_node_missing_key(monkeypatch):
     node_mod, _ = load_node_module()
-    err = fails(lambda: node_mod.AuraFlowRemoteGenerate().generate(**node_inputs()), R.MissingKeyError)
+    err = fails(lambda: node_mod.AuraFlowRemoteGenerate().generate(**node_inputs()), node_mod.remote_api.MissingKeyError)
     assert "SEGMIND_API_KEY" in str(err) and "segmind_api_key" in str(err)
     with pytest.raises(ParameterError, match="width=100 is out of range"):  # parameters first
         node_mod.AuraFlowRemoteGenerate().generate(**node_inputs(width=100))
@@ -717,10 +719,10 @@ def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
     monkeypatch.setenv("SEGMIND_API_URL", svc.url)
     node_mod, _ = load_node_module()
-    import importlib
+    from workflow_exec import pack_module
 
-    routes = importlib.import_module("nodes.remote_routes")
-    err = fails(lambda: node_mod.AuraFlowRemoteGenerate().generate(**node_inputs()), R.MissingKeyError)
+    routes = pack_module("nodes.routes")
+    err = fails(lambda: node_mod.AuraFlowRemoteGenerate().generate(**node_inputs()), node_mod.remote_api.MissingKeyError)
     assert str(tmp_path / "user" / "auraflow" / "segmind_api_key") in str(err)
     assert routes.save_key_response({"key": KEY})[0] == 200
     assert (tmp_path / "user" / "auraflow" / "segmind_api_key").exists()

@@ -8,7 +8,9 @@ import torch
 
 import aura_flow
 from aura_flow.sampling.registry import SAMPLERS, SCHEDULER_NAMES
-from nodes import routes
+from workflow_exec import pack_module
+
+routes = pack_module("nodes.routes")
 
 # REFERENCE.md §3, derived values at shift 1.73 and 25 steps: first three and last three before the final 0
 REFERENCE_25 = {

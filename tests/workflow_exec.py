@@ -11,6 +11,7 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -34,6 +35,11 @@ def load_pack(name: str = PACK_NAME):
         del sys.modules[name]
         raise
     return module
+
+
+def pack_module(name: str):
+    """A module of the pack imported as ComfyUI imports it, e.g. ``pack_module("nodes.routes")``."""
+    return importlib.import_module(f"{load_pack().__name__}.{name}")
 
 
 # ---------------------------------------------------------------------------------------------- core stand-ins

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import types
 
-from .comfy_compat import _comfy, engine_module
+from ...aura_flow.sampling import registry
+from . import module
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ LEFT_OUT = ("_cfg_pp",)  # need ComfyUI's sampler_post_cfg_function hooks
 
 def comfy_model_sampling(shift: float):
     """ComfyUI's model sampling for AuraFlow (discrete flow, CONST prediction, multiplier 1) at ``shift``."""
-    ms = _comfy("comfy.model_sampling")
+    ms = module("comfy.model_sampling")
 
     class AuraFlowModelSampling(ms.ModelSamplingDiscreteFlow, ms.CONST):
         pass
@@ -47,7 +48,7 @@ def comfy_sampler_function(name: str):
     """A k-diffusion-convention function running ComfyUI's sampler ``name`` on the engine's denoiser."""
 
     def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        sampler = _comfy("comfy.samplers").sampler_object(name)
+        sampler = module("comfy.samplers").sampler_object(name)
         view = ComfyModelView(model, comfy_model_sampling(model.model_sampling.shift))
         extra = {"model_options": {}, **(extra_args or {})}
         return sampler.sampler_function(view, x, sigmas, extra_args=extra, callback=callback, disable=disable,
@@ -59,10 +60,9 @@ def comfy_sampler_function(name: str):
 
 def register_comfyui_samplers() -> list[str]:
     """Register ComfyUI's sampler names the engine lacks; idempotent, and a no-op outside ComfyUI."""
-    samplers = _comfy("comfy.samplers")
-    if samplers is None or _comfy("comfy.model_sampling") is None:
+    samplers = module("comfy.samplers")
+    if samplers is None or module("comfy.model_sampling") is None:
         return []
-    registry = engine_module("sampling.registry")
     added = []
     for name in list(getattr(samplers.KSampler, "SAMPLERS", ())):
         if name in registry.SAMPLERS or name.endswith(LEFT_OUT):

@@ -1,0 +1,23 @@
+"""The one door from nodes/ into ComfyUI. No other module of the pack imports ComfyUI's modules (``comfy.*``,
+``folder_paths``, ``server``, ``latent_preview``); they ask this package, which answers with plain fallbacks
+outside ComfyUI (tests, tools), so every node imports and runs without it.
+
+- `folders`: model folders, the output folder, save paths, the user folder, --disable-metadata;
+- `devices`: ComfyUI's devices and memory calls around a node's run;
+- `progress`: the progress bar with latent previews, progress text, Cancel;
+- `server`: adding HTTP routes to ComfyUI's server;
+- `samplers`: ComfyUI's own sampler functions for names the engine lacks.
+"""
+from __future__ import annotations
+
+import importlib
+
+
+def module(name: str):
+    """ComfyUI's module ``name`` (``"comfy.model_management"``, ``"folder_paths"``...), or None outside ComfyUI.
+
+    Looked up on every call, so tests can stand small fakes in sys.modules."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None

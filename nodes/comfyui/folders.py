@@ -1,0 +1,141 @@
+"""ComfyUI's folders: model files the loaders list and resolve, the output folder and its save paths, the user
+folder. Outside ComfyUI: plain paths, ``$AURAFLOW_OUTPUT_DIR`` (default ``./output``), no lists."""
+from __future__ import annotations
+
+import os
+
+from ...aura_flow.errors import ParameterError
+from . import module
+
+CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")  # single files, searched in this order
+DIFFUSERS_FOLDER = "diffusers"  # folders holding a model_index.json
+TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "tokenizer.json")
+
+
+def model_names(folder: str) -> list[str]:
+    """File names ComfyUI lists in one of its model folders; [] outside ComfyUI."""
+    fp = module("folder_paths")
+    if fp is None:
+        return []
+    try:
+        return list(fp.get_filename_list(folder))
+    except KeyError:  # an older ComfyUI without this folder name
+        return []
+
+
+def _folder_paths(fp, folder: str) -> list[str]:
+    try:
+        return [p for p in fp.get_folder_paths(folder) if os.path.isdir(p)]
+    except KeyError:
+        return []
+
+
+def diffusers_names() -> list[str]:
+    """Sub-folders of ComfyUI's ``models/diffusers`` folders that hold a ``model_index.json``."""
+    fp = module("folder_paths")
+    if fp is None:
+        return []
+    names = []
+    for base in _folder_paths(fp, DIFFUSERS_FOLDER):
+        for root, dirs, files in os.walk(base, followlinks=True):
+            if "model_index.json" in files:
+                names.append(os.path.relpath(root, base).replace(os.sep, "/"))
+                dirs.clear()  # a pipeline's own sub-folders are not models
+    return sorted(set(names))
+
+
+def tokenizer_names() -> list[str]:
+    """Tokenizer files under ComfyUI's text_encoders folders (sentencepiece ``*.model`` or ``tokenizer.json``)."""
+    fp = module("folder_paths")
+    if fp is None:
+        return []
+    names = []
+    for base in _folder_paths(fp, "text_encoders"):
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            names += [os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/")
+                      for f in files if f in TOKENIZER_FILES]
+    return sorted(set(names))
+
+
+def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: bool = False,
+                  tokenizer: bool = False) -> str:
+    """The full path of a model chosen in a loader widget.
+
+    Inside ComfyUI ``name`` is looked up in ``folders`` (then the diffusers folders / tokenizer files when asked);
+    outside it, and for names ComfyUI does not list, an existing plain path is accepted, so tests and headless
+    prompts can name files directly.
+    """
+    fp = module("folder_paths")
+    if fp is not None:
+        for folder in folders:
+            try:
+                path = fp.get_full_path(folder, name)
+            except KeyError:
+                path = None
+            if path:
+                return path
+        bases = (_folder_paths(fp, DIFFUSERS_FOLDER) if diffusers else []) + \
+            (_folder_paths(fp, "text_encoders") if tokenizer else [])
+        for base in map(os.path.abspath, bases):
+            path = os.path.abspath(os.path.join(base, name))
+            if os.path.commonpath((base, path)) == base and os.path.exists(path):
+                return path
+    if os.path.exists(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    where = ", ".join(f"models/{f}" for f in folders + ((DIFFUSERS_FOLDER,) if diffusers else ()))
+    raise FileNotFoundError(f"{what} {name!r} not found in {where if fp is not None else 'the file system'}. "
+                            f"Put it in {where} and press R in the editor to refresh the list"
+                            + ("" if fp is not None else ", or pass an existing path") + ".")
+
+
+def output_directory() -> str:
+    fp = module("folder_paths")
+    if fp is not None:
+        return fp.get_output_directory()
+    return os.path.abspath(os.environ.get("AURAFLOW_OUTPUT_DIR") or "output")
+
+
+def user_directory() -> str | None:
+    """ComfyUI's user folder (``ComfyUI/user``), or None outside ComfyUI."""
+    fp = module("folder_paths")
+    return fp.get_user_directory() if fp is not None else None
+
+
+def save_image_path(prefix: str, output_dir: str, width: int, height: int) -> tuple[str, str, int, str]:
+    """(folder, file stem, next counter, subfolder) for ``prefix`` under ``output_dir``; refuses escaping prefixes.
+
+    Inside ComfyUI this is ``folder_paths.get_save_image_path`` (which also expands ``%date%``-style variables);
+    outside it, a plain equivalent: the subfolder must stay inside ``output_dir``, and the counter continues after
+    the highest ``<stem>_<NNNNN>_`` file already there.
+    """
+    escaping = ParameterError(f"filename_prefix={prefix!r} would save outside the output folder {output_dir}; "
+                              "use a name or a relative sub-folder such as 'AuraFlow/cat'")
+    fp = module("folder_paths")
+    if fp is not None:
+        try:
+            folder, stem, counter, subfolder, _prefix = fp.get_save_image_path(prefix, output_dir, width, height)
+        except Exception as exc:  # ComfyUI raises a bare Exception (and logs it) for a prefix that leaves the folder
+            if type(exc) is not Exception:
+                raise
+            raise escaping from None
+        return folder, stem, counter, subfolder
+    output_dir = os.path.abspath(output_dir)
+    subfolder = os.path.dirname(os.path.normpath(prefix))
+    stem = os.path.basename(os.path.normpath(prefix))
+    folder = os.path.abspath(os.path.join(output_dir, subfolder))
+    if os.path.commonpath((output_dir, folder)) != output_dir or not stem or stem in (".", ".."):
+        raise escaping
+    os.makedirs(folder, exist_ok=True)
+    counter = 0
+    head = stem + "_"
+    for name in os.listdir(folder):
+        digits = name[len(head):].split("_", 1)[0] if name.startswith(head) else ""
+        if digits.isdigit():
+            counter = max(counter, int(digits))
+    return folder, stem, counter + 1, subfolder
+
+
+def metadata_disabled() -> bool:
+    """True when ComfyUI runs with ``--disable-metadata``."""
+    cli_args = module("comfy.cli_args")
+    return bool(cli_args is not None and getattr(getattr(cli_args, "args", None), "disable_metadata", False))
