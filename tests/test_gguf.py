@@ -1,5 +1,11 @@
-"""GGUF dequantization kernels against gguf-py, type by type, on real blocks; patches on the stored-form layers."""
+"""GGUF and fp8 transformers kept quantized: every dequantization kernel against gguf-py, whole transformers against
+diffusers given the same weights decoded by gguf-py (or by ``w.float() * scale``), memory, patches, refusals.
+
+Real files in tmp_path, written the way ComfyUI-GGUF's tools and ComfyUI's fp8 converter write them
+(`aura_flow.weights.writers`); tiny random transformers, fixed inputs, fp32."""
 from __future__ import annotations
+
+import weakref
 
 import gguf
 import numpy as np
@@ -7,11 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aura_flow.errors import LoadError
+from aura_flow.loader import module_bytes
+from aura_flow.tiny import transformer_config, transformer_to_original
+from aura_flow.weights.gguf import is_gguf, load_gguf_transformer
 from aura_flow.weights.gguf_dequant import FLOAT_TYPES, KERNELS, dequantize
 from aura_flow.weights.quantized_linear import GGUFLinear, ScaledFp8Linear
-from aura_flow.weights.writers import can_quantize, random_blocks
+from aura_flow.weights.writers import can_quantize, random_blocks, write_fp8, write_gguf
 
 Q = gguf.GGMLQuantizationType
+PREFIX = "model.diffusion_model."
 
 
 # ---------------------------------------------------------------- kernels
@@ -95,3 +106,180 @@ def test_patches_apply_on_gguf_and_fp8_layers():
     _check_patches(layer, fp8.float() * 0.25)
     layer.to(torch.bfloat16)
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.scale_weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- tiny transformers
+RTOL = 1e-4  # relative, on the transformer's output in fp32
+# head dim 16: wide enough (64) that most linears exceed the converter's 1024-value F32 threshold; 256 wide for the
+# K-quants, whose blocks are 256 values a row
+WIDTHS = {64: dict(attention_head_dim=16, num_attention_heads=4), 256: dict(attention_head_dim=64,
+                                                                           num_attention_heads=4)}
+
+
+def _config(width):
+    cfg = transformer_config("tiny")
+    cfg.update(WIDTHS[width], caption_projection_dim=width)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def sources():
+    """width -> (config, original-key state dict) of a seeded random transformer."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    out = {}
+    for width in WIDTHS:
+        torch.manual_seed(width)
+        model = AuraFlowTransformer2DModel(**_config(width))
+        out[width] = (_config(width), transformer_to_original(model.state_dict()))
+    return out
+
+
+def _inputs(cfg):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(2, 6, cfg["joint_attention_dim"], generator=g),
+                timestep=torch.tensor([0.3, 0.8]))
+
+
+def _run(model, cfg):
+    with torch.no_grad():
+        return model(**_inputs(cfg)).sample
+
+
+def _diffusers_reference(original: dict, cfg):
+    """diffusers' own transformer, given ``original`` (original keys, decoded tensors) through diffusers' converter."""
+    from diffusers import AuraFlowTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_auraflow_transformer_checkpoint_to_diffusers
+
+    model = AuraFlowTransformer2DModel(**cfg)
+    sd = convert_auraflow_transformer_checkpoint_to_diffusers(dict(original))
+    expected = model.state_dict()
+    model.load_state_dict({k: v.float().reshape(expected[k].shape) for k, v in sd.items()}, strict=True)
+    return model.eval()
+
+
+def _gguf_py_decoded(path) -> dict:
+    """The file's tensors decoded by gguf-py alone, original names, prefix removed."""
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        field = reader.get_field("comfy.gguf.orig_shape." + t.name)
+        shape = [int(field.parts[i][0]) for i in field.data] if field else list(reversed(t.shape.tolist()))
+        values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        out[t.name.removeprefix(PREFIX)] = torch.from_numpy(values).reshape(shape)
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------- whole transformers from GGUF
+CASES = {  # id: (width, qtypes, writer options)
+    "Q8_0": (64, "Q8_0", {}),
+    "Q4_0-prefix": (64, "Q4_0", dict(prefix=PREFIX)),
+    "Q4_1": (64, "Q4_1", {}),
+    "Q5_0-prefix": (64, "Q5_0", dict(prefix=PREFIX)),
+    "Q5_1": (64, "Q5_1", {}),
+    "BF16-prefix": (64, "BF16", dict(prefix=PREFIX)),
+    "F16": (64, "F16", {}),
+    "Q8_0-orig_shape": (64, "Q8_0", dict(prefix=PREFIX, orig_shape=True)),
+    "Q4_0-llama_cpp_dims": (64, "Q4_0", dict(drop_unit_dims=True)),
+    "MXFP4-gguf_py": (64, "MXFP4", {}),
+    "K-quants-prefix": (256, ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"], dict(prefix=PREFIX)),
+    "K-quants": (256, ["Q6_K", "Q4_K", "Q5_K"], {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gguf_transformer_matches_diffusers(case, sources, tmp_path):
+    width, qtypes, options = CASES[case]
+    cfg, original = sources[width]
+    path = write_gguf(tmp_path / f"{case}.gguf", original, qtypes, head_dim=cfg["attention_head_dim"], **options)
+    model = load_gguf_transformer(path, torch.float32)
+
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    wanted = {qtypes} if isinstance(qtypes, str) else set(qtypes)
+    assert {m.qtype.name for m in layers} & wanted == wanted  # every requested type is really in play
+    assert model.config.attention_head_dim == cfg["attention_head_dim"]  # from the file's head-dim key
+    reference = _diffusers_reference(_gguf_py_decoded(path), cfg)
+    out, ref = _run(model, cfg), _run(reference, cfg)
+    assert _rel(out, ref) < RTOL
+
+
+def test_gguf_without_head_dim_key_falls_back_like_the_loader(sources, tmp_path):
+    cfg, original = sources[256]
+    path = write_gguf(tmp_path / "nokey.gguf", original, "Q8_0")
+    model = load_gguf_transformer(path, torch.float32)
+    assert (model.config.attention_head_dim, model.config.num_attention_heads) == (256, 1)  # AuraFlow's head dim
+
+
+def test_resident_bytes_are_the_files_and_one_layer_is_dequantized_at_a_time(sources, tmp_path):
+    cfg, original = sources[256]
+    path = write_gguf(tmp_path / "q4.gguf", original, "Q4_0", prefix=PREFIX)
+    model = load_gguf_transformer(path, torch.float32)
+    reader = gguf.GGUFReader(path)
+    file_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    # linears hold exactly their bytes from the file; the rest (position grid, register tokens, biases) is decoded
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    decoded = module_bytes(model) - sum(m.stored_bytes() for m in layers)
+    linear_file_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.removeprefix(PREFIX) not in
+                            ("positional_encoding", "register_tokens") and t.name.endswith(".weight"))
+    assert sum(m.stored_bytes() for m in layers) == linear_file_bytes
+    assert decoded == sum(p.numel() * 4 for p in model.parameters())
+    assert module_bytes(model) <= file_bytes + decoded
+    dense = sum(t.numel() * 4 for t in original.values())
+    assert module_bytes(model) < 0.25 * dense  # Q4_0 is 4.5 bits a weight
+
+    alive, refs = [], []
+
+    class Counting(GGUFLinear):
+        def compute_weight(self, dtype, device):
+            w = super().compute_weight(dtype, device)
+            refs.append(weakref.ref(w))
+            alive.append(sum(r() is not None for r in refs))
+            return w
+
+    for m in layers:
+        m.__class__ = Counting
+    _run(model, cfg)
+    assert len(alive) == len(layers) and max(alive) == 1
+
+
+def test_to_moves_blocks_and_never_casts_them(sources, tmp_path):
+    cfg, original = sources[64]
+    model = load_gguf_transformer(write_gguf(tmp_path / "q8.gguf", original, "Q8_0"), torch.float32)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    model.to(torch.float16)
+    assert all(torch.equal(b, before[n]) and b.dtype == torch.uint8 for n, b in model.named_buffers())
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    model.to("meta")  # a device move (the CPU-only stand-in for CUDA) takes the blocks along
+    assert all(b.is_meta for b in model.buffers())
+
+
+@pytest.mark.parametrize("arch", ["flux", "llama"])
+def test_gguf_of_another_architecture_is_refused(arch, sources, tmp_path):
+    _, original = sources[64]
+    path = write_gguf(tmp_path / f"{arch}.gguf", original, "Q8_0", arch=arch)
+    with pytest.raises(LoadError, match=f"{arch}.gguf: a GGUF of architecture '{arch}', not an AuraFlow"):
+        load_gguf_transformer(path, torch.float32)
+
+
+def test_not_a_gguf(tmp_path, sources):
+    _, original = sources[64]
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 64)
+    assert is_gguf(fake) and not is_gguf(write_fp8(tmp_path / "a.safetensors", original))
+    with pytest.raises(LoadError, match="model.gguf: not a readable GGUF file"):
+        load_gguf_transformer(fake, torch.float32)
+    with pytest.raises(LoadError, match="a.safetensors: not a GGUF file"):
+        load_gguf_transformer(tmp_path / "a.safetensors", torch.float32)
+
+
+def test_incomplete_gguf_names_what_is_missing(sources, tmp_path):
+    _, original = sources[64]
+    partial = {k: v for k, v in original.items() if not k.startswith("single_layers.0.mlp")}
+    with pytest.raises(LoadError, match=r"incomplete.gguf: the transformer is missing 3 tensors"):
+        load_gguf_transformer(write_gguf(tmp_path / "incomplete.gguf", partial, "Q8_0"), torch.float32)
