@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from aura_flow.errors import LoadError
 from aura_flow.loader import module_bytes
 from aura_flow.tiny import transformer_config, transformer_to_original
+from aura_flow.weights.fp8 import has_fp8_weights, is_scaled_fp8, load_fp8_transformer
 from aura_flow.weights.gguf import is_gguf, load_gguf_transformer
 from aura_flow.weights.gguf_dequant import FLOAT_TYPES, KERNELS, dequantize
 from aura_flow.weights.quantized_linear import GGUFLinear, ScaledFp8Linear
@@ -283,3 +284,61 @@ def test_incomplete_gguf_names_what_is_missing(sources, tmp_path):
     partial = {k: v for k, v in original.items() if not k.startswith("single_layers.0.mlp")}
     with pytest.raises(LoadError, match=r"incomplete.gguf: the transformer is missing 3 tensors"):
         load_gguf_transformer(write_gguf(tmp_path / "incomplete.gguf", partial, "Q8_0"), torch.float32)
+
+
+# ---------------------------------------------------------------- fp8 safetensors
+FP8_CASES = {
+    "scaled": dict(scaled=True),
+    "scaled-per_row-scale_input": dict(scaled=True, per_row=True, scale_input=True),
+    "scaled-no_prefix": dict(scaled=True, prefix=""),
+    "plain-e5m2": dict(scaled=False, fp8_dtype=torch.float8_e5m2),
+}
+
+
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_transformer_matches_diffusers(case, sources, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    cfg, original = sources[64]
+    options = FP8_CASES[case]
+    path = write_fp8(tmp_path / f"{case}.safetensors", original, **options)
+    sd = load_file(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    assert is_scaled_fp8(sd, metadata) == options["scaled"] and has_fp8_weights(sd)
+    model = load_fp8_transformer(sd, path, torch.float32, {"aura_flow.attention_head_dim": "16"})
+
+    layers = [m for m in model.modules() if isinstance(m, ScaledFp8Linear)]
+    fp8_weights = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and v.dim() == 2]
+    assert len(layers) == len(fp8_weights) > 10
+    assert all(m.weight.dtype == options.get("fp8_dtype", torch.float8_e4m3fn) for m in layers)
+    # the reference: w.float() * scale_weight for every scaled weight, the rest as stored
+    prefix = options.get("prefix", PREFIX)
+    decoded = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix) or k.endswith(("scaled_fp8", ".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(k[:-len(".weight")] + ".scale_weight")
+        decoded[k[len(prefix):]] = v.float() * (scale.reshape(-1, 1) if scale is not None and scale.numel() > 1
+                                                else (scale if scale is not None else 1.0))
+    out, ref = _run(model, cfg), _run(_diffusers_reference(decoded, cfg), cfg)
+    assert _rel(out, ref) < RTOL
+    # resident: the fp8 bytes and float32 scales of the file, nothing more
+    file_bytes = sum(v.numel() * v.element_size() for k, v in sd.items() if k in fp8_weights or
+                     k.endswith(".scale_weight"))
+    assert sum(m.stored_bytes() for m in layers) == file_bytes
+
+
+def test_fp8_refuses_formats_it_does_not_read(sources, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg, original = sources[64]
+    sd = load_file(write_fp8(tmp_path / "x.safetensors", original))
+    meta = {"_quantization_metadata": json.dumps({"layers": {"double_layers.0.attn.w1q": {"format": "nvfp4"}}})}
+    with pytest.raises(LoadError, match="nvfp4.*float8 layers only"):
+        load_fp8_transformer(sd, tmp_path / "x.safetensors", torch.float32, meta)
+
+
