@@ -20,7 +20,7 @@ from aura_flow.weights.fp8 import has_fp8_weights, is_scaled_fp8, load_fp8_trans
 from aura_flow.weights.gguf import is_gguf, load_gguf_transformer
 from aura_flow.weights.gguf_dequant import FLOAT_TYPES, KERNELS, dequantize
 from aura_flow.weights.quantized_linear import GGUFLinear, ScaledFp8Linear
-from aura_flow.weights.writers import can_quantize, random_blocks, write_fp8, write_gguf
+from aura_flow.weights.writers import build_tiny_gguf, can_quantize, random_blocks, write_fp8, write_gguf
 
 Q = gguf.GGMLQuantizationType
 PREFIX = "model.diffusion_model."
@@ -215,6 +215,23 @@ def test_gguf_without_head_dim_key_falls_back_like_the_loader(sources, tmp_path)
     path = write_gguf(tmp_path / "nokey.gguf", original, "Q8_0")
     model = load_gguf_transformer(path, torch.float32)
     assert (model.config.attention_head_dim, model.config.num_attention_heads) == (256, 1)  # AuraFlow's head dim
+
+
+def test_build_tiny_gguf_holds_the_tiny_transformer(tmp_path):
+    """The benchmark's helper: aura_flow.tiny's transformer, its other parts beside it; F32 reproduces it exactly,
+    and a bf16 compute dtype runs the same layers within bf16's precision."""
+    from aura_flow.tiny import build_modules
+
+    path = build_tiny_gguf(tmp_path, "F32")
+    assert {"text_encoder.safetensors", "vae.safetensors", "tokenizer.model"} <= {p.name for p in tmp_path.iterdir()}
+    reference, _, _ = build_modules("tiny")
+    cfg = dict(reference.config)
+    exact = _run(load_gguf_transformer(path, torch.float32), cfg)
+    assert torch.equal(exact, _run(reference, cfg))
+    q8 = load_gguf_transformer(build_tiny_gguf(tmp_path / "q8", "Q8_0"), torch.bfloat16)
+    with torch.no_grad():
+        out = q8(**{k: v.to(torch.bfloat16) for k, v in _inputs(cfg).items()}).sample
+    assert out.dtype == torch.bfloat16 and _rel(out.float(), exact) < 0.03
 
 
 def test_resident_bytes_are_the_files_and_one_layer_is_dequantized_at_a_time(sources, tmp_path):
