@@ -1,0 +1,166 @@
+"""An AuraFlow transformer built around tensors that stay in their stored form (GGUF blocks, fp8 with scales).
+
+The file formats (`gguf`, `fp8`) describe each tensor as a `Stored`: its logical shape, how to make a linear layer
+that keeps it as stored, and how to decode it to a dense tensor. This module does the rest, the same for every
+format: map the original (fal / ComfyUI) key names to diffusers' with diffusers' own converter, names only; infer
+the config from the shapes; build the model on the meta device; put a stored-form layer in place of every
+``nn.Linear``; and decode the few other tensors (position grid, register tokens, biases) to the compute dtype.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..errors import LoadError
+from .linear import PatchableLinear
+
+log = logging.getLogger(__name__)
+
+NORM_OUT = "norm_out.linear.weight"
+ORIGINAL_NORM_OUT = "modF.1.weight"  # stored (shift, scale); diffusers keeps (scale, shift)
+_DIFFUSERS_KEYS = ("context_embedder.weight", "joint_transformer_blocks.", "single_transformer_blocks.")
+# (1, N, C) parameters; llama.cpp writes them as (N, C) (it drops the size-1 dimension)
+_BATCH_OF_ONE = ("pos_embed.pos_embed", "register_tokens")
+
+
+class Stored(Protocol):
+    """One tensor of a checkpoint, in the form the file holds it."""
+
+    shape: tuple[int, ...]
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor decoded to ``dtype`` (a new tensor)."""
+
+    def linear(self, bias: torch.Tensor | None, dtype: torch.dtype) -> PatchableLinear:
+        """A layer that holds this (out, in) weight in its stored form; ``dtype`` is the compute dtype."""
+
+    def swap_halves(self) -> "Stored":
+        """The same tensor with its first and second halves of rows exchanged."""
+
+
+class Dense:
+    """A tensor held as an ordinary float tensor (e.g. the bf16 layers a scaled-fp8 file leaves unquantized)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def dense(self, dtype):
+        return self.tensor.to(dtype)
+
+    def linear(self, bias, dtype):
+        out_features, in_features = self.shape
+        layer = PatchableLinear(in_features, out_features, bias is not None, device="meta")
+        layer.weight = nn.Parameter(self.tensor.to(dtype), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+        return layer
+
+    def swap_halves(self):
+        return Dense(torch.cat(self.tensor.chunk(2, dim=0)[::-1]))
+
+
+def diffusers_names(keys, source) -> dict[str, tuple[str, bool]]:
+    """``{diffusers key: (file key, swap halves)}`` for a transformer's unprefixed keys, original or diffusers.
+
+    Original names go through diffusers' own converter, given the names themselves as values (no tensor is
+    touched); the final norm's weight, whose halves the converter swaps, is added back with the swap flag."""
+    keys = list(keys)
+    if any(k.startswith(_DIFFUSERS_KEYS) for k in keys):
+        return {k: (k, False) for k in keys}
+    from diffusers.loaders.single_file_utils import convert_auraflow_transformer_checkpoint_to_diffusers
+
+    names = {k: k for k in keys if k != ORIGINAL_NORM_OUT}
+    try:
+        converted = convert_auraflow_transformer_checkpoint_to_diffusers(names)
+    except KeyError as exc:
+        raise LoadError(f"{source}: the AuraFlow transformer has no {exc.args[0]} tensor; the file is incomplete or "
+                        f"holds another model. Download or convert it again.") from None
+    out = {d: (o, False) for d, o in converted.items() if o is not None}
+    if ORIGINAL_NORM_OUT in keys:
+        out[NORM_OUT] = (ORIGINAL_NORM_OUT, True)
+    if names:  # what the converter did not take
+        log.debug("%s: ignoring %d tensors that are not AuraFlow's (e.g. %s)", source, len(names), sorted(names)[:3])
+    return out
+
+
+def _fit(stored_shape, expected_shape, key, source) -> None:
+    """Accept a stored shape that differs only by size-1 dimensions (llama.cpp drops trailing ones)."""
+    if tuple(stored_shape) == tuple(expected_shape):
+        return
+    squeeze = [d for d in stored_shape if d != 1], [d for d in expected_shape if d != 1]
+    if squeeze[0] != squeeze[1]:
+        raise LoadError(f"{source}: transformer tensor {key} has shape {tuple(stored_shape)}, expected "
+                        f"{tuple(expected_shape)}; the file is of another model or damaged.")
+
+
+def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch.dtype,
+                         metadata: dict | None = None, config: dict | None = None):
+    """An `AuraFlowTransformer2DModel` whose linears hold ``stored``'s tensors in their stored form.
+
+    stored: unprefixed original or diffusers keys -> `Stored`. metadata: key/value pairs that may carry
+    ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    from ..loader import infer_transformer_config
+
+    entries: dict[str, Stored] = {}
+    for key, (name, swap) in diffusers_names(stored, source).items():
+        entries[key] = stored[name].swap_halves() if swap else stored[name]
+    if config is None:
+        shapes = {k: torch.empty((1, *v.shape) if k in _BATCH_OF_ONE and len(v.shape) == 2 else v.shape,
+                                 device="meta") for k, v in entries.items()}
+        try:
+            config = infer_transformer_config(shapes, metadata)
+        except KeyError as exc:
+            raise LoadError(f"{source}: no {exc.args[0]} tensor found; this is not a complete AuraFlow transformer.") \
+                from None
+    with torch.device("meta"):
+        model = AuraFlowTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(entries))
+    if missing:
+        raise LoadError(f"{source}: the transformer is missing {len(missing)} tensors (e.g. {', '.join(missing[:3])});"
+                        f" the file is incomplete or of another model.")
+
+    def decode(key):
+        _fit(entries[key].shape, expected[key].shape, key, source)
+        return entries[key].dense(compute_dtype).reshape(expected[key].shape)
+
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, m in linears:
+        _fit(entries[f"{name}.weight"].shape, (m.out_features, m.in_features), f"{name}.weight", source)
+        bias = decode(f"{name}.bias") if m.bias is not None else None
+        _replace(model, name, entries[f"{name}.weight"].linear(bias, compute_dtype))
+    taken = {f"{name}.{p}" for name, _ in linears for p in ("weight", "bias")}
+    model.load_state_dict({k: decode(k) for k in expected if k not in taken}, strict=False, assign=True)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise LoadError(f"{source}: transformer tensor {name} was not loaded")
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        log.debug("%s: ignoring %d unexpected transformer tensors (e.g. %s)", source, len(extra), extra[:3])
+    return model.eval().requires_grad_(False)
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+# keys that only an AuraFlow transformer has, original and diffusers names
+_DETECT = ("double_layers.0.attn.w1q.weight", "cond_seq_linear.weight", "t_embedder.mlp.0.weight",
+           "context_embedder.weight", "pos_embed.pos_embed", "time_step_proj.linear_1.weight")
+
+
+def transformer_prefix(keys) -> str | None:
+    """What stands before the transformer's names in ``keys`` ('', 'model.', 'model.diffusion_model.'…), or None
+    when no AuraFlow transformer key is there."""
+    for k in keys:
+        for s in _DETECT:
+            if k.endswith(s) and (k == s or k[-len(s) - 1] == "."):
+                return k[:len(k) - len(s)]
+    return None

@@ -1,0 +1,158 @@
+"""AuraFlow transformers from GGUF files, as city96's ComfyUI-GGUF writes them (``city96/AuraFlow-v0.3-gguf``, Pony
+V7's ``gguf/``), kept quantized in memory.
+
+What such a file holds: ``general.architecture = "aura"``; the transformer's tensors under their original (fal /
+ComfyUI) names (``double_layers.0.attn.w1q.weight``, ``modF.1.weight``, ``positional_encoding``…), sometimes under
+``model.diffusion_model.``; each tensor's shape reversed (ggml order), or given by a ``comfy.gguf.orig_shape.<name>``
+INT32 array when the converter flattened it; 1-D and small tensors in F32 (or F16), the rest in one or more quant
+types. GGUFReader only parses the header (it memory-maps the file and reads the tensor table); each tensor's bytes
+are then read from the file straight into the tensor that keeps them, so a load holds one copy, never two.
+
+Entry points: `is_gguf` (the magic bytes) and `load_gguf_transformer`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import torch
+
+from ..errors import LoadError
+from ..tiny import HEAD_DIM_KEY
+from .assemble import Dense, assemble_transformer, transformer_prefix
+from .gguf_dequant import can_dequantize, dequantize
+from .quantized_linear import GGUFLinear
+
+log = logging.getLogger(__name__)
+
+ARCH = "aura"
+ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+# arch strings ComfyUI-GGUF accepts for models it cannot name otherwise (stable-diffusion.cpp files, its own "pig")
+_UNNAMED_ARCHES = (None, "pig")
+
+
+def is_gguf(path) -> bool:
+    """Whether ``path`` is a GGUF file (by its first four bytes, whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _field(reader: gguf.GGUFReader, name: str):
+    """A header value: str, int, float, list of them, or None when absent."""
+    field = reader.get_field(name)
+    if field is None:
+        return None
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if kind == gguf.GGUFValueType.ARRAY:
+        if field.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    return field.parts[field.data[0]].tolist()[0]
+
+
+class GGUFStored:
+    """One tensor of a GGUF file: its type, logical shape, and where its bytes are; read when a layer needs them."""
+
+    def __init__(self, file, name: str, qtype, shape, offset: int, nbytes: int, swapped: bool = False):
+        self.file, self.name, self.qtype = file, name, gguf.GGMLQuantizationType(qtype)
+        self.shape = tuple(int(d) for d in shape)
+        self.offset, self.nbytes, self.swapped = offset, nbytes, swapped
+
+    def raw(self) -> torch.Tensor:
+        """The tensor's bytes (uint8, file order), read into memory the tensor owns."""
+        out = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.file.seek(self.offset)
+        if self.file.readinto(memoryview(out.numpy())) != self.nbytes:
+            raise LoadError(f"{self.file.name}: tensor {self.name} ends past the end of the file; the download is "
+                            f"truncated. Download it again.")
+        if self.swapped:  # exchange the halves of the rows: whole blocks, since the half is block-aligned
+            out = torch.cat(out.chunk(2)[::-1])
+        return out
+
+    def dense(self, dtype):
+        return dequantize(self.raw(), self.qtype, self.shape, dtype)
+
+    def linear(self, bias, dtype):
+        out_features, in_features = self.shape
+        return GGUFLinear(self.raw(), self.qtype, out_features, in_features, bias)
+
+    def swap_halves(self):
+        block_size, _ = gguf.GGML_QUANT_SIZES[self.qtype]
+        half = self.shape[0] // 2 * math.prod(self.shape[1:])
+        if self.shape[0] % 2 == 0 and half % block_size == 0:
+            return GGUFStored(self.file, self.name, self.qtype, self.shape, self.offset, self.nbytes, not self.swapped)
+        # blocks straddle the middle: decode this one (small) tensor instead
+        return Dense(self.dense(torch.float32)).swap_halves()
+
+
+def _check_arch(reader, path, keys) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch == ARCH:
+        return arch
+    if arch in _UNNAMED_ARCHES and transformer_prefix(keys) is not None:
+        log.warning("%s: GGUF without an AuraFlow architecture tag (%r); its tensors are AuraFlow's, loading it",
+                    path, arch)
+        return ARCH
+    found = f"architecture {arch!r}" if arch is not None else "no general.architecture and no AuraFlow tensors"
+    raise LoadError(f"{path}: a GGUF of {found}, not an AuraFlow transformer (architecture {ARCH!r}). Pick an "
+                    f"AuraFlow or Pony V7 GGUF; load other models with their own loader (for image models, "
+                    f"ComfyUI-GGUF's Unet Loader (GGUF)).")
+
+
+def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
+    """``({unprefixed name: GGUFStored}, header metadata)`` of an AuraFlow GGUF; ``file`` is ``path`` opened 'rb'."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:  # gguf-py raises ValueError for a bad magic or version
+        raise LoadError(f"{path}: not a readable GGUF file ({exc}); it is truncated, damaged or of another format. "
+                        f"Download it again.") from None
+    if reader.byte_order != "I":
+        raise LoadError(f"{path}: a big-endian GGUF; convert the model again on a little-endian machine.")
+    names = [t.name for t in reader.tensors]
+    _check_arch(reader, path, names)
+    prefix = transformer_prefix(names) or ""
+    stored = {}
+    for t in reader.tensors:
+        if not t.name.startswith(prefix):
+            continue
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        if not can_dequantize(qtype):
+            raise LoadError(f"{path}: tensor {t.name} is {qtype.name}, a type neither this pack nor the installed "
+                            f"gguf package can unpack. Update gguf (pip install -U gguf) or use a file of another "
+                            f"quant type.")
+        shape = _field(reader, ORIG_SHAPE_KEY + t.name)
+        if shape is None:
+            shape = [int(d) for d in reversed(t.shape.tolist())]
+        stored[t.name[len(prefix):]] = GGUFStored(file, t.name, qtype, shape, int(t.data_offset), int(t.n_bytes))
+    metadata = {}
+    head_dim = _field(reader, HEAD_DIM_KEY)
+    if head_dim is not None:
+        metadata[HEAD_DIM_KEY] = str(head_dim)
+    return stored, metadata
+
+
+def load_gguf_transformer(path, compute_dtype: torch.dtype = torch.bfloat16):
+    """An `AuraFlowTransformer2DModel` (on the CPU) whose linear layers are `GGUFLinear`s holding ``path``'s blocks;
+    the other tensors (position grid, register tokens, biases) decoded to ``compute_dtype``, the dtype the layers
+    dequantize to when run. The file is closed when this returns."""
+    path = Path(os.fspath(path))
+    if not is_gguf(path):
+        raise LoadError(f"{path}: not a GGUF file (it does not start with 'GGUF'); pass an AuraFlow .gguf, or load a "
+                        f".safetensors checkpoint with the ordinary loader.")
+    with open(path, "rb") as file:
+        stored, metadata = read_gguf(path, file)
+        model = assemble_transformer(stored, path, compute_dtype, metadata)
+    types = Counter(s.qtype.name for s in stored.values())
+    log.info("AuraFlow GGUF %s: %s; %.1f MiB of tensors, run in %s", path.name,
+             ", ".join(f"{n} {k}" for k, n in types.most_common()), sum(s.nbytes for s in stored.values()) / 2**20,
+             str(compute_dtype).replace("torch.", ""))
+    return model
