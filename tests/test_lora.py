@@ -145,7 +145,7 @@ def test_peft_save_pretrained_folder_with_adapter_config(tmp_path, tiny, pack, i
     pm.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     assert next(iter(LoraFile(path).keys)).startswith("base_model.model.")
-    check(pack, inputs, base_out, run(pm.merge_and_unload(), inputs), [(path, 1.0)])
+    check(pack, inputs, base_out, run(pm.merge_and_unload(), inputs), [(tmp_path, 1.0)])  # the folder works too
 
 
 def test_alpha_tensors_in_diffusers_keys(tmp_path, tiny, pack, inputs, base_out):
@@ -454,6 +454,8 @@ def test_shape_mismatch_names_file_key_and_shapes(tmp_path, pack):
 def test_bad_inputs(tmp_path, pack):
     with pytest.raises(LoadError, match="not found"):
         LoraFile(tmp_path / "missing.safetensors")
+    with pytest.raises(LoadError, match="a folder without pytorch_lora_weights.safetensors"):
+        LoraFile(tmp_path)
     pt = tmp_path / "old.pt"
     pt.write_bytes(b"x")
     with pytest.raises(LoadError, match="only .safetensors"):

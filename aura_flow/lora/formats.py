@@ -62,8 +62,16 @@ class LoraFile:
     """A LoRA ``.safetensors`` file, read lazily: opening it reads only the header (keys and metadata); tensors are
     read by `read` for the modules that are used."""
 
+    FOLDER_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # diffusers', peft's
+
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.is_dir():
+            found = [self.path / n for n in self.FOLDER_NAMES if (self.path / n).is_file()]
+            if not found:
+                raise LoadError(f"{self.path}: a folder without {' or '.join(self.FOLDER_NAMES)}; give the LoRA's "
+                                f".safetensors file itself.")
+            self.path = found[0]
         if not self.path.is_file():
             raise LoadError(f"{self.path}: LoRA file not found. Check the path (LoRAs go in ComfyUI's models/loras).")
         if self.path.suffix.lower() != ".safetensors":
@@ -163,6 +171,9 @@ class LoraFile:
         else:
             patch = FullPatch(w["diff"], w.get("diff_b"))
             self._check(patch.diff.dim() == 2, group, f"diff has shape {tuple(patch.diff.shape)}")
+            if patch.diff_b is not None:
+                self._check(tuple(patch.diff_b.shape) == patch.shape[:1], group,
+                            f"diff_b {tuple(patch.diff_b.shape)} does not fit diff {patch.shape}")
         return patch, w.get("magnitude")
 
     def _lora_scale(self, alpha, rank, layer_name) -> float:
