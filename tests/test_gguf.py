@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from aura_flow.errors import LoadError
-from aura_flow.loader import module_bytes
+from aura_flow.weights.devices import module_bytes
 from aura_flow.tiny import transformer_config, transformer_to_original
 from aura_flow.weights.fp8 import has_fp8_weights, is_scaled_fp8, load_fp8_transformer
 from aura_flow.weights.gguf import is_gguf, load_gguf_transformer

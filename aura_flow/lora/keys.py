@@ -84,9 +84,9 @@ class Target:
 
 def original_names(layer_names) -> dict[str, tuple[str, bool]]:
     """diffusers module name -> (original module name, whether the original weight's two row halves are swapped),
-    taken from the pack's own key converter (`aura_flow.tiny.transformer_to_original`) so the two never disagree.
+    taken from the pack's own key converter (`aura_flow.weights.keymap.transformer_to_original`) so the two never disagree.
     Layers it does not know get no original name."""
-    from ..tiny import transformer_to_original
+    from ..weights.keymap import transformer_to_original
 
     out = {}
     tag = torch.arange(2.0).reshape(2, 1)

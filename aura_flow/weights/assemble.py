@@ -42,16 +42,22 @@ class Stored(Protocol):
 
 
 class Dense:
-    """A tensor held as an ordinary float tensor (e.g. the bf16 layers a scaled-fp8 file leaves unquantized)."""
+    """A tensor held as an ordinary float tensor (a safetensors file's, or the bf16 layers a scaled-fp8 file leaves
+    unquantized). ``storage``: an fp8 dtype to keep its linear layer in (``load(dtype="fp8_e4m3fn")``)."""
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, storage: torch.dtype | None = None):
         self.tensor = tensor
+        self.storage = storage if storage is not None and storage.itemsize == 1 else None
         self.shape = tuple(tensor.shape)
 
     def dense(self, dtype):
         return self.tensor.to(dtype)
 
     def linear(self, bias, dtype):
+        if self.storage is not None:
+            from .quantized_linear import ScaledFp8Linear
+
+            return ScaledFp8Linear(self.tensor.to(self.storage), None, bias)
         out_features, in_features = self.shape
         layer = PatchableLinear(in_features, out_features, bias is not None, device="meta")
         layer.weight = nn.Parameter(self.tensor.to(dtype), requires_grad=False)
@@ -60,7 +66,7 @@ class Dense:
         return layer
 
     def swap_halves(self):
-        return Dense(torch.cat(self.tensor.chunk(2, dim=0)[::-1]))
+        return Dense(torch.cat(self.tensor.chunk(2, dim=0)[::-1]), self.storage)
 
 
 def diffusers_names(keys, source) -> dict[str, tuple[str, bool]]:
@@ -105,7 +111,7 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
     ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference."""
     from diffusers import AuraFlowTransformer2DModel
 
-    from ..loader import infer_transformer_config
+    from .configs import infer_transformer_config
 
     entries: dict[str, Stored] = {}
     for key, (name, swap) in diffusers_names(stored, source).items():
@@ -149,18 +155,3 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
-# keys that only an AuraFlow transformer has, original and diffusers names
-_DETECT = ("double_layers.0.attn.w1q.weight", "cond_seq_linear.weight", "t_embedder.mlp.0.weight",
-           "context_embedder.weight", "pos_embed.pos_embed", "time_step_proj.linear_1.weight")
-
-
-def transformer_prefix(keys) -> str | None:
-    """What stands before the transformer's names in ``keys`` ('', 'model.', 'model.diffusion_model.'…), or None
-    when no AuraFlow transformer key is there."""
-    for k in keys:
-        for s in _DETECT:
-            if k.endswith(s) and (k == s or k[-len(s) - 1] == "."):
-                return k[:len(k) - len(s)]
-    return None

@@ -1,14 +1,16 @@
 """Every layout users have, read into components on the CPU, offline, lazily, one copy of the weights in memory.
 
 Layouts (detected from the files themselves):
-1. a diffusers folder (``model_index.json``; sharded ``transformer/``, ``*.fp16.safetensors`` variants too);
+1. a diffusers folder (``model_index.json``; sharded ``transformer/``, ``*.fp16.safetensors`` variants too), or a
+   bare diffusers transformer folder (``config.json``);
 2. the all-in-one single file: transformer under ``model.`` (or ``model.diffusion_model.``) in the original key
    names, T5 under ``text_encoders.`` (ComfyUI: ``text_encoders.pile_t5xl.transformer.``), VAE under ``vae.`` in the
    original (ldm) key names;
-3. a transformer-only file in the original or the diffusers key names, with the text encoder, tokenizer and VAE
-   from separate files or folders.
-Configs come from the folder's config.json files or are inferred from tensor shapes. Original key names are
-converted with diffusers' own converters. Nothing here touches the network.
+3. a transformer-only file: safetensors in the original or the diffusers key names (bf16/fp16/fp32, fp8, ComfyUI's
+   scaled fp8) or a GGUF, with the text encoder, tokenizer and VAE from separate files or folders.
+Every part is located first, from file headers and folder listings (cheap), so a missing text encoder, VAE or
+tokenizer is reported before any weights are read. Configs come from the folder's config.json files or are
+inferred from tensor shapes. Nothing here touches the network or runs code from a model folder.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from ..errors import LoadError
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
 from .devices import resolve_device, resolve_dtypes
-from .layouts import DIFFUSERS_TRANSFORMER_KEYS, ORIGINAL_TRANSFORMER_KEYS, describe, find_prefix
+from .layouts import TRANSFORMER_KEYS, describe, find_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
 from .reader import SafetensorsReader, folder_files, read_json
 
@@ -39,30 +41,14 @@ class Components:
     compute_dtype: object = None  # the transformer's and text encoder's compute dtype (the VAE runs in fp32)
 
 
-def _load_text_encoder_path(path: Path, dtype):
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.exists() and (path / "text_encoder").is_dir():
-            path, cfg_file = path / "text_encoder", path / "text_encoder" / "config.json"
-        from transformers import UMT5Config
+@dataclass
+class _Located:
+    """Where each part comes from, found before any weights are read."""
 
-        config = UMT5Config(**{k: v for k, v in read_json(cfg_file).items() if k not in ("architectures",)}) \
-            if cfg_file.exists() else None
-        reader = SafetensorsReader(folder_files(path, "model"))
-        return text_encoder_from_sd(reader.take(dtype=dtype), path, config)
-    return text_encoder_from_sd(SafetensorsReader([path]).take(dtype=dtype), path)
-
-
-def _load_vae_path(path: Path):
-    import torch
-
-    if path.is_dir():
-        if not (path / "config.json").exists() and (path / "vae").is_dir():
-            path = path / "vae"
-        config = read_json(path / "config.json") if (path / "config.json").exists() else None
-        return vae_from_sd(SafetensorsReader(folder_files(path, "diffusion_pytorch_model")).take(dtype=torch.float32), path,
-                            config)
-    return vae_from_sd(SafetensorsReader([path]).take(dtype=torch.float32), path)
+    transformer: tuple  # ("gguf", path) | ("safetensors", reader, prefix, config or None, source)
+    text_encoder: tuple  # ("checkpoint", reader) | ("path", path)
+    vae: tuple  # ("checkpoint", reader, prefix) | ("path", path)
+    tokenizer: tuple  # ("checkpoint", reader, key) | ("path", path)
 
 
 def comfyui_tokenizer_path() -> Path | None:
@@ -85,97 +71,145 @@ def _check_path(name, value) -> Path | None:
     return p
 
 
-def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto"):
-    """Read every component from disk onto the CPU (the caller moves them); see `load` for the arguments.
+def _locate_transformer(ckpt: Path, found: dict) -> tuple:
+    """The transformer's source; for a diffusers folder also fills ``found`` with its text encoder, VAE and
+    tokenizer folders."""
+    from .gguf import is_gguf
 
-    Tensors are converted to their target dtype as they are read, so a component is never held twice."""
+    if not ckpt.is_dir():
+        if is_gguf(ckpt):
+            return ("gguf", ckpt)
+        reader = SafetensorsReader([ckpt])
+        keys = list(reader.keys())
+        prefix = find_prefix(keys, TRANSFORMER_KEYS)
+        if prefix is None:
+            raise LoadError(describe(ckpt, keys))
+        if any(k.startswith("text_encoders.") for k in keys):
+            found["text_encoder"] = ("checkpoint", reader)
+            spiece = next((k for k in keys if k.startswith("text_encoders.") and k.endswith("spiece_model")), None)
+            if spiece is not None:  # ComfyUI serializes the tokenizer into the checkpoint
+                found["tokenizer"] = ("checkpoint", reader, spiece)
+        vae_prefix = "vae." if any(k.startswith("vae.") for k in keys) else \
+            "first_stage_model." if any(k.startswith("first_stage_model.") for k in keys) else None
+        if vae_prefix:
+            found["vae"] = ("checkpoint", reader, vae_prefix)
+        return ("safetensors", reader, prefix, None, ckpt)
+    if not (ckpt / "model_index.json").exists():
+        if (ckpt / "config.json").exists():  # a bare diffusers transformer folder
+            return ("safetensors", SafetensorsReader(folder_files(ckpt, "diffusion_pytorch_model")), "",
+                    read_json(ckpt / "config.json"), ckpt)
+        raise LoadError(f"{ckpt}: a folder without model_index.json or config.json; expected a diffusers "
+                        f"AuraFlow folder (like fal/AuraFlow-v0.3)")
+    tdir = ckpt / "transformer"
+    if not tdir.is_dir():
+        raise LoadError(f"{ckpt}: diffusers folder without transformer/")
+    for part, sub in (("text_encoder", "text_encoder"), ("vae", "vae"), ("tokenizer", "tokenizer")):
+        if (ckpt / sub).is_dir():
+            found[part] = ("path", ckpt / sub)
+    return ("safetensors", SafetensorsReader(folder_files(tdir, "diffusion_pytorch_model")), "",
+            read_json(tdir / "config.json"), tdir)
+
+
+def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
+    found: dict = {}
+    transformer = _locate_transformer(ckpt, found)
+    text_encoder = ("path", te_path) if te_path is not None else found.get("text_encoder")
+    if text_encoder is None:
+        raise LoadError(f"{ckpt}: has no text encoder; pass text_encoder=PATH (a Pile-T5-XL .safetensors or a "
+                        f"diffusers text_encoder folder; in ComfyUI put it in models/text_encoders)")
+    vae = ("path", vae_path) if vae_path is not None else found.get("vae")
+    if vae is None:
+        raise LoadError(f"{ckpt}: has no VAE; pass vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
+                        f"folder; in ComfyUI put it in models/vae)")
+    tokenizer = ("path", tok_path) if tok_path is not None else found.get("tokenizer")
+    if tokenizer is None and te_path is not None and te_path.is_dir():
+        for cand in (te_path / "tokenizer", te_path.parent / "tokenizer", te_path / "tokenizer.model"):
+            if cand.exists():
+                tokenizer = ("path", cand)
+                break
+    if tokenizer is None and not ckpt.is_dir() and (ckpt.parent / "tokenizer.model").exists():
+        tokenizer = ("path", ckpt.parent / "tokenizer.model")
+    if tokenizer is None and comfyui_tokenizer_path() is not None:
+        tokenizer = ("path", comfyui_tokenizer_path())
+    if tokenizer is None:
+        raise LoadError(f"{ckpt}: no tokenizer found; {TOKENIZER_HINT}, or put tokenizer.model next to the checkpoint")
+    return _Located(transformer, text_encoder, vae, tokenizer)
+
+
+def _read_transformer(where: tuple, storage, compute):
+    if where[0] == "gguf":
+        from .gguf import load_gguf_transformer
+
+        return load_gguf_transformer(where[1], compute)
+    _kind, reader, prefix, config, source = where
+    sd = reader.take(prefix, strip=False, dtype=compute, keep_fp8=True)
+    return transformer_from_sd(sd, source, reader.metadata, storage, compute, config)
+
+
+def _read_text_encoder(where: tuple, dtype):
+    if where[0] == "checkpoint":
+        reader = where[1]
+        sd = {k: v for k, v in reader.take("text_encoders.", dtype=dtype).items() if not k.endswith("spiece_model")}
+        return text_encoder_from_sd(sd, reader.files[0])
+    path = where[1]
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.exists() and (path / "text_encoder").is_dir():
+            path, cfg_file = path / "text_encoder", path / "text_encoder" / "config.json"
+        from transformers import UMT5Config
+
+        config = UMT5Config(**{k: v for k, v in read_json(cfg_file).items() if k not in ("architectures",)}) \
+            if cfg_file.exists() else None
+        return text_encoder_from_sd(SafetensorsReader(folder_files(path, "model")).take(dtype=dtype), path, config)
+    return text_encoder_from_sd(SafetensorsReader([path]).take(dtype=dtype), path)
+
+
+def _read_vae(where: tuple):
     import torch
 
+    if where[0] == "checkpoint":
+        _kind, reader, prefix = where
+        return vae_from_sd(reader.take(prefix, dtype=torch.float32), reader.files[0])
+    path = where[1]
+    if path.is_dir():
+        if not (path / "config.json").exists() and (path / "vae").is_dir():
+            path = path / "vae"
+        config = read_json(path / "config.json") if (path / "config.json").exists() else None
+        return vae_from_sd(SafetensorsReader(folder_files(path, "diffusion_pytorch_model")).take(dtype=torch.float32),
+                           path, config)
+    return vae_from_sd(SafetensorsReader([path]).take(dtype=torch.float32), path)
 
+
+def _read_tokenizer(where: tuple) -> PromptTokenizer:
+    if where[0] == "checkpoint":
+        _kind, reader, key = where
+        return PromptTokenizer.from_sentencepiece_bytes(reader.get(key).numpy().tobytes(),
+                                                        f"{reader.files[0]}:{key[len('text_encoders.'):]}")
+    return PromptTokenizer.load(where[1])
+
+
+def _source(where: tuple) -> str:
+    return str(where[1].files[0] if where[0] == "checkpoint" else where[-1] if where[0] == "safetensors"
+               else where[1])
+
+
+def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto"):
+    """Read every component from disk onto the CPU (the caller moves them); see `aura_flow.load` for the arguments.
+
+    Every part is located before any is read; tensors are converted to their target dtype as they are read, so a
+    component is never held twice."""
     dev = resolve_device(device)
     storage, compute = resolve_dtypes(dtype, dev)
     ckpt = _check_path("checkpoint", checkpoint)
     if ckpt is None:
         raise LoadError("checkpoint is required: a diffusers folder, an all-in-one .safetensors or a transformer file")
-    tok_path = _check_path("tokenizer", tokenizer)
-    te_path = _check_path("text_encoder", text_encoder)
-    vae_path = _check_path("vae", vae)
+    where = _locate(ckpt, _check_path("tokenizer", tokenizer), _check_path("text_encoder", text_encoder),
+                    _check_path("vae", vae))
     c = Components(device=dev, storage_dtype=storage, compute_dtype=compute)
-
-    if ckpt.is_dir():
-        if not (ckpt / "model_index.json").exists():
-            if (ckpt / "config.json").exists():  # a bare diffusers transformer folder
-                reader = SafetensorsReader(folder_files(ckpt, "diffusion_pytorch_model"))
-                c.transformer = transformer_from_sd(reader.take(dtype=compute), ckpt, reader.metadata, storage, compute,
-                                                     read_json(ckpt / "config.json"))
-            else:
-                raise LoadError(f"{ckpt}: a folder without model_index.json or config.json; expected a diffusers "
-                                f"AuraFlow folder (like fal/AuraFlow-v0.3)")
-        else:
-            tdir = ckpt / "transformer"
-            if not tdir.is_dir():
-                raise LoadError(f"{ckpt}: diffusers folder without transformer/")
-            reader = SafetensorsReader(folder_files(tdir, "diffusion_pytorch_model"))
-            c.transformer = transformer_from_sd(reader.take(dtype=compute), tdir, reader.metadata, storage, compute,
-                                                 read_json(tdir / "config.json"))
-            if te_path is None and (ckpt / "text_encoder").is_dir():
-                te_path = ckpt / "text_encoder"
-            if vae_path is None and (ckpt / "vae").is_dir():
-                vae_path = ckpt / "vae"
-            if tok_path is None and (ckpt / "tokenizer").is_dir():
-                tok_path = ckpt / "tokenizer"
-    else:
-        reader = SafetensorsReader([ckpt])
-        keys = list(reader.keys())
-        t_prefix = find_prefix(keys, ORIGINAL_TRANSFORMER_KEYS + DIFFUSERS_TRANSFORMER_KEYS)
-        if t_prefix is None:
-            raise LoadError(describe(ckpt, keys))
-        c.transformer = transformer_from_sd(reader.take(t_prefix, strip=False, dtype=compute), ckpt,
-                                             reader.metadata, storage, compute)
-        if te_path is None and any(k.startswith("text_encoders.") for k in keys):
-            te_sd = reader.take("text_encoders.", dtype=compute)
-            spiece = next((k for k in te_sd if k.endswith("spiece_model")), None)
-            if spiece is not None:  # ComfyUI serializes the tokenizer into the checkpoint
-                blob = te_sd.pop(spiece)
-                if tok_path is None:
-                    c.tokenizer = PromptTokenizer.from_sentencepiece_bytes(blob.numpy().tobytes(), f"{ckpt}:{spiece}")
-                    c.sources["tokenizer"] = c.tokenizer.source
-            c.text_encoder = text_encoder_from_sd(te_sd, ckpt)
-            c.sources["text_encoder"] = str(ckpt)
-        if vae_path is None and any(k.startswith(("vae.", "first_stage_model.")) for k in keys):
-            c.vae = vae_from_sd(reader.take("vae." if any(k.startswith("vae.") for k in keys)
-                                             else "first_stage_model.", dtype=torch.float32), ckpt)
-            c.sources["vae"] = str(ckpt)
-        del reader
-    c.sources["transformer"] = str(ckpt)
-
-    if c.text_encoder is None:
-        if te_path is None:
-            raise LoadError(f"{ckpt}: has no text encoder; pass text_encoder=PATH (a Pile-T5-XL .safetensors or a "
-                            f"diffusers text_encoder folder; in ComfyUI put it in models/text_encoders)")
-        c.text_encoder = _load_text_encoder_path(te_path, compute)
-        c.sources["text_encoder"] = str(te_path)
-    if c.vae is None:
-        if vae_path is None:
-            raise LoadError(f"{ckpt}: has no VAE; pass vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
-                            f"folder; in ComfyUI put it in models/vae)")
-        c.vae = _load_vae_path(vae_path)
-        c.sources["vae"] = str(vae_path)
-    if c.tokenizer is None:
-        if tok_path is None and te_path is not None and te_path.is_dir():
-            for cand in (te_path / "tokenizer", te_path.parent / "tokenizer", te_path / "tokenizer.model"):
-                if cand.exists():
-                    tok_path = cand
-                    break
-        if tok_path is None and not ckpt.is_dir() and (ckpt.parent / "tokenizer.model").exists():
-            tok_path = ckpt.parent / "tokenizer.model"
-        if tok_path is None:
-            tok_path = comfyui_tokenizer_path()
-        if tok_path is None:
-            raise LoadError(f"{ckpt}: no tokenizer found; {TOKENIZER_HINT}, or put tokenizer.model next to the "
-                            f"checkpoint")
-        c.tokenizer = PromptTokenizer.load(tok_path)
-        c.sources["tokenizer"] = str(tok_path)
+    c.tokenizer = _read_tokenizer(where.tokenizer)  # the small parts first: a broken one fails before the big one
+    c.vae = _read_vae(where.vae)
+    c.text_encoder = _read_text_encoder(where.text_encoder, compute)
+    c.transformer = _read_transformer(where.transformer, storage, compute)
+    c.sources = {"transformer": str(ckpt), "text_encoder": _source(where.text_encoder), "vae": _source(where.vae),
+                 "tokenizer": c.tokenizer.source}
     return c
-
-

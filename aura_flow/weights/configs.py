@@ -9,6 +9,9 @@ import math
 
 log = logging.getLogger(__name__)
 
+# safetensors / GGUF metadata key for the one config value the shapes cannot give (files this pack writes have it)
+HEAD_DIM_KEY = "aura_flow.attention_head_dim"
+
 
 def count_blocks(keys, prefix):
     n = set()
@@ -27,7 +30,7 @@ def infer_transformer_config(sd: dict, metadata: dict | None = None) -> dict:
     out_channels = sd["proj_out.weight"].shape[0] // (patch * patch)
     # The head split cannot be read from shapes (q/k/v are width x width, the qk-norms have no weights). AuraFlow
     # uses 256-wide heads; files written by this pack record theirs in the metadata.
-    head_dim = int((metadata or {}).get("aura_flow.attention_head_dim", 0)) or (256 if width % 256 == 0 else None)
+    head_dim = int((metadata or {}).get(HEAD_DIM_KEY, 0)) or (256 if width % 256 == 0 else None)
     if head_dim is None:
         head_dim = next(d for d in (128, 64, 32, 16, 8, 4, 2, 1) if width % d == 0)
         log.warning("transformer width %d is not AuraFlow's; guessing attention head dim %d", width, head_dim)

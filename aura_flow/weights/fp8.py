@@ -19,7 +19,8 @@ import logging
 import torch
 
 from ..errors import LoadError
-from .assemble import Dense, assemble_transformer, transformer_prefix
+from .assemble import Dense, assemble_transformer
+from .layouts import TRANSFORMER_KEYS, find_prefix
 from .quantized_linear import ScaledFp8Linear
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,12 @@ def _check_formats(sd: dict, metadata: dict | None, source) -> None:
                         f"float8 layers only. Use a GGUF, an fp8 or a bf16 file of this model instead.")
 
 
-def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata: dict | None = None):
+def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata: dict | None = None,
+                         config: dict | None = None):
     """An `AuraFlowTransformer2DModel` whose fp8 linear weights stay fp8 (`ScaledFp8Linear`), from a state dict read
     without casting (fp8 tensors as fp8): a transformer-only file or a whole checkpoint, original or diffusers key
     names, under any prefix. Other tensors are decoded to ``compute_dtype``."""
-    prefix = transformer_prefix(sd)
+    prefix = find_prefix(sd, TRANSFORMER_KEYS)
     if prefix is None:
         raise LoadError(f"{source}: no AuraFlow transformer tensors found (expected double_layers.0.attn.w1q.weight or "
                         f"context_embedder.weight). Is this an AuraFlow checkpoint?")
@@ -107,7 +109,7 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
             stored[k] = Fp8Stored(t, scale)
         else:  # left unquantized by the converter (small layers, norms, embeddings)
             stored[k] = Dense(t if scale is None else Fp8Stored(t, scale).dense(torch.float32))
-    model = assemble_transformer(stored, source, compute_dtype, metadata)
+    model = assemble_transformer(stored, source, compute_dtype, metadata, config)
     n_fp8 = sum(isinstance(m, ScaledFp8Linear) for m in model.modules())
     kinds = sorted({str(s.weight.dtype).replace("torch.", "") for s in stored.values() if isinstance(s, Fp8Stored)})
     log.info("AuraFlow fp8 %s: %d linear layers kept in %s (%s), %d run-time scales ignored; run in %s", source,

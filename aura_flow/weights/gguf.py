@@ -22,8 +22,9 @@ import gguf
 import torch
 
 from ..errors import LoadError
-from ..tiny import HEAD_DIM_KEY
-from .assemble import Dense, assemble_transformer, transformer_prefix
+from .assemble import Dense, assemble_transformer
+from .configs import HEAD_DIM_KEY
+from .layouts import TRANSFORMER_KEYS, find_prefix
 from .gguf_dequant import can_dequantize, dequantize
 from .quantized_linear import GGUFLinear
 
@@ -98,7 +99,7 @@ def _check_arch(reader, path, keys) -> str:
     arch = _field(reader, "general.architecture")
     if arch == ARCH:
         return arch
-    if arch in _UNNAMED_ARCHES and transformer_prefix(keys) is not None:
+    if arch in _UNNAMED_ARCHES and find_prefix(keys, TRANSFORMER_KEYS) is not None:
         log.warning("%s: GGUF without an AuraFlow architecture tag (%r); its tensors are AuraFlow's, loading it",
                     path, arch)
         return ARCH
@@ -119,7 +120,7 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
         raise LoadError(f"{path}: a big-endian GGUF; convert the model again on a little-endian machine.")
     names = [t.name for t in reader.tensors]
     _check_arch(reader, path, names)
-    prefix = transformer_prefix(names) or ""
+    prefix = find_prefix(names, TRANSFORMER_KEYS) or ""
     stored = {}
     for t in reader.tensors:
         if not t.name.startswith(prefix):

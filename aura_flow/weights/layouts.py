@@ -16,10 +16,15 @@ _LOOKS_LIKE = [  # (key fragment, what it is, what to do instead)
 ]
 
 
+TRANSFORMER_KEYS = ORIGINAL_TRANSFORMER_KEYS + DIFFUSERS_TRANSFORMER_KEYS
+
+
 def find_prefix(keys, suffixes) -> str | None:
+    """What stands before one of ``suffixes`` in ``keys`` ('', 'model.', 'model.diffusion_model.'...), or None: the
+    suffix must be a whole key or follow a dot."""
     for k in keys:
         for s in suffixes:
-            if k.endswith(s):
+            if k.endswith(s) and (k == s or k[-len(s) - 1] == "."):
                 return k[: len(k) - len(s)]
     return None
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import LoadError
-from .configs import count_blocks, infer_t5_config, infer_transformer_config, infer_vae_config
-from .layouts import DIFFUSERS_TRANSFORMER_KEYS, ORIGINAL_TRANSFORMER_KEYS, describe, find_prefix
+from .configs import count_blocks, infer_t5_config, infer_vae_config
+from .layouts import TRANSFORMER_KEYS, describe, find_prefix
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +41,6 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
         if t.is_meta:
             raise LoadError(f"{source}: {what} weight {name} was not loaded")
     return module.eval().requires_grad_(False)
-
-
-def build_transformer(sd: dict, config: dict, source, storage_dtype, compute_dtype):
-    from diffusers import AuraFlowTransformer2DModel
-
-    from .linear import PatchableLinear, make_patchable
-
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-
-    def factory():
-        model = AuraFlowTransformer2DModel(**cfg)
-        make_patchable(model)  # same keys; the layers take LoRA patches and stored dtypes other than the compute one
-        return model
-
-    model = _materialize(factory, sd, "transformer", source)
-    if storage_dtype != compute_dtype:  # fp8 storage: each layer casts its weight to the compute dtype as it runs
-        for layer in model.modules():
-            if isinstance(layer, PatchableLinear):
-                layer.weight.data = layer.weight.data.to(storage_dtype)
-    return model
 
 
 def build_text_encoder(sd: dict, config, source):
@@ -110,22 +90,17 @@ def vae_from_sd(sd: dict, source, config=None):
 
 
 def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=None):
-    """``sd`` already holds the tensors in the compute dtype (`SafetensorsReader.take(dtype=compute)`)."""
-    keys = list(sd)
-    prefix = find_prefix(keys, ORIGINAL_TRANSFORMER_KEYS)
-    if prefix is not None:
-        from diffusers.loaders.single_file_utils import convert_auraflow_transformer_checkpoint_to_diffusers
+    """The transformer from one file's (or folder's) tensors under any prefix, in the original or the diffusers key
+    names (`SafetensorsReader.take(dtype=compute, keep_fp8=True)`): dense tensors already in the compute dtype, fp8
+    ones as stored. A scaled-fp8 or fp8 file keeps its fp8 weights; dense linears are stored in ``storage`` when
+    that is an fp8 dtype (dtype="fp8_*"), else in the compute dtype."""
+    from .assemble import Dense, assemble_transformer
+    from .fp8 import has_fp8_weights, is_scaled_fp8, load_fp8_transformer
 
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        sd = convert_auraflow_transformer_checkpoint_to_diffusers(sd)
-        sd = {k: v for k, v in sd.items() if v is not None}
-    else:
-        prefix = find_prefix(keys, DIFFUSERS_TRANSFORMER_KEYS)
-        if prefix is None:
-            raise LoadError(describe(source, keys))
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if config is None:
-        config = infer_transformer_config(sd, metadata)
-    return build_transformer(sd, config, source, storage, compute)
-
-
+    if is_scaled_fp8(sd, metadata) or has_fp8_weights(sd):
+        return load_fp8_transformer(sd, source, compute, metadata, config)
+    prefix = find_prefix(list(sd), TRANSFORMER_KEYS)
+    if prefix is None:
+        raise LoadError(describe(source, list(sd)))
+    stored = {k[len(prefix):]: Dense(v, storage) for k, v in sd.items() if k.startswith(prefix)}
+    return assemble_transformer(stored, source, compute, metadata, config)

@@ -33,17 +33,19 @@ class SafetensorsReader:
     def keys(self):
         return self.key_file.keys()
 
-    def get(self, key, dtype=None):
+    def get(self, key, dtype=None, keep_fp8: bool = False):
+        """One tensor, cast to ``dtype`` as it is read (fp8 ones left as stored with ``keep_fp8``)."""
         t = self._handles[self.key_file[key]].get_tensor(key)
-        if dtype is not None and t.dtype != dtype and t.is_floating_point():
+        if dtype is not None and t.dtype != dtype and t.is_floating_point() and not (keep_fp8 and t.element_size() == 1):
             t = t.to(dtype)
         return t
 
-    def take(self, prefix: str = "", dtype=None, strip: bool = True) -> dict:
+    def take(self, prefix: str = "", dtype=None, strip: bool = True, keep_fp8: bool = False) -> dict:
+        """Every tensor under ``prefix`` (the prefix stripped from the keys unless ``strip=False``)."""
         out = {}
         for k in list(self.key_file):
             if k.startswith(prefix):
-                out[k[len(prefix):] if strip else k] = self.get(k, dtype)
+                out[k[len(prefix):] if strip else k] = self.get(k, dtype, keep_fp8)
         return out
 
 

@@ -25,7 +25,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..tiny import HEAD_DIM_KEY
+from .configs import HEAD_DIM_KEY
 
 Q = gguf.GGMLQuantizationType
 SMALL = 1024  # the converter keeps tensors of at most this many values in F32
