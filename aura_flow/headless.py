@@ -55,7 +55,7 @@ def check_workflow(data, where: str = "workflow") -> dict:
         data = data["prompt"]
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise ParameterError(f"{where}: this is the editor format (nodes and links); queue needs the API format. "
-                             "Use its API twin (workflows/api/<name>.json for the bundled ones), or export it from "
+                             "Use its API twin (example_workflows/api/<name>.json for the bundled ones), or export it from "
                              "the editor with Export (API).")
     if not isinstance(data, dict) or not data:
         raise ParameterError(f"{where}: expected an API-format workflow, a JSON object of "

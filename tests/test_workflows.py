@@ -1,4 +1,4 @@
-"""The bundled workflows: both formats sound against the nodes, in sync with workflows/build.py, and every API-format
+"""The bundled workflows: both formats sound against the nodes, in sync with tests/build_workflows.py, and every API-format
 one executed node by node on a tiny model (the remote one against the fake hosted API)."""
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from PIL import Image
 
 import workflow_exec as wx
 
-WORKFLOWS = wx.ROOT / "workflows"
+WORKFLOWS = wx.ROOT / "example_workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 pack = wx.load_pack()
 classes = wx.all_classes(pack)
 imageio = importlib.import_module(f"{pack.__name__}.aura_flow.images")
-sys.path.insert(0, str(WORKFLOWS))
-import build  # noqa: E402  (workflows/build.py)
+import build_workflows as build  # noqa: E402  (tests/build_workflows.py)
 
 
 def editor(name):
@@ -44,8 +43,8 @@ def test_every_described_workflow_is_bundled_with_twin_and_thumbnail():
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_files_equal_what_build_writes(name):
     want_editor, want_api = build.build(name, classes)
-    assert editor(name) == json.loads(build.dumps(want_editor)), "run: python workflows/build.py"
-    assert api(name) == json.loads(build.dumps(want_api)), "run: python workflows/build.py"
+    assert editor(name) == json.loads(build.dumps(want_editor)), "run: python tests/build_workflows.py"
+    assert api(name) == json.loads(build.dumps(want_api)), "run: python tests/build_workflows.py"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                               epilog="exit codes: 0 done; 1 ComfyUI rejected or failed the prompt (its error text "
                                      "on stderr); 2 bad arguments or workflow file; 3 ComfyUI unreachable or "
                                      "--timeout passed; 130 interrupted (the prompt is cancelled)")
-    p.add_argument("workflow", help="API-format workflow JSON (the editor's Export (API), or workflows/api/*.json)")
+    p.add_argument("workflow", help="API-format workflow JSON (the editor's Export (API), or example_workflows/api/*.json)")
     p.add_argument("--server", default=DEFAULT_SERVER, help="ComfyUI address")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="change an input before queueing; NODE is a node id, title or class_type; VALUE is JSON "

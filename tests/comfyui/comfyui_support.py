@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "ComfyUI-AuraFlow"
-PACK_PARTS = ("__init__.py", "aura_flow", "nodes", "web", "workflows", "pyproject.toml", "README.md", "LICENSE")
+PACK_PARTS = ("__init__.py", "aura_flow", "nodes", "web", "example_workflows", "pyproject.toml", "README.md", "LICENSE")
 START_TIMEOUT = 300.0
 
 
@@ -57,7 +57,7 @@ def copy_pack(dest: Path) -> Path:
 def workflow_files(kind: str) -> list[Path]:
     """The bundled workflows of one format: "api" (``{"id": {"class_type", ...}}``) or "editor" (nodes/links)."""
     found = []
-    for path in sorted((ROOT / "workflows").rglob("*.json")):
+    for path in sorted((ROOT / "example_workflows").rglob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):

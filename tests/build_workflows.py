@@ -1,11 +1,12 @@
-"""Writes the bundled workflows from one description each: the editor format (``workflows/<name>.json``, listed by
-ComfyUI as a template of this pack), the API format (``workflows/api/<name>.json``: ComfyUI lists every top-level
-``workflows/*.json`` as a template, so the API twins live one folder down) and a ``<name>.jpg`` thumbnail.
+"""Writes the bundled workflows from one description each: the editor format (``example_workflows/<name>.json``,
+listed by ComfyUI as a template of this pack), the API format (``example_workflows/api/<name>.json``: ComfyUI lists
+every top-level ``example_workflows/*.json`` as a template, so the API twins live one folder down) and a
+``<name>.jpg`` thumbnail.
 
 Widget order, socket types and defaults come from the nodes' own INPUT_TYPES, so the files cannot drift from the
 nodes; tests/test_workflows.py checks that the committed files equal what this writes.
 
-    python workflows/build.py          # rewrite the files
+    python tests/build_workflows.py          # rewrite the files
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+OUT = HERE.parent / "example_workflows"
+sys.path.insert(0, str(HERE))
 from workflow_exec import all_classes, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
 
 PROMPT = ("A mesmerizing 3D render of the words 'Happy birthday' in a dreamy, pastel-coloured cursive script, "
@@ -171,12 +173,12 @@ def main() -> int:
     classes = all_classes(pack)
     display = {**{k: k for k in classes}, **pack.NODE_DISPLAY_NAME_MAPPINGS,
                "VAEDecode": "VAE Decode", "LoadImage": "Load Image"}
-    (HERE / "api").mkdir(exist_ok=True)
+    (OUT / "api").mkdir(exist_ok=True)
     for name in WORKFLOWS:
         editor, api = build(name, classes)
-        (HERE / f"{name}.json").write_text(dumps(editor), encoding="utf-8")
-        (HERE / "api" / f"{name}.json").write_text(dumps(api), encoding="utf-8")
-        (HERE / f"{name}.jpg").write_bytes(thumbnail(name, editor, display))
+        (OUT / f"{name}.json").write_text(dumps(editor), encoding="utf-8")
+        (OUT / "api" / f"{name}.json").write_text(dumps(api), encoding="utf-8")
+        (OUT / f"{name}.jpg").write_bytes(thumbnail(name, editor, display))
     return 0
 
 
