@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import LoadError
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
 from .devices import resolve_device, resolve_dtypes
-from .layouts import TRANSFORMER_KEYS, describe, find_prefix
+from .layouts import TRANSFORMER_KEYS, describe, find_prefix, is_gguf
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
 from .reader import SafetensorsReader, folder_files, read_json
 
@@ -74,8 +74,6 @@ def _check_path(name, value) -> Path | None:
 def _locate_transformer(ckpt: Path, found: dict) -> tuple:
     """The transformer's source; for a diffusers folder also fills ``found`` with its text encoder, VAE and
     tokenizer folders."""
-    from .gguf import is_gguf
-
     if not ckpt.is_dir():
         if is_gguf(ckpt):
             return ("gguf", ckpt)

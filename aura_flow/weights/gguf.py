@@ -24,7 +24,7 @@ import torch
 from ..errors import LoadError
 from .assemble import Dense, assemble_transformer
 from .configs import HEAD_DIM_KEY
-from .layouts import TRANSFORMER_KEYS, find_prefix
+from .layouts import TRANSFORMER_KEYS, find_prefix, is_gguf  # noqa: F401  (is_gguf re-exported)
 from .gguf_dequant import can_dequantize, dequantize
 from .quantized_linear import GGUFLinear
 
@@ -34,15 +34,6 @@ ARCH = "aura"
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 # arch strings ComfyUI-GGUF accepts for models it cannot name otherwise (stable-diffusion.cpp files, its own "pig")
 _UNNAMED_ARCHES = (None, "pig")
-
-
-def is_gguf(path) -> bool:
-    """Whether ``path`` is a GGUF file (by its first four bytes, whatever its name)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def _field(reader: gguf.GGUFReader, name: str):

@@ -29,6 +29,15 @@ def find_prefix(keys, suffixes) -> str | None:
     return None
 
 
+def is_gguf(path) -> bool:
+    """Whether ``path`` is a GGUF file (by its first four bytes, whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def describe(path, keys) -> str:
     for frag, what, fix in _LOOKS_LIKE:
         if any(frag in k for k in keys):
