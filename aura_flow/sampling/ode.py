@@ -394,7 +394,6 @@ class _DPMSolver:
         self.model = model
         self.extra_args = extra_args
         self.callback = callback
-        self.calls = 0
 
     @staticmethod
     def sigma(t):
