@@ -632,6 +632,10 @@ def test_cli_writes_images_and_prints_paths(svc, tmp_path, monkeypatch, capsys):
     assert "seed: 12" in captured.err and "remaining credits: 99" in captured.err
     paths = captured.out.split()
     assert paths == [str(out / "auraflow_12.jpg"), str(out / "auraflow_13.jpg")]
+    ids = {r["body"]["seed"]: f"rq-{n}" for n, r in enumerate(svc.submits, 1)}
+    for i, seed in enumerate((12, 13)):  # each id as soon as it is named, then beside its file
+        assert f"image {i + 1}/2: request id {ids[seed]}\n" in captured.err
+        assert f"image {i + 1}/2: {out}/auraflow_{seed}.jpg (seed {seed}, request id {ids[seed]})" in captured.err
     for p, seed in zip(paths, (12, 13)):
         with Image.open(p) as img:
             assert img.format == "JPEG" and img.size == (512, 768)
@@ -657,6 +661,35 @@ def test_cli_errors(svc, tmp_path, monkeypatch, capsys):
     assert main(["remote", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "bad prompt for key ***" in err and KEY not in err
+
+
+def test_cli_api_version_and_timeout_flags(svc, tmp_path, monkeypatch, capsys):
+    from aura_flow.cli import main
+
+    for bad in ("0", "-3", "nan", "inf"):  # checked before the key is looked for and before anything is sent
+        assert main(["remote", "--timeout", bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --timeout={float(bad)!r} is not allowed; give a finite number of seconds above 0" in err
+    assert svc.requests == []
+    monkeypatch.setenv("SEGMIND_API_KEY", KEY)
+    monkeypatch.setenv("SEGMIND_API_URL", svc.url)
+    out = tmp_path / "out"
+    assert main(["remote", "--api-version", "v1", "--seed", "3", "--width", "512", "--height", "512", "--out",
+                 str(out)]) == 0
+    assert [r["path"] for r in svc.requests] == ["/v1/aura-flow"]
+    assert f"image 1/1: {out}/auraflow_3.webp (seed 3, request id req-1)" in capsys.readouterr().err
+    monkeypatch.setenv("SEGMIND_API_VERSION", "v1")
+    assert main(["remote", "--api-version", "v2", "--width", "512", "--height", "512", "--out", str(out)]) == 0
+    assert svc.submits[-1]["path"] == "/v2/aura-flow"  # the flag wins over the environment
+    with pytest.raises(SystemExit):
+        main(["remote", "--api-version", "v3", "--out", str(out)])
+    assert "--api-version: invalid choice: 'v3'" in capsys.readouterr().err
+    svc.fail_next({"kind": "queued"})  # the messages name the flags
+    assert main(["remote", "--api-version", "v2", "--timeout", "0.3", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    rid = f"rq-{len(svc.jobs)}"
+    assert f"image 1/1: request id {rid}\n" in err
+    assert f"request id {rid} did not complete within 0.3 s (the total timeout, --timeout; last status QUEUED)" in err
 
 
 def test_cli_partial_batch_and_rejected_bytes(svc, tmp_path, monkeypatch, capsys):
