@@ -580,6 +580,33 @@ def test_node_returns_an_image_batch(svc, monkeypatch):
         assert KEY not in text
 
 
+def test_node_api_version_input_and_request_ids_in_metadata(svc, monkeypatch):
+    node_mod, _ = load_node_module()
+    node = node_mod.AuraFlowRemoteGenerate
+    types = node.INPUT_TYPES()
+    assert list(types["required"]) == HOSTED_ORDER  # still the local generator's order; the new input is optional
+    choices, opts = types["optional"]["api_version"]
+    assert choices == ["auto", "v2", "v1"] and opts["default"] == "auto" and "SEGMIND_API_VERSION" in opts["tooltip"]
+    assert types["hidden"]["extra_pnginfo"] == "EXTRA_PNGINFO"
+    monkeypatch.setenv("SEGMIND_API_KEY", KEY)
+    monkeypatch.setenv("SEGMIND_API_URL", svc.url)
+    pnginfo = {"workflow": {"nodes": []}}  # the dict ComfyUI hands every node of one prompt
+    *_, report = node().generate(**node_inputs(number_of_images=2), extra_pnginfo=pnginfo)
+    ids = {r["body"]["seed"]: f"rq-{n}" for n, r in enumerate(svc.submits, 1)}  # in the order they were sent
+    assert f"(v2); request ids {ids[5]}, {ids[6]}" in report
+    assert pnginfo["workflow"] == {"nodes": []} and pnginfo["auraflow_remote"] == {
+        "api_version": "v2", "failed": [], "images": [{"index": 0, "seed": 5, "request_id": ids[5]},
+                                                      {"index": 1, "seed": 6, "request_id": ids[6]}]}
+    assert KEY not in json.dumps(pnginfo)
+    *_, report = node().generate(**node_inputs(), api_version="v1")
+    assert svc.submits[-1]["path"] == "/v1/aura-flow" and f"(v1); request ids req-{len(svc.requests)}" in report
+    monkeypatch.setenv("SEGMIND_API_VERSION", "v1")
+    node().generate(**node_inputs(), api_version="v2")  # the input wins over the environment
+    assert svc.submits[-1]["path"] == "/v2/aura-flow"
+    err = fails(lambda: node().generate(**node_inputs(), api_version="v9"))
+    assert "api_version='v9' is not known" in str(err)
+
+
 def test_node_partial_batch_returns_arrived_images_and_keeps_rejected(svc, tmp_path, monkeypatch, caplog):
     node_mod, _ = load_node_module()
     monkeypatch.setattr(node_mod, "rejected_folder", lambda: str(tmp_path / "rejected"))
@@ -588,7 +615,9 @@ def test_node_partial_batch_returns_arrived_images_and_keeps_rejected(svc, tmp_p
     images, seed, credits, report = node_mod.AuraFlowRemoteGenerate().generate(
         **node_inputs(number_of_images=3), client=c)
     assert tuple(images.shape) == (2, 640, 512, 3)
-    assert "2 of 3 image(s) received; image 2 failed: the service returned a 768x768 png image" in report
+    ids = {r["body"]["seed"]: f"rq-{n}" for n, r in enumerate(svc.submits, 1)}
+    assert (f"2 of 3 image(s) received (v2); request ids {ids[5]}, {ids[7]}; image 2 failed: the service returned a "
+            f"768x768 png image") in report and f"request id {ids[6]})" in report
     (kept,) = (tmp_path / "rejected").iterdir()
     assert Image.open(kept).size == (768, 768) and f"saved as {kept}" in report
     assert any("AuraFlow Remote Generate: 2 of 3" in r.getMessage() for r in caplog.records)
@@ -712,7 +741,7 @@ def test_cli_partial_batch_and_rejected_bytes(svc, tmp_path, monkeypatch, capsys
     assert Image.open(out / "auraflow_30_rejected.png").size == (512, 512)
 
 
-def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch):
+def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch, caplog):
     """Key file in ComfyUI's user folder, its progress bar, and Cancel turned into ComfyUI's own interrupt."""
     import threading
     import types
@@ -768,3 +797,16 @@ def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch):
     with pytest.raises(InterruptProcessingException):
         node_mod.AuraFlowRemoteGenerate().generate(**node_inputs())
     assert time.monotonic() - t0 < 1.0
+
+    svc.fail_next({"kind": "queued"})  # v2: submitted, then never leaves the queue; Cancel names its id
+    threading.Timer(0.3, lambda: state.update(interrupted=True)).start()
+    t0 = time.monotonic()
+    with pytest.raises(InterruptProcessingException):
+        node_mod.AuraFlowRemoteGenerate().generate(**node_inputs())
+    assert time.monotonic() - t0 < 1.0
+    rid = f"rq-{len(svc.jobs)}"
+    assert any(f"request id(s) {rid} were submitted and may still complete" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    polls = len(svc.polls(rid))
+    time.sleep(0.2)
+    assert polls > 0 and len(svc.polls(rid)) == polls  # no poll after Cancel
