@@ -97,7 +97,9 @@ def test_hosted_api_defaults_and_ranges():
     save = inputs_of(N["AuraFlowSaveImage"])
     assert save["format"][1]["default"] == "webp" and save["quality"][1]["default"] == 80
     remote = inputs_of(N["AuraFlowRemoteGenerate"])
-    assert list(remote) == list(generate)[1:-1]  # the two one-node generators can swap (speed is local only)
+    # the two one-node generators can swap: the same widgets in the same order, then each one's optional input
+    assert list(remote) == list(generate)[1:-1] + ["api_version"]  # speed is local only, api_version remote only
+    assert list(N["AuraFlowRemoteGenerate"].INPUT_TYPES()["optional"]) == ["api_version"]
 
 
 def test_pack_imports_fast_without_torch_like_comfyui_does(tmp_path):

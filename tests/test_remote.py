@@ -1,4 +1,8 @@
-"""The hosted-API client, node and command against a real HTTP server on 127.0.0.1 (tests/remote_server.py)."""
+"""The hosted-API client, node and command against a real HTTP server on 127.0.0.1 (tests/remote_server.py).
+
+What both APIs share runs on each (the ``version`` fixture): v1's one blocking request per image and v2's submit,
+poll and fetch must keep the same guarantees. test_remote_queue.py holds what only the v2 queue does.
+"""
 from __future__ import annotations
 
 import io
@@ -13,6 +17,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from remote_checks import (FAST, assert_bands, clean_env, client, fails, fast_default_polls,  # noqa: E402,F401
+                           first_id, json_body, key_never_logged, pixels, svc, version)
 from remote_server import KEY, FakeService, seed_colour  # noqa: E402
 
 from workflow_exec import pack_module  # noqa: E402
@@ -24,110 +30,68 @@ ParameterError = pack_module("aura_flow.errors").ParameterError
 validate_generation = pack_module("aura_flow.params").validate_generation
 Response = pack_module("aura_flow.remote.transport").Response
 
-FAST = R.RetryPolicy(backoff=0.01, backoff_max=0.05, jitter=0.5, rate_limit_default_wait=0.05)
 HOSTED_ORDER = ["prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height", "sampler",
                 "scheduler", "number_of_images", "output_format", "output_quality"]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for name in ("SEGMIND_API_KEY", "SEGMIND_API_URL", "AURAFLOW_SEGMIND_KEY_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("AURAFLOW_OUTPUT_DIR", str(tmp_path / "output"))
-
-
-@pytest.fixture(autouse=True)
-def key_never_logged(caplog):
-    caplog.set_level(logging.DEBUG)
-    yield
-    for record in caplog.records:
-        assert KEY not in record.getMessage()
-    assert KEY not in caplog.text
-
-
-@pytest.fixture
-def svc():
-    with FakeService() as service:
-        yield service
-
-
-def client(svc, **kw):
-    kw.setdefault("retry", FAST)
-    return R.RemoteClient(KEY, url=svc.url, key_source="the test", **kw)
-
-
-def fails(fn, exc=R.RemoteError):
-    """Run fn expecting exc; check the key is in no part of the error; return it."""
-    with pytest.raises(exc) as info:
-        fn()
-    text = "".join([str(info.value), repr(info.value), repr(info.value.args)])
-    assert KEY not in text
-    return info.value
-
-
-def pixels(im) -> np.ndarray:
-    return np.asarray(im.image, dtype=np.int16)
-
-
-def assert_bands(arr: np.ndarray, seed: int, tol: int):
-    """Top half seed_colour(seed), bottom half its complement (see remote_server.make_image)."""
-    h = arr.shape[0]
-    top = np.array(seed_colour(seed))
-    assert np.abs(arr[: h // 2 - 4] - top).max() <= tol
-    assert np.abs(arr[h // 2 + 4:] - (255 - top)).max() <= tol
 
 
 # ------------------------------------------------------------------------------------------------ success
 
 
-def test_one_image_request_and_answer(svc):
-    result = client(svc).generate({"prompt": "a red fox", "seed": 7, "width": 640, "height": 512})
-    assert len(svc.requests) == 1
-    req = svc.requests[0]
+def test_one_image_request_and_answer(svc, version):
+    result = client(svc, version).generate({"prompt": "a red fox", "seed": 7, "width": 640, "height": 512})
+    assert len(svc.submits) == 1
+    req = svc.submits[0]
     assert req["headers"]["x-api-key"] == KEY
     assert req["headers"]["Content-Type"] == "application/json"
-    assert req["path"] == "/v1/aura-flow"
+    assert req["path"] == f"/{version}/aura-flow"
     expected = validate_generation({"prompt": "a red fox", "seed": 7, "width": 640, "height": 512}, remote=True)
     assert req["body"] == expected  # every hosted parameter, defaults filled in, one image per request
     (im,) = result.images
     assert (im.width, im.height, im.format) == (640, 512, "webp")
     assert im.image.size == (640, 512)
     assert_bands(pixels(im), 7, tol=6)  # lossy webp at quality 80 keeps flat colours within a few levels
-    assert result.seed == 7 and im.headers["x-request-id"] == "req-1"
+    assert result.seed == 7 and im.request_id == first_id(version) == im.headers["x-request-id"]
     assert result.remaining_credits == "99.5" and im.headers["x-cost"] == "0.5"
+    assert result.api_version == version and result.request_ids == [first_id(version)]
+    assert result.metadata() == {"api_version": version, "failed": [],
+                                 "images": [{"index": 0, "seed": 7, "request_id": first_id(version)}]}
     assert not result.failures
+    assert len(svc.media.requests) == (1 if version == "v2" else 0)  # v2: the image comes from the media host
 
 
 @pytest.mark.parametrize("fmt, tol", [("png", 0), ("jpg", 12)])
-def test_formats_keep_pixels(svc, fmt, tol):
-    result = client(svc).generate({"seed": 3, "width": 512, "height": 768, "output_format": fmt})
+def test_formats_keep_pixels(svc, version, fmt, tol):
+    result = client(svc, version).generate({"seed": 3, "width": 512, "height": 768, "output_format": fmt})
     (im,) = result.images
     assert im.format == fmt and image_extension(im.data) == fmt
     assert pixels(im).shape == (768, 512, 3)
     assert_bands(pixels(im), 3, tol=tol)
 
 
-def test_batch_is_one_request_per_image_with_consecutive_seeds(svc):
+def test_batch_is_one_request_per_image_with_consecutive_seeds(svc, version):
     svc.fail_next({"kind": "slow", "seconds": 0.3}, {"kind": "slow", "seconds": 0.3}, {"kind": "slow", "seconds": 0.3})
-    result = client(svc, max_concurrency=3).generate({"seed": 2**64 - 2, "number_of_images": 3, "width": 512,
-                                                        "height": 512, "output_format": "png"})
-    assert len(svc.requests) == 3
-    assert sorted(r["body"]["seed"] for r in svc.requests) == [0, 2**64 - 2, 2**64 - 1]  # wraps at 2**64
-    assert all(r["body"]["number_of_images"] == 1 for r in svc.requests)
+    result = client(svc, version, max_concurrency=3).generate(
+        {"seed": 2**64 - 2, "number_of_images": 3, "width": 512, "height": 512, "output_format": "png"})
+    assert len(svc.submits) == 3
+    assert sorted(r["body"]["seed"] for r in svc.submits) == [0, 2**64 - 2, 2**64 - 1]  # wraps at 2**64
+    assert all(r["body"]["number_of_images"] == 1 for r in svc.submits)
     assert svc.max_in_flight == 3  # concurrent
     assert [im.index for im in result.images] == [0, 1, 2]
     assert [im.seed for im in result.images] == [2**64 - 2, 2**64 - 1, 0]
     for im in result.images:
         assert_bands(pixels(im), im.seed, tol=0)
     assert result.remaining_credits == "98.5"  # the lowest balance reported
+    assert sorted(result.request_ids) == sorted({"v1": ["req-1", "req-2", "req-3"], "v2": ["rq-1", "rq-2", "rq-3"]}
+                                                [version])
 
 
-def test_concurrency_is_bounded(svc):
+def test_concurrency_is_bounded(svc, version):
     for _ in range(4):
         svc.fail_next({"kind": "slow", "seconds": 0.15})
-    client(svc, max_concurrency=2).generate({"number_of_images": 4, "width": 512, "height": 512})
-    assert len(svc.requests) == 4 and svc.max_in_flight == 2
+    client(svc, version, max_concurrency=2).generate({"number_of_images": 4, "width": 512, "height": 512})
+    assert len(svc.submits) == 4 and svc.max_in_flight == 2
+    if version == "v2":  # never more than two requests between submit and result
+        assert svc.max_open_jobs == 2 and svc.open_jobs == 0
 
 
 # ------------------------------------------------------------------------------------------------ before sending
@@ -153,6 +117,33 @@ def test_parameters_checked_before_anything_is_sent(svc, params, message):
         validate_generation(params, remote=True)
     assert str(info.value) == str(engine.value)  # the engine's own message
     assert svc.requests == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "soon"])
+def test_timeout_must_be_finite_and_positive(svc, timeout):
+    err = fails(lambda: client(svc, timeout=timeout), ParameterError)
+    assert f"timeout={timeout!r} is not allowed; give a finite number of seconds above 0" in str(err)
+    err = fails(lambda: client(svc, timeout=timeout, names={"timeout": "--timeout"}), ParameterError)
+    assert str(err).startswith("--timeout=")
+    assert svc.requests == []
+
+
+def test_api_version_setting(svc, monkeypatch):
+    assert client(svc, None).api_version == "v2"  # the default
+    monkeypatch.setenv("SEGMIND_API_VERSION", "V1")
+    assert client(svc, None).api_version == "v1" and client(svc, "auto").api_version == "v1"
+    assert client(svc, "v2").api_version == "v2"  # an explicit choice wins over the environment
+    monkeypatch.setenv("SEGMIND_API_VERSION", "v3")
+    err = fails(lambda: client(svc, None))
+    assert "SEGMIND_API_VERSION='v3' is not known; set it to v2" in str(err)
+    err = fails(lambda: client(svc, "sync", names={"api_version": "--api-version"}))
+    assert "--api-version='sync' is not known" in str(err)
+    monkeypatch.setenv("SEGMIND_API_VERSION", "v1")
+    monkeypatch.setenv("SEGMIND_API_KEY", KEY)
+    monkeypatch.setenv("SEGMIND_API_URL", svc.url)
+    R.RemoteClient.from_environment(retry=FAST).generate({"width": 512, "height": 512})
+    assert [r["path"] for r in svc.requests] == ["/v1/aura-flow"]  # v1 still works when selected
+    assert "v1" in repr(R.RemoteClient.from_environment()) and KEY not in repr(R.RemoteClient.from_environment())
 
 
 def test_missing_key_names_both_places(tmp_path):
@@ -213,25 +204,21 @@ def test_userinfo_in_url_not_shown():
 # ------------------------------------------------------------------------------------------------ faults
 
 
-def json_body(message):
-    return json.dumps({"error": message}).encode()
-
-
-def test_400_shows_the_service_message_and_is_not_retried(svc):
+def test_400_shows_the_service_message_and_is_not_retried(svc, version):
     svc.fail_next({"status": 400, "body": json_body("prompt is too long")})
-    err = fails(lambda: client(svc).generate({}))
+    err = fails(lambda: client(svc, version).generate({}))
     assert err.status == 400 and "rejected the parameters (400): prompt is too long" in str(err)
     assert len(svc.requests) == 1
 
 
-def test_401_wrong_key_never_echoed(svc):
+def test_401_wrong_key_never_echoed(svc, version):
     svc.key = "SG_ffffffffffffffff"  # the service does not know our key, and echoes it back
     svc.fail_next({"status": 401, "body": json_body(f"invalid api key {KEY}")})
-    err = fails(lambda: client(svc).generate({}))
+    err = fails(lambda: client(svc, version).generate({}))
     assert err.status == 401 and "refused the API key from the test (401" in str(err)
     assert "invalid api key ***" in str(err)
     assert len(svc.requests) == 1
-    err = fails(lambda: client(svc).generate({}))  # the real server check, no script
+    err = fails(lambda: client(svc, version).generate({}))  # the real server check, no script
     assert err.status == 401
 
 
@@ -247,16 +234,16 @@ def test_401_wrong_key_never_echoed(svc):
      "refused the request's content type (406)"),
     (422, json_body("width must be an integer"), "application/json", "rejected the parameters (422)"),
 ])
-def test_client_errors_explained_not_retried(svc, status, body, ctype, expected):
+def test_client_errors_explained_not_retried(svc, version, status, body, ctype, expected):
     svc.fail_next({"status": status, "body": body, "type": ctype})
-    err = fails(lambda: client(svc).generate({}))
+    err = fails(lambda: client(svc, version).generate({}))
     assert err.status == status and expected in str(err)
     assert len(str(err)) < 600  # an HTML page is summarised, not dumped
     assert len(svc.requests) == 1
 
 
 def test_real_content_type_check(svc):
-    c = client(svc)
+    c = client(svc, "v1")
     body = c._request_body(validate_generation({}, remote=True), 1)
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", svc._server.server_address[1])
@@ -267,86 +254,90 @@ def test_real_content_type_check(svc):
     assert "content type" in str(err)
 
 
-def test_429_waits_for_the_named_reset_then_retries(svc):
+def test_429_waits_for_the_named_reset_then_retries(svc, version):
     svc.fail_next({"status": 429, "body": json_body("rate limit exceeded"), "headers": {"x-ratelimit-reset": "0.4"}})
     t0 = time.monotonic()
-    result = client(svc).generate({"seed": 1, "width": 512, "height": 512})
+    result = client(svc, version).generate({"seed": 1, "width": 512, "height": 512})
     assert time.monotonic() - t0 >= 0.4
-    assert len(svc.requests) == 2 and svc.requests[1]["time"] - svc.requests[0]["time"] >= 0.4
+    assert len(svc.submits) == 2 and svc.submits[1]["time"] - svc.submits[0]["time"] >= 0.4
     assert len(result.images) == 1
 
 
-def test_429_reset_as_epoch_and_beyond_the_bound(svc):
-    c = client(svc, retry=R.RetryPolicy(max_rate_limit_wait=5))
+def test_429_reset_as_epoch_iso_and_beyond_the_bound(svc, version):
+    c = client(svc, version, retry=R.RetryPolicy(max_rate_limit_wait=5))
     assert 99 < c.answers.reset_delay({"x-ratelimit-reset": str(int(time.time()) + 100)}) <= 100
     assert 99 < c.answers.reset_delay({"x-ratelimit-reset": str(int(time.time() * 1000) + 100000)}) <= 100
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 100))  # the v2 docs' header
+    assert 98 < c.answers.reset_delay({"x-rate-limit-reset-at-utc": iso}) <= 100
     svc.fail_next({"status": 429, "body": json_body("slow down"), "headers": {"x-ratelimit-reset": "60"}})
     t0 = time.monotonic()
     err = fails(lambda: c.generate({}))
     assert time.monotonic() - t0 < 2
     assert "resets in 60 s, longer than the 5 s this client waits" in str(err)
+    assert "lower number_of_images" in str(err)
     assert len(svc.requests) == 1
 
 
-def test_429_retries_are_bounded(svc):
+def test_429_retries_are_bounded(svc, version):
     for _ in range(5):
         svc.fail_next({"status": 429, "body": json_body("rate limit")})  # no reset header: default wait
-    err = fails(lambda: client(svc, retry=R.RetryPolicy(max_rate_limit_retries=2,
-                                                            rate_limit_default_wait=0.01)).generate({}))
+    err = fails(lambda: client(svc, version, retry=R.RetryPolicy(max_rate_limit_retries=2,
+                                                                     rate_limit_default_wait=0.01)).generate({}))
     assert "still rate limited after 3 tries" in str(err) and len(svc.requests) == 3
 
 
-def test_5xx_retried_with_backoff_then_succeeds(svc):
-    svc.fail_next({"status": 500, "body": json_body("boom")}, {"status": 502, "body": b"bad gateway", "type": "text/plain"})
-    result = client(svc, retry=R.RetryPolicy(max_retries=2, backoff=0.1, jitter=0)).generate({"seed": 4})
-    assert len(svc.requests) == 3
-    gaps = [b["time"] - a["time"] for a, b in zip(svc.requests, svc.requests[1:])]
+def test_5xx_retried_with_backoff_then_succeeds(svc, version):
+    svc.fail_next({"status": 500, "body": json_body("boom")},
+                  {"status": 502, "body": b"bad gateway", "type": "text/plain"})
+    result = client(svc, version, retry=R.RetryPolicy(max_retries=2, backoff=0.1, jitter=0)).generate({"seed": 4})
+    assert len(svc.submits) == 3
+    gaps = [b["time"] - a["time"] for a, b in zip(svc.submits, svc.submits[1:])]
     assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # exponential backoff
     assert result.images[0].seed == 4
 
 
-def test_5xx_gives_up_after_the_bound(svc, caplog):
+def test_5xx_gives_up_after_the_bound(svc, version, caplog):
     for _ in range(5):
         svc.fail_next({"status": 503, "body": json_body("overloaded")})
-    err = fails(lambda: client(svc, retry=R.RetryPolicy(max_retries=2, backoff=0.01)).generate({}))
+    err = fails(lambda: client(svc, version, retry=R.RetryPolicy(max_retries=2, backoff=0.01)).generate({}))
     assert err.status == 503 and "HTTP 503: overloaded" in str(err) and "gave up after 3 tries" in str(err)
     assert len(svc.requests) == 3
     assert sum("retrying in" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_dropped_connection_retried_and_billing_said(svc, caplog):
+def test_v1_dropped_connection_retried_and_billing_said(svc, caplog):
     svc.fail_next({"kind": "drop"})
-    result = client(svc).generate({"seed": 9, "width": 512, "height": 512, "output_format": "png"})
+    result = client(svc, "v1").generate({"seed": 9, "width": 512, "height": 512, "output_format": "png"})
     assert len(svc.requests) == 2
     assert_bands(pixels(result.images[0]), 9, tol=0)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("connection dropped during a 200 response" in m and "billed" in m for m in warned)
 
 
-def test_hangup_without_answer_retried(svc, caplog):
+def test_hangup_without_answer_retried(svc, version, caplog):
     svc.fail_next({"kind": "hangup"})
-    result = client(svc).generate({"seed": 8, "width": 512, "height": 512})
-    assert len(svc.requests) == 2 and result.images[0].seed == 8
+    result = client(svc, version).generate({"seed": 8, "width": 512, "height": 512})
+    assert len(svc.submits) == 2 and result.images[0].seed == 8
     assert any("the dropped request may have been billed" in r.getMessage() for r in caplog.records)
 
 
-def test_redirect_not_followed(svc):
+def test_redirect_not_followed(svc, version):
     svc.fail_next({"kind": "redirect"})
-    err = fails(lambda: client(svc).generate({}))
+    err = fails(lambda: client(svc, version).generate({}))
     assert "redirects (302) to https://elsewhere.example/v1/aura-flow; not followed" in str(err)
     assert len(svc.requests) == 1
 
 
-def test_rate_limit_pauses_the_whole_batch(svc):
+def test_rate_limit_pauses_the_whole_batch(svc, version):
     svc.fail_seed(40, {"status": 429, "body": json_body("rate"), "headers": {"x-ratelimit-reset": "0.5"}})
     svc.fail_seed(41, {"kind": "slow", "seconds": 0.2})
-    result = client(svc, max_concurrency=2).generate({"seed": 40, "number_of_images": 3, "width": 512,
-                                                       "height": 512})
+    result = client(svc, version, max_concurrency=2).generate({"seed": 40, "number_of_images": 3, "width": 512,
+                                                                "height": 512})
     assert [im.seed for im in result.images] == [40, 41, 42]
-    first = svc.requests[0]["time"]
-    later = {r["body"]["seed"]: r["time"] for r in svc.requests[1:]}
+    first = svc.submits[0]["time"]
+    later = {r["body"]["seed"]: r["time"] for r in svc.submits[1:]}
     assert later[42] - first >= 0.5  # sent after the reset, though a worker was free at 0.2 s
-    assert len(svc.requests) == 4
+    assert len(svc.submits) == 4
 
 
 @pytest.fixture(scope="module")
@@ -363,95 +354,101 @@ def tls_cert(tmp_path_factory):
     return str(d / "cert.pem"), str(d / "key.pem")
 
 
-def test_https_with_trusted_and_untrusted_certificates(tls_cert):
+def test_https_with_trusted_and_untrusted_certificates(tls_cert, version):
     import ssl
 
     with FakeService(tls=tls_cert) as svc:
         trusted = ssl.create_default_context(cafile=tls_cert[0])
-        result = client(svc, ssl_context=trusted).generate({"seed": 2, "width": 512, "height": 512,
-                                                            "output_format": "png"})
+        result = client(svc, version, ssl_context=trusted).generate({"seed": 2, "width": 512, "height": 512,
+                                                                     "output_format": "png"})
         assert_bands(pixels(result.images[0]), 2, tol=0)
         svc.fail_next({"kind": "slow", "seconds": 10})  # interrupting shuts a TLS socket down as well
         t0 = time.monotonic()
-        fails(lambda: client(svc, ssl_context=trusted).generate(
+        fails(lambda: client(svc, version, ssl_context=trusted).generate(
             {}, should_stop=lambda: time.monotonic() - t0 > 0.3), R.RemoteInterrupted)
         assert time.monotonic() - t0 < 1.0
         n = len(svc.requests)
-        err = fails(lambda: client(svc).generate({}))  # the system's CAs do not know this certificate
+        err = fails(lambda: client(svc, version).generate({}))  # the system's CAs do not know this certificate
         assert "TLS certificate of 127.0.0.1 is not trusted" in str(err) and "nothing was sent" in str(err)
         assert len(svc.requests) == n  # not retried, nothing sent
 
 
-def test_refused_connection_retried_then_explained():
+def test_refused_connection_retried_then_explained(version):
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there
-    c = R.RemoteClient(KEY, url=f"http://127.0.0.1:{port}/v1/aura-flow", retry=FAST)
+    c = R.RemoteClient(KEY, url=f"http://127.0.0.1:{port}/v1/aura-flow", retry=FAST, api_version=version)
     err = fails(lambda: c.generate({}))
-    assert "could not connect to http://127.0.0.1" in str(err) and "gave up after 3 tries" in str(err)
+    assert f"could not connect to http://127.0.0.1:{port}/{version}/aura-flow" in str(err)
+    assert "gave up after 3 tries" in str(err)
 
 
-def test_total_timeout_not_retried(svc):
+def test_total_timeout_not_retried(svc, version):
     svc.fail_next({"kind": "slow", "seconds": 10})
     t0 = time.monotonic()
-    err = fails(lambda: client(svc, timeout=0.5).generate({}), R.RemoteTimeout)
+    err = fails(lambda: client(svc, version, timeout=0.5).generate({}), R.RemoteTimeout)
     assert 0.4 < time.monotonic() - t0 < 2
     assert "no complete answer within 0.5 s" in str(err) and "may still finish" in str(err)
     assert len(svc.requests) == 1
 
 
-def test_200_with_garbage_is_not_an_image(svc):
+def test_200_with_garbage_is_not_an_image(svc, version):
     svc.fail_next({"kind": "garbage"})
-    err = fails(lambda: client(svc).generate({}))
-    assert "answered 200 but the body is not an image" in str(err) and "x-request-id req-1" in str(err)
-    assert err.billed is True and len(svc.requests) == 1  # billed: not retried
+    err = fails(lambda: client(svc, version).generate({}))
+    assert "answered 200 but the body is not an image" in str(err)
+    assert f"request id {first_id(version)}" in str(err) and err.request_id == first_id(version)
+    assert err.billed is True and len(svc.submits) == 1  # billed: not retried
 
 
-def test_2gb_content_length_refused_without_reading(svc):
+def test_2gb_content_length_refused_without_reading(svc, version):
     svc.fail_next({"kind": "huge"})
     t0 = time.monotonic()
-    err = fails(lambda: client(svc).generate({}))
+    err = fails(lambda: client(svc, version).generate({}))
     assert time.monotonic() - t0 < 2
     assert "announced a 2,147,483,648-byte body" in str(err) and "cap" in str(err)
-    assert len(svc.requests) == 1
+    assert err.billed is True and len(svc.submits) == 1
+    assert err.request_id == (None if version == "v1" else "rq-1")  # v1 names it only in the refused answer's headers
+    assert version == "v1" or str(err).startswith("image 1/1, request id rq-1: ")
 
 
-def test_streamed_body_capped(svc):
+def test_streamed_body_capped(svc, version):
     svc.fail_next({"kind": "stream", "bytes": 4 * 1024 * 1024})
-    err = fails(lambda: client(svc, max_body_bytes=1024 * 1024).generate({}))
+    err = fails(lambda: client(svc, version, max_body_bytes=1024 * 1024).generate({}))
     assert "more than 1,048,576 bytes" in str(err)
+    assert len(svc.submits) == 1
 
 
-def test_wrong_size_kept_apart(svc):
+def test_wrong_size_kept_apart(svc, version):
     svc.fail_next({"kind": "size", "width": 512, "height": 512})
-    err = fails(lambda: client(svc).generate({"width": 640, "height": 512, "output_format": "png"}))
+    err = fails(lambda: client(svc, version).generate({"width": 640, "height": 512, "output_format": "png"}))
     assert "returned a 512x512 png image, but 640x512 was asked" in str(err)
+    assert f"request id {first_id(version)}" in str(err)
     assert Image.open(io.BytesIO(err.data)).size == (512, 512)  # the billed bytes are not lost
-    assert len(svc.requests) == 1
+    assert len(svc.submits) == 1
 
 
 # ------------------------------------------------------------------------------------------------ batches
 
 
-def test_partial_batch_keeps_what_arrived(svc):
+def test_partial_batch_keeps_what_arrived(svc, version):
     for _ in range(3):
         svc.fail_seed(11, {"status": 500, "body": json_body("GPU fell over")})
-    result = client(svc).generate({"seed": 10, "number_of_images": 3, "width": 512, "height": 512,
-                                   "output_format": "png"})
+    result = client(svc, version).generate({"seed": 10, "number_of_images": 3, "width": 512, "height": 512,
+                                            "output_format": "png"})
     assert [im.index for im in result.images] == [0, 2]
     for im in result.images:
         assert_bands(pixels(im), im.seed, tol=0)
     (failure,) = result.failures
     assert failure.index == 1 and failure.status == 500 and "GPU fell over" in str(failure)
     assert "image 2/3 failed" in result.failure_summary()
-    assert len(svc.requests) == 5  # 2 good + 3 tries for seed 11
+    assert len(svc.submits) == 5  # 2 good + 3 tries for seed 11
 
 
-def test_fatal_error_stops_the_rest_of_a_batch(svc):
+def test_fatal_error_stops_the_rest_of_a_batch(svc, version):
     svc.fail_next({"status": 406, "body": json_body("Not enough credits")})
-    err = fails(lambda: client(svc, max_concurrency=1).generate({"number_of_images": 4}))
+    err = fails(lambda: client(svc, version, max_concurrency=1).generate({"number_of_images": 4}))
     assert len(svc.requests) == 1  # the other three are not sent
     assert "no image arrived" in str(err) and "not enough credits (406)" in str(err)
     assert "not sent, because image 1 failed with HTTP 406" in str(err)
@@ -460,31 +457,35 @@ def test_fatal_error_stops_the_rest_of_a_batch(svc):
 # ------------------------------------------------------------------------------------------------ interrupt
 
 
-def test_should_stop_interrupts_a_waiting_request(svc):
+def test_should_stop_interrupts_a_waiting_request(svc, version):
     svc.fail_next({"kind": "slow", "seconds": 10})
     t0 = time.monotonic()
-    err = fails(lambda: client(svc).generate({}, should_stop=lambda: time.monotonic() - t0 > 0.3),
+    err = fails(lambda: client(svc, version).generate({}, should_stop=lambda: time.monotonic() - t0 > 0.3),
                 R.RemoteInterrupted)
     assert time.monotonic() - t0 < 1.0
     assert "interrupted with 0 of 1" in str(err)
 
 
-def test_should_stop_interrupts_a_rate_limit_wait_and_keeps_arrived_images(svc):
+def test_should_stop_interrupts_a_rate_limit_wait_and_keeps_arrived_images(svc, version):
     svc.fail_seed(21, {"status": 429, "body": json_body("rate"), "headers": {"x-ratelimit-reset": "30"}})
     t0 = time.monotonic()
-    err = fails(lambda: client(svc, max_concurrency=2).generate(
+    err = fails(lambda: client(svc, version, max_concurrency=2).generate(
         {"seed": 20, "number_of_images": 2, "width": 512, "height": 512},
         should_stop=lambda: time.monotonic() - t0 > 0.5), R.RemoteInterrupted)
     assert time.monotonic() - t0 < 1.5
     assert [im.seed for im in err.result.images] == [20]
-    assert len(svc.requests) == 2
+    assert len(svc.submits) == 2
 
 
-def test_progress_reported(svc):
-    seen = []
-    client(svc).generate({"number_of_images": 2, "width": 512, "height": 512},
-                         on_progress=lambda d, t, text: seen.append((d, t)))
-    assert seen[-1] == (2, 2)
+def test_progress_and_request_ids_reported(svc, version):
+    seen, named = [], []
+    client(svc, version, poll=R.PollPolicy(first=0.3, most=0.02)).generate(
+        {"number_of_images": 2, "width": 512, "height": 512},
+        on_progress=lambda d, t, text: seen.append((d, t, text)), on_request=lambda i, rid: named.append((i, rid)))
+    assert seen[-1][:2] == (2, 2)
+    assert sorted(rid for _, rid in named) == ([first_id(version), "req-2"] if version == "v1" else ["rq-1", "rq-2"])
+    if version == "v2":  # v2 names them at the submit, while the images are still queued
+        assert any("(request id rq-1)" in text and d == 0 for d, _, text in seen)
 
 
 # ------------------------------------------------------------------------------------------------ node
@@ -582,6 +583,33 @@ def test_node_returns_an_image_batch(svc, monkeypatch):
         assert KEY not in text
 
 
+def test_node_api_version_input_and_request_ids_in_metadata(svc, monkeypatch):
+    node_mod, _ = load_node_module()
+    node = node_mod.AuraFlowRemoteGenerate
+    types = node.INPUT_TYPES()
+    assert list(types["required"]) == HOSTED_ORDER  # still the local generator's order; the new input is optional
+    choices, opts = types["optional"]["api_version"]
+    assert choices == ["auto", "v2", "v1"] and opts["default"] == "auto" and "SEGMIND_API_VERSION" in opts["tooltip"]
+    assert types["hidden"]["extra_pnginfo"] == "EXTRA_PNGINFO"
+    monkeypatch.setenv("SEGMIND_API_KEY", KEY)
+    monkeypatch.setenv("SEGMIND_API_URL", svc.url)
+    pnginfo = {"workflow": {"nodes": []}}  # the dict ComfyUI hands every node of one prompt
+    *_, report = node().generate(**node_inputs(number_of_images=2), extra_pnginfo=pnginfo)
+    ids = {r["body"]["seed"]: f"rq-{n}" for n, r in enumerate(svc.submits, 1)}  # in the order they were sent
+    assert f"(v2); request ids {ids[5]}, {ids[6]}" in report
+    assert pnginfo["workflow"] == {"nodes": []} and pnginfo["auraflow_remote"] == {
+        "api_version": "v2", "failed": [], "images": [{"index": 0, "seed": 5, "request_id": ids[5]},
+                                                      {"index": 1, "seed": 6, "request_id": ids[6]}]}
+    assert KEY not in json.dumps(pnginfo)
+    *_, report = node().generate(**node_inputs(), api_version="v1")
+    assert svc.submits[-1]["path"] == "/v1/aura-flow" and f"(v1); request ids req-{len(svc.requests)}" in report
+    monkeypatch.setenv("SEGMIND_API_VERSION", "v1")
+    node().generate(**node_inputs(), api_version="v2")  # the input wins over the environment
+    assert svc.submits[-1]["path"] == "/v2/aura-flow"
+    err = fails(lambda: node().generate(**node_inputs(), api_version="v9"))
+    assert "api_version='v9' is not known" in str(err)
+
+
 def test_node_partial_batch_returns_arrived_images_and_keeps_rejected(svc, tmp_path, monkeypatch, caplog):
     node_mod, _ = load_node_module()
     monkeypatch.setattr(node_mod, "rejected_folder", lambda: str(tmp_path / "rejected"))
@@ -590,7 +618,9 @@ def test_node_partial_batch_returns_arrived_images_and_keeps_rejected(svc, tmp_p
     images, seed, credits, report = node_mod.AuraFlowRemoteGenerate().generate(
         **node_inputs(number_of_images=3), client=c)
     assert tuple(images.shape) == (2, 640, 512, 3)
-    assert "2 of 3 image(s) received; image 2 failed: the service returned a 768x768 png image" in report
+    ids = {r["body"]["seed"]: f"rq-{n}" for n, r in enumerate(svc.submits, 1)}
+    assert (f"2 of 3 image(s) received (v2); request ids {ids[5]}, {ids[7]}; image 2 failed: the service returned a "
+            f"768x768 png image") in report and f"request id {ids[6]})" in report
     (kept,) = (tmp_path / "rejected").iterdir()
     assert Image.open(kept).size == (768, 768) and f"saved as {kept}" in report
     assert any("AuraFlow Remote Generate: 2 of 3" in r.getMessage() for r in caplog.records)
@@ -634,6 +664,10 @@ def test_cli_writes_images_and_prints_paths(svc, tmp_path, monkeypatch, capsys):
     assert "seed: 12" in captured.err and "remaining credits: 99" in captured.err
     paths = captured.out.split()
     assert paths == [str(out / "auraflow_12.jpg"), str(out / "auraflow_13.jpg")]
+    ids = {r["body"]["seed"]: f"rq-{n}" for n, r in enumerate(svc.submits, 1)}
+    for i, seed in enumerate((12, 13)):  # each id as soon as it is named, then beside its file
+        assert f"image {i + 1}/2: request id {ids[seed]}\n" in captured.err
+        assert f"image {i + 1}/2: {out}/auraflow_{seed}.jpg (seed {seed}, request id {ids[seed]})" in captured.err
     for p, seed in zip(paths, (12, 13)):
         with Image.open(p) as img:
             assert img.format == "JPEG" and img.size == (512, 768)
@@ -661,6 +695,35 @@ def test_cli_errors(svc, tmp_path, monkeypatch, capsys):
     assert "bad prompt for key ***" in err and KEY not in err
 
 
+def test_cli_api_version_and_timeout_flags(svc, tmp_path, monkeypatch, capsys):
+    from aura_flow.cli import main
+
+    for bad in ("0", "-3", "nan", "inf"):  # checked before the key is looked for and before anything is sent
+        assert main(["remote", "--timeout", bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --timeout={float(bad)!r} is not allowed; give a finite number of seconds above 0" in err
+    assert svc.requests == []
+    monkeypatch.setenv("SEGMIND_API_KEY", KEY)
+    monkeypatch.setenv("SEGMIND_API_URL", svc.url)
+    out = tmp_path / "out"
+    assert main(["remote", "--api-version", "v1", "--seed", "3", "--width", "512", "--height", "512", "--out",
+                 str(out)]) == 0
+    assert [r["path"] for r in svc.requests] == ["/v1/aura-flow"]
+    assert f"image 1/1: {out}/auraflow_3.webp (seed 3, request id req-1)" in capsys.readouterr().err
+    monkeypatch.setenv("SEGMIND_API_VERSION", "v1")
+    assert main(["remote", "--api-version", "v2", "--width", "512", "--height", "512", "--out", str(out)]) == 0
+    assert svc.submits[-1]["path"] == "/v2/aura-flow"  # the flag wins over the environment
+    with pytest.raises(SystemExit):
+        main(["remote", "--api-version", "v3", "--out", str(out)])
+    assert "--api-version: invalid choice: 'v3'" in capsys.readouterr().err
+    svc.fail_next({"kind": "queued"})  # the messages name the flags
+    assert main(["remote", "--api-version", "v2", "--timeout", "0.3", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    rid = f"rq-{len(svc.jobs)}"
+    assert f"image 1/1: request id {rid}\n" in err
+    assert f"request id {rid} did not complete within 0.3 s (the total timeout, --timeout; last status QUEUED)" in err
+
+
 def test_cli_partial_batch_and_rejected_bytes(svc, tmp_path, monkeypatch, capsys):
     from aura_flow.cli import main
 
@@ -681,7 +744,7 @@ def test_cli_partial_batch_and_rejected_bytes(svc, tmp_path, monkeypatch, capsys
     assert Image.open(out / "auraflow_30_rejected.png").size == (512, 512)
 
 
-def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch):
+def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch, caplog):
     """Key file in ComfyUI's user folder, its progress bar, and Cancel turned into ComfyUI's own interrupt."""
     import threading
     import types
@@ -737,3 +800,16 @@ def test_node_inside_a_fake_comfyui(svc, tmp_path, monkeypatch):
     with pytest.raises(InterruptProcessingException):
         node_mod.AuraFlowRemoteGenerate().generate(**node_inputs())
     assert time.monotonic() - t0 < 1.0
+
+    svc.fail_next({"kind": "queued"})  # v2: submitted, then never leaves the queue; Cancel names its id
+    threading.Timer(0.3, lambda: state.update(interrupted=True)).start()
+    t0 = time.monotonic()
+    with pytest.raises(InterruptProcessingException):
+        node_mod.AuraFlowRemoteGenerate().generate(**node_inputs())
+    assert time.monotonic() - t0 < 1.0
+    rid = f"rq-{len(svc.jobs)}"
+    assert any(f"request id(s) {rid} were submitted and may still complete" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    polls = len(svc.polls(rid))
+    time.sleep(0.2)
+    assert polls > 0 and len(svc.polls(rid)) == polls  # no poll after Cancel

@@ -160,16 +160,27 @@ def test_remote_workflow_against_the_fake_service(env, monkeypatch):
     remote_server = pytest.importorskip("remote_server")
     tmp_path, _checkpoint = env
     prompt = api("auraflow_remote")
+    saved_before = json.loads(json.dumps(prompt))
+    del saved_before["1"]["inputs"]["api_version"]  # a prompt saved before the input existed still fits
+    assert wx.check_api(saved_before, classes) == []
+    remote_checks = pytest.importorskip("remote_checks")
+    queue = importlib.import_module(f"{pack.__name__}.aura_flow.remote.queue")
+    monkeypatch.setattr(queue, "DEFAULT_POLL", remote_checks.FAST_POLL)  # the node polls as a test should
     with remote_server.FakeService() as service:
         monkeypatch.setenv("SEGMIND_API_KEY", remote_server.KEY)
         monkeypatch.setenv("SEGMIND_API_URL", service.url)
         outputs, ui = wx.execute(prompt, classes, workflow=editor("auraflow_remote"))
+    assert [r["path"] for r in service.submits] == ["/v2/aura-flow"]  # the bundled workflow runs on v2
+    remote_checks.media_never_saw_the_key(service)
     (path,) = saved(tmp_path, ui)
     assert path.parent.name == "AuraFlow" and path.name.startswith("remote_")
     with Image.open(path) as im:
         assert im.format == "WEBP" and im.size == (1024, 1024)
-        assert imageio.read_metadata(im)["prompt"] == prompt
-        assert remote_server.KEY not in json.dumps(imageio.read_metadata(im))
+        metadata = imageio.read_metadata(im)
+        assert metadata["prompt"] == prompt and metadata["workflow"] == editor("auraflow_remote")
+        assert metadata["auraflow_remote"] == {"api_version": "v2", "failed": [], "images": [
+            {"index": 0, "seed": prompt["1"]["inputs"]["seed"], "request_id": "rq-1"}]}  # find the billed result
+        assert remote_server.KEY not in json.dumps(metadata)
     images, seed = outputs["1"][0], outputs["1"][1]
     assert seed == prompt["1"]["inputs"]["seed"]
     top = tuple(round(float(c) * 255) for c in images[0, 10, 10])

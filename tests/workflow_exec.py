@@ -294,9 +294,11 @@ def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tup
     """Run an API-format ``prompt``; returns ({node id: output tuple}, {node id: ui dict}).
 
     Hidden inputs are filled as ComfyUI fills them: PROMPT with the prompt, EXTRA_PNGINFO with
-    ``{"workflow": workflow}`` when one is given, UNIQUE_ID with the node id.
+    ``{"workflow": workflow}`` when one is given (one dict for the whole prompt, as ComfyUI passes its
+    ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
     """
     outputs, ui = {}, {}
+    extra_pnginfo = {"workflow": workflow} if workflow else None
     for node_id in topological_order(prompt):
         node = prompt[node_id]
         cls = classes[node["class_type"]]
@@ -306,8 +308,7 @@ def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tup
                 value = outputs[value[0]][value[1]]
             kwargs[name] = value
         for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
-            kwargs[name] = {"PROMPT": prompt, "EXTRA_PNGINFO": {"workflow": workflow} if workflow else None,
-                            "UNIQUE_ID": node_id}.get(kind)
+            kwargs[name] = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)
         result = getattr(cls(), cls.FUNCTION)(**kwargs)
         if isinstance(result, dict):
             if "ui" in result:

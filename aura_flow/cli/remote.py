@@ -2,6 +2,7 @@
 
 Same flags as ``generate``; the key comes from ``SEGMIND_API_KEY`` or the key file (``--key-file``, default
 ``~/.config/auraflow/segmind_api_key``), never from the command line, where it would land in shell history.
+Each request id goes to stderr as soon as the service names it, so a billed result can be found again.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from ..images import write_new_file
 from ..plan import plan_generation
 from .flags import HelpFormatter, add_generation_flags, check_output_folder, generation_params
 
+# the client's option names as this command spells them, for its messages
+FLAG_NAMES = {"timeout": "--timeout", "api_version": "--api-version", "number_of_images": "--number-of-images"}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("remote", help="generate with the hosted Aura Flow API (needs SEGMIND_API_KEY)",
@@ -21,19 +25,30 @@ def register(subparsers) -> None:
     add_generation_flags(p, remote=True)
     p.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
                                                     "or ~/.config/auraflow/segmind_api_key)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image")
-    p.add_argument("--concurrency", type=int, default=2, help="requests at a time")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image, queue and generation "
+                                                                "included (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests at a time (default %(default)s)")
+    p.add_argument("--api-version", choices=remote_api.API_VERSIONS, default=None,
+                   help="v2: the async queue (submit, then poll; the default, or $SEGMIND_API_VERSION); v1: the sync "
+                        "API, one connection held for the whole generation")
     p.set_defaults(func=run, parser=p)
 
 
 def run(args) -> int:
     """Exit codes: 0 all images written, 1 some or all failed (what arrived is still written), 130 interrupted."""
     plan = plan_generation(generation_params(args), remote=True)  # before the key is read
+    timeout = remote_api.positive_seconds(args.timeout, "--timeout")
     check_output_folder(args.out)
+    n = plan.number_of_images
+
+    def on_request(index, request_id):
+        sys.stderr.write(f"image {index + 1}/{n}: request id {request_id}\n")
+
     try:
-        client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=args.timeout,
-                                                          max_concurrency=args.concurrency)
-        result = client.generate(plan)
+        client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=timeout,
+                                                          max_concurrency=args.concurrency,
+                                                          api_version=args.api_version, names=FLAG_NAMES)
+        result = client.generate(plan, on_request=on_request)
     except remote_api.RemoteError as exc:
         sys.stderr.write(f"error: {exc}\n")
         if exc.result is not None:
@@ -48,10 +63,12 @@ def run(args) -> int:
 
 def _write(result, out, *, report_failures: bool) -> None:
     """Write every image that arrived and print its path; bytes billed but rejected (wrong size) are kept too."""
-    for im in result.images:
-        sys.stdout.write(f"{write_new_file(out, f'auraflow_{im.seed}', im.data)}\n")
-    sys.stdout.flush()
     n = result.params["number_of_images"]
+    for im in result.images:
+        path = write_new_file(out, f"auraflow_{im.seed}", im.data)
+        sys.stdout.write(f"{path}\n")
+        sys.stderr.write(f"image {im.index + 1}/{n}: {path} (seed {im.seed}, request id {im.request_id or 'none'})\n")
+    sys.stdout.flush()
     for failure in result.failures:
         kept = ""
         if failure.data:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from .endpoint import API_URL_ENV, DEFAULT_API_URL, Endpoint
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 _ERROR_TEXT_LIMIT = 300  # characters of a service error message shown
 _FORMATS = {"WEBP": "webp", "JPEG": "jpg", "PNG": "png"}
 _RESET_HEADERS = ("x-ratelimit-reset", "x-rate-limit-reset", "ratelimit-reset", "x-ratelimit-reset-requests",
-                  "retry-after")
+                  "x-rate-limit-reset-at-utc", "retry-after")
 
 
 class Answers:
@@ -53,9 +54,9 @@ class Answers:
             return self.scrub(f"an HTML page{': ' + title.group(1) if title else ''}")
         return self.scrub(text) or "(empty body)"
 
-    def fatal(self, resp: Response, index: int) -> RemoteError:
-        """The error for a status that retrying cannot fix."""
-        s, msg, where = resp.status, self.service_message(resp.body), self.endpoint.display
+    def fatal(self, resp: Response, index: int, where: str | None = None) -> RemoteError:
+        """The error for a status that retrying cannot fix; ``where`` names the URL asked (default: the API's)."""
+        s, msg, where = resp.status, self.service_message(resp.body), where or self.endpoint.display
         if s in (400, 422):
             text = f"the service rejected the parameters ({s}): {msg}"
         elif s == 401:
@@ -84,14 +85,16 @@ class Answers:
                     f"followed, so the key goes nowhere else. If the API moved, set {API_URL_ENV} to the new address")
         else:
             text = f"the service answered HTTP {s}: {msg}"
-        return RemoteError(text, status=s, index=index, billed=False)
+        return RemoteError(text, status=s, index=index, billed=False,
+                           request_id=self.scrub(resp.headers["x-request-id"]) if resp.headers.get("x-request-id")
+                           else None)
 
     def decode(self, resp: Response, params: dict, index: int, seed: int) -> RemoteImage:
         from PIL import Image, UnidentifiedImageError
 
         ctype = resp.headers.get("content-type", "")
-        billed_note = ("; a 200 is billed: report it to Segmind support with x-request-id "
-                       f"{self.scrub(resp.headers.get('x-request-id', '(none)'))}")
+        rid = self.scrub(resp.headers["x-request-id"]) if resp.headers.get("x-request-id") else None
+        billed_note = f"; a 200 is billed: report it to Segmind support with request id {rid or '(none)'}"
         try:
             img = Image.open(io.BytesIO(resp.body))
             fmt = _FORMATS.get(img.format or "")
@@ -101,19 +104,19 @@ class Answers:
             raise RemoteError(f"the service answered 200 but the body is not an image (content type "
                               f"{self.scrub(ctype) or 'none'}, {len(resp.body):,} bytes, starting "
                               f"{self.scrub(repr(resp.body[:16]))}){billed_note}",
-                              status=200, index=index, billed=True, data=resp.body)
+                              status=200, index=index, billed=True, data=resp.body, request_id=rid)
         if img.size != (params["width"], params["height"]):
             raise RemoteError(f"the service returned a {img.size[0]}x{img.size[1]} {fmt} image, but "
                               f"{params['width']}x{params['height']} was asked (a 200 is billed, so the bytes are "
-                              "kept apart)",
-                              status=200, index=index, billed=True, data=resp.body)
+                              f"kept apart{'; request id ' + rid if rid else ''})",
+                              status=200, index=index, billed=True, data=resp.body, request_id=rid)
         try:
             img.load()
             rgb = img.convert("RGB")
         except (OSError, ValueError) as exc:
             raise RemoteError(f"the service's {fmt} image is damaged ({exc.__class__.__name__}: "
                               f"{self.scrub(str(exc))}){billed_note}",
-                              status=200, index=index, billed=True, data=resp.body) from None
+                              status=200, index=index, billed=True, data=resp.body, request_id=rid) from None
         if fmt != params["output_format"]:
             log.warning("image %d: asked for %s, the service sent %s; kept as sent", index + 1,
                         params["output_format"], fmt)
@@ -137,7 +140,14 @@ class Answers:
                 try:
                     return parsedate_to_datetime(value).timestamp() - time.time()
                 except (TypeError, ValueError):
+                    pass
+                try:  # ISO 8601 (x-rate-limit-reset-at-utc); without a zone it is UTC
+                    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                except ValueError:
                     continue
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=timezone.utc)
+                return when.timestamp() - time.time()
             if number > 1e12:  # epoch milliseconds
                 return number / 1000.0 - time.time()
             if number > 1e9:  # epoch seconds

@@ -12,7 +12,6 @@ def batch_seed(seed: int, index: int) -> int:
     return (seed + index) % (MAX_SEED + 1)
 
 
-
 @dataclass
 class RemoteImage:
     index: int  # position in the batch
@@ -28,6 +27,11 @@ class RemoteImage:
     def remaining_credits(self) -> Optional[str]:
         return self.headers.get("x-remaining-credits")
 
+    @property
+    def request_id(self) -> Optional[str]:
+        """The service's id of the request that made this image (find a billed result again with it)."""
+        return self.headers.get("x-request-id")
+
 
 @dataclass
 class RemoteResult:
@@ -35,11 +39,24 @@ class RemoteResult:
     images: list = field(default_factory=list)  # RemoteImage, in batch order
     failures: list = field(default_factory=list)  # RemoteError with .index, in batch order
     remaining_credits: Optional[str] = None  # the lowest balance the responses reported (the latest)
+    api_version: str = "v2"  # the API that made them: v2 (the queue) or v1 (sync)
 
     @property
     def seed(self) -> int:
         """The seed of the first image that arrived (the requested one if none did)."""
         return self.images[0].seed if self.images else self.params["seed"]
+
+    @property
+    def request_ids(self) -> list:
+        """The request id of every image that arrived, in batch order (None where the service named none)."""
+        return [im.request_id for im in self.images]
+
+    def metadata(self) -> dict:
+        """What to embed in saved images: the API version and, per image, its seed and request id; per failure its
+        request id (a failure the service named may still have been billed). Never the key."""
+        return {"api_version": self.api_version,
+                "images": [{"index": im.index, "seed": im.seed, "request_id": im.request_id} for im in self.images],
+                "failed": [{"index": e.index, "request_id": e.request_id} for e in self.failures]}
 
     def failure_summary(self) -> str:
         n = self.params["number_of_images"]

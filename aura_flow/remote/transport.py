@@ -16,9 +16,8 @@ from .errors import RemoteError, Cancelled
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
-
 class Exchange:
-    """One POST on its own connection. `abort` (from the waiting thread) shuts the socket so a blocked read ends."""
+    """One request on its own connection. `abort` (from the waiting thread) shuts the socket so a blocked read ends."""
 
     def __init__(self, deadline: float):
         self.deadline = deadline
@@ -64,9 +63,9 @@ class Response:
     body: bytes
 
 
-
 class HttpTransport:
-    """POSTs to one endpoint with the key in its header; bodies are capped at ``max_body_bytes``."""
+    """Requests to the API's host with the key in a header, and key-less GETs of media elsewhere; bodies are capped
+    at ``max_body_bytes``. Redirects are never followed: a 3xx comes back as it is."""
 
     def __init__(self, endpoint: Endpoint, key: str, *, connect_timeout: float, max_body_bytes: int,
                  ssl_context: ssl.SSLContext | None = None):
@@ -76,8 +75,19 @@ class HttpTransport:
         self.max_body_bytes = int(max_body_bytes)
         self._ssl_context = ssl_context
 
-    def post(self, exchange: Exchange, body: bytes) -> Response:
-        ep = self.endpoint
+    def post(self, exchange: Exchange, body: bytes, target: Endpoint | None = None) -> Response:
+        """POST JSON to ``target`` (default: the endpoint) with the key."""
+        return self.send(exchange, target or self.endpoint, "POST", body)
+
+    def send(self, exchange: Exchange, target: Endpoint, method: str = "GET", body: bytes | None = None, *,
+             key: bool = True, max_body_bytes: int | None = None, billed_200: bool | None = True) -> Response:
+        """One request on its own connection. ``key=True`` only to the endpoint's own host (else refused before
+        connecting); ``billed_200`` says whether an over-cap 200 was billed (for the message and the error)."""
+        if key and not target.same_host(self.endpoint):
+            raise RemoteError(f"refused to send the API key to {target.origin}: only {self.endpoint.origin} gets it",
+                              billed=None)
+        cap = self.max_body_bytes if max_body_bytes is None else int(max_body_bytes)
+        ep = target
         if ep.scheme == "https":
             conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=self.connect_timeout,
                                                context=self._ssl_context or ssl.create_default_context())
@@ -99,24 +109,28 @@ class HttpTransport:
                 raise Cancelled()
             conn.sock.settimeout(max(0.05, exchange.deadline - time.monotonic()))
             try:
-                conn.putrequest("POST", ep.path, skip_accept_encoding=True)
-                conn.putheader("Content-Type", "application/json")
+                conn.putrequest(method, ep.path, skip_accept_encoding=True)
+                if body is not None:
+                    conn.putheader("Content-Type", "application/json")
                 conn.putheader("Accept", "*/*")
-                conn.putheader("x-api-key", self._key)
-                conn.putheader("Content-Length", str(len(body)))
+                if key:
+                    conn.putheader("x-api-key", self._key)
+                if body is not None:
+                    conn.putheader("Content-Length", str(len(body)))
                 conn.endheaders(body)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 raise Dropped(exc.__class__.__name__, timed_out=isinstance(exc, TimeoutError)) from None
             headers = {k.lower(): v for k, v in resp.getheaders()}
             length = headers.get("content-length")
-            billed = (" A 200 is billed; if the service really sends images this large, raise max_body_bytes"
-                      if resp.status == 200 else "")
-            if length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes:
+            billed = resp.status == 200 and billed_200
+            note = (" A 200 is billed; if the service really sends images this large, raise max_body_bytes"
+                    if billed else "")
+            if length is not None and length.strip().isdigit() and int(length) > cap:
                 raise RemoteError(
-                    f"the service announced a {int(length):,}-byte body (HTTP {resp.status}), over the "
-                    f"{self.max_body_bytes:,}-byte cap; refused without reading it.{billed}",
-                    status=resp.status, billed=resp.status == 200)
+                    f"{ep.host} announced a {int(length):,}-byte body (HTTP {resp.status}), over the "
+                    f"{cap:,}-byte cap; refused without reading it.{note}",
+                    status=resp.status, billed=billed if resp.status == 200 else False)
             chunks, size = [], 0
             try:
                 while True:
@@ -124,14 +138,14 @@ class HttpTransport:
                     if not chunk:
                         break
                     size += len(chunk)
-                    if size > self.max_body_bytes:
+                    if size > cap:
                         raise RemoteError(
-                            f"the service sent more than {self.max_body_bytes:,} bytes (HTTP {resp.status}); "
-                            f"stopped reading at the cap.{billed}", status=resp.status, billed=resp.status == 200)
+                            f"{ep.host} sent more than {cap:,} bytes (HTTP {resp.status}); stopped reading at the "
+                            f"cap.{note}", status=resp.status, billed=billed if resp.status == 200 else False)
                     chunks.append(chunk)
             except (OSError, http.client.HTTPException) as exc:
                 raise Dropped(f"{exc.__class__.__name__} after {size:,} bytes", resp.status,
-                               timed_out=isinstance(exc, TimeoutError)) from None
+                              timed_out=isinstance(exc, TimeoutError)) from None
             if exchange.reason:  # the socket was shut under a body without a length: it is truncated
                 raise Dropped(f"aborted after {size:,} bytes", resp.status)
             if length is not None and length.strip().isdigit() and size < int(length):
@@ -139,4 +153,3 @@ class HttpTransport:
             return Response(resp.status, headers, b"".join(chunks))
         finally:
             conn.close()
-

@@ -66,14 +66,18 @@ def should_stop():
     return mm.processing_interrupted if mm is not None else None
 
 
+def raise_if_cancelled() -> None:
+    """Raise ComfyUI's own interrupt when the user pressed Cancel (nothing outside ComfyUI)."""
+    mm = module("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
 @contextlib.contextmanager
-def interruptible(*also):
-    """Turn the engine's ``Interrupted`` (and the exception types in ``also``, e.g. the remote client's) into
-    ComfyUI's own interrupt, so Cancel reads as a cancel, not an error."""
+def interruptible():
+    """Turn the engine's ``Interrupted`` into ComfyUI's own interrupt, so Cancel reads as a cancel, not an error."""
     try:
         yield
-    except (Interrupted, *also):
-        mm = module("comfy.model_management")
-        if mm is not None:
-            mm.throw_exception_if_processing_interrupted()
+    except Interrupted:
+        raise_if_cancelled()
         raise
