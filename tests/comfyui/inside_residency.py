@@ -4,7 +4,8 @@ weights. Prints one JSON line of measurements; every check is also asserted here
 
 - residency: "Requested to load" once per part; a second sampling or encoding loads nothing anew;
 - a tiny memory budget (the budget load_models_gpu hands LoadedModel.model_load, made small as on a GPU with little
-  free memory): the transformer loads partially and the latent equals the fully loaded one;
+  free memory): the transformer loads partially and the latent equals the fully loaded one, for float weights and
+  for a GGUF file (TINY_DIR/../gguf, written by aura_flow.weights.writers.build_tiny_gguf);
 - ComfyUI's own AuraFlow on the same weights (a core MODEL built as comfy.supported_models.AuraFlow builds it):
   free_memory unloads the pack's models for it and the other way round (on a CPU load_models_gpu never frees, so
   free_memory is called as it would be on a GPU, with the free-memory figure at 0);
@@ -82,41 +83,54 @@ assert type(patcher).__name__ == "AuraFlowPatcher" and isinstance(patcher, comfy
 assert comfy.model_patcher.is_model_patcher_output(te) and comfy.model_patcher.is_model_patcher_output(vae)
 
 # ------------------------------------------------------------------------------------------------ partial load
-transformer_patcher = model.transformer.__dict__["_comfyui_patcher"]
-size = transformer_patcher.model_size()
+def partially_loaded(model, full, key):
+    """Sample again with a third of the transformer's bytes as the budget (the budget load_models_gpu would hand
+    LoadedModel.model_load on a GPU with little free memory); record the log, the difference and the streaming."""
+    patcher = model.transformer.__dict__["_comfyui_patcher"]
+    size = patcher.model_size()
+    mm.unload_all_models()
+    assert loaded_names() == [], loaded_names()
+    original_model_load = mm.LoadedModel.model_load
+
+    def small_budget(self, lowvram_model_memory=0, force_patch_weights=False):
+        if self.model is patcher:
+            lowvram_model_memory = size // 3
+        return original_model_load(self, lowvram_model_memory, force_patch_weights=force_patch_weights)
+
+    mm.LoadedModel.model_load = small_budget
+    n = len(records)
+    calls = []
+    layers = [m for m in model.transformer.modules() if hasattr(m, "comfy_cast_weights")]
+    for layer in layers:
+        layer.compute_weight = (lambda orig, lay: lambda dtype, device: calls.append(lay) or orig(dtype, device))(
+            layer.compute_weight, layer)
+    try:
+        partial = sampler.sample(model, pos, neg, **args)[0]["samples"]
+    finally:
+        mm.LoadedModel.model_load = original_model_load
+        for layer in layers:
+            del layer.compute_weight
+    streamed = [m for m in layers if m.comfy_cast_weights]
+    report[key] = {"log": [m for m in records[n:] if m.startswith("loaded ")], "diff": float((partial - full).abs().max()),
+                   "streamed_layers": len(streamed), "layers": len(layers), "loaded_bytes": patcher.loaded_size(),
+                   "size": size, "lowvram": bool(patcher.model.model_lowvram)}
+    assert any(m.startswith("loaded partially") for m in report[key]["log"]), report[key]
+    assert report[key]["lowvram"] and 0 < len(streamed) < len(layers) and all(m in calls for m in streamed)
+    assert report[key]["diff"] <= 1e-6, report[key]
+
+
+partially_loaded(model, full, "partial")
+gguf_dir = tiny.parent / "gguf"
+gguf_model = N["AuraFlowLoader"]().load(
+    str(next(gguf_dir.glob("*.gguf"))), text_encoder=str(gguf_dir / "text_encoder.safetensors"),
+    vae=str(gguf_dir / "vae.safetensors"), tokenizer=str(gguf_dir / "tokenizer.model"), weight_dtype="fp32")[0]
+gguf_full = sampler.sample(gguf_model, pos, neg, **args)[0]["samples"]
+assert type(next(m for m in gguf_model.transformer.modules() if hasattr(m, "qtype"))).__name__ == "GGUFLinear"
+partially_loaded(gguf_model, gguf_full, "partial_gguf")  # quantized blocks stream as they are, dequantized per call
+report["gguf_vs_float"] = float((gguf_full - full).abs().max())
 mm.unload_all_models()
-assert loaded_names() == [], loaded_names()
-original_model_load = mm.LoadedModel.model_load
-budget = size // 3
-
-
-def small_budget(self, lowvram_model_memory=0, force_patch_weights=False):
-    if self.model is transformer_patcher:
-        lowvram_model_memory = budget
-    return original_model_load(self, lowvram_model_memory, force_patch_weights=force_patch_weights)
-
-
-mm.LoadedModel.model_load = small_budget
-n = len(records)
-calls = []
-layers = [m for m in model.transformer.modules() if hasattr(m, "comfy_cast_weights")]
-for layer in layers:
-    original = layer.compute_weight
-    layer.compute_weight = (lambda orig, lay: lambda dtype, device: calls.append(lay) or orig(dtype, device))(
-        original, layer)
-partial = sampler.sample(model, pos, neg, **args)[0]["samples"]
-streamed = [m for m in layers if m.comfy_cast_weights]
-report["partial_log"] = [m for m in records[n:] if m.startswith("loaded ")]
-report["partial_diff"] = float((partial - full).abs().max())
-report["streamed_layers"], report["layers"] = len(streamed), len(layers)
-report["loaded_bytes"], report["size"] = transformer_patcher.loaded_size(), size
-assert any(m.startswith("loaded partially") for m in report["partial_log"]), report["partial_log"]
-assert model.transformer.__dict__["_comfyui_patcher"].model.model_lowvram
-assert 0 < len(streamed) < len(layers) and all(m in calls for m in streamed)
-assert report["partial_diff"] <= 1e-6, report
-mm.LoadedModel.model_load = original_model_load
-for layer in layers:
-    del layer.compute_weight
+del gguf_model
+sampler.sample(model, pos, neg, **args)
 
 # ------------------------------------------------------------------------------------------------ a core model
 sd = comfy.utils.load_torch_file(str(tiny / "aura_flow_tiny_transformer.safetensors"))

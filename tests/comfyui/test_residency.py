@@ -110,6 +110,7 @@ def test_residency_partial_load_and_ksampler_parity_inside_comfyui(comfy_base, t
     """inside_residency.py on ComfyUI's own modules (see its docstring); its measurements are asserted there and
     here."""
     from aura_flow.tiny import build_tiny
+    from aura_flow.weights.writers import build_tiny_gguf
 
     checkout, _base = comfy_base
     pack = tmp_path / "custom_nodes" / PACK_DIR_NAME
@@ -117,14 +118,17 @@ def test_residency_partial_load_and_ksampler_parity_inside_comfyui(comfy_base, t
     for part in ("__init__.py", "aura_flow", "nodes", "web"):
         (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, pack / part)
     build_tiny(tmp_path / "tiny", "transformer_only")
+    build_tiny_gguf(tmp_path / "gguf", "Q8_0")
     done = subprocess.run([comfy_python(checkout), str(Path(__file__).with_name("inside_residency.py")),
                            str(checkout), str(pack), str(tmp_path / "tiny")],
                           cwd=checkout, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["first_run"] == list(PARTS) and report["rerun"] == []
-    assert report["partial_log"][0].startswith("loaded partially") and report["partial_diff"] <= 1e-6
-    assert 0 < report["loaded_bytes"] < report["size"] and 0 < report["streamed_layers"] < report["layers"]
+    for key in ("partial", "partial_gguf"):
+        part = report[key]
+        assert part["log"][0].startswith("loaded partially") and part["diff"] <= 1e-6 and part["lowvram"]
+        assert 0 < part["loaded_bytes"] < part["size"] and 0 < part["streamed_layers"] < part["layers"]
     assert report["after_core"] == ["AuraFlow"] and report["after_pack"] == ["AuraFlowTransformer"]
     assert report["inpaint_vs_ksampler"] < 1e-4 and report["kept_ours"] < 1e-5 and report["changed"] > 0.1
     assert report["inpaint_native_vs_ksampler"] < 1e-6 and report["options_vs_ksampler"] < 1e-4
