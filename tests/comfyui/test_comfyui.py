@@ -70,6 +70,7 @@ def test_nodes_in_object_info_match_the_pack(comfy_server):
         assert served["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
         assert served["category"] == cls.CATEGORY and served["description"] == cls.DESCRIPTION
         assert served["output"] == list(cls.RETURN_TYPES)
+        assert served["search_aliases"] == cls.SEARCH_ALIASES  # the editor's node search finds "pony", "gguf"...
         spec = cls.INPUT_TYPES()
         for section in ("required", "optional"):
             here = spec.get(section, {})
