@@ -10,7 +10,7 @@ import logging
 
 from ..aura_flow.images import encode_image
 from ..aura_flow.plan import plan_generation
-from .comfyui import devices, progress
+from .comfyui import devices, memory, progress
 from .widgets import generation_inputs, speed_input
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class AuraFlowGenerate:
     FUNCTION = "generate"
     CATEGORY = "AuraFlow/generate"
     DESCRIPTION = "Generates images from a prompt with the local AuraFlow model and the hosted API's parameters."
+    SEARCH_ALIASES = ["aura flow", "pony", "text to image", "txt2img"]
 
     def generate(self, model, speed="auto", **params):
         import numpy as np
@@ -41,9 +42,9 @@ class AuraFlowGenerate:
 
         plan = plan_generation(params, speed=speed)  # every parameter, before any stage
         bar = progress.Progress(plan.steps)
-        with progress.interruptible():  # each stage brings only its part to the GPU
+        with progress.interruptible():  # each stage asks ComfyUI to load only its part
             result = model.generate(plan, callback=bar, should_stop=progress.should_stop(),
-                                    stage=lambda parts: devices.on_device(model, parts))
+                                    stage=lambda parts: memory.using(model, parts))
         if plan.output_format == "png":
             images = result.tensor
         else:  # what the hosted API would return: the image through its lossy encoding

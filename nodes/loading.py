@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 
 from ..aura_flow.params import DTYPES
-from .comfyui import devices, folders
+from .comfyui import devices, folders, memory
+from .conditioning import TextEncoder
 from .vae import AuraFlowVAE
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class AuraFlowLoader:
     FUNCTION = "load"
     CATEGORY = "AuraFlow/loaders"
     DESCRIPTION = "Loads AuraFlow from a diffusers folder, an all-in-one file or a transformer-only file."
+    SEARCH_ALIASES = ["aura flow", "pony", "pony v7", "gguf", "fp8", "checkpoint loader", "diffusers"]
 
     def load(self, checkpoint, text_encoder=FROM_CHECKPOINT, vae=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT,
              weight_dtype="auto"):
@@ -75,5 +77,7 @@ class AuraFlowLoader:
             tokenizer=optional(tokenizer, "text_encoders", "tokenizer", tokenizer=True),
             dtype=auto_dtype if weight_dtype == "auto" else weight_dtype,
             device=device,
+            # inside ComfyUI its memory manager places every part (nodes/comfyui/memory.py)
+            offload_text_encoder=False if memory.managed() else "auto",
         )
-        return (pipeline, pipeline, AuraFlowVAE(pipeline))
+        return (pipeline, TextEncoder(pipeline), AuraFlowVAE(pipeline))

@@ -52,6 +52,7 @@ class AuraFlowRemoteGenerate:
 
     DESCRIPTION = ("Generates images with the hosted Aura Flow API (Segmind), using the API key from SEGMIND_API_KEY "
                    "or <ComfyUI user dir>/auraflow/segmind_api_key, never from the graph.")
+    SEARCH_ALIASES = ["aura flow", "segmind", "api", "cloud", "remote"]
     CATEGORY = "AuraFlow/remote"
     FUNCTION = "generate"
     RETURN_TYPES = ("IMAGE", "INT", "STRING", "STRING")

@@ -5,11 +5,14 @@ import logging
 
 from ..aura_flow.params import RANGES, check_range, check_size
 from ..aura_flow.plan import plan_sampling
-from .comfyui import devices, progress
-from .conditioning import context_from_conditioning
+from .comfyui import devices, memory, native, progress
+from .conditioning import conds_from_conditioning
 from .widgets import generation_inputs, speed_input
 
 log = logging.getLogger(__name__)
+
+# the model socket takes AuraFlow Loader's model or a ComfyUI MODEL (ComfyUI and its editor accept unions)
+MODEL_TYPES = "AURAFLOW_MODEL,MODEL"
 
 
 def sampler_inputs() -> dict:
@@ -38,15 +41,19 @@ class AuraFlowSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("AURAFLOW_MODEL", {"tooltip": "The model from AuraFlow Loader."}),
-                "positive": ("CONDITIONING", {"tooltip": "What the image should show (AuraFlow Text Encode)."}),
+                "model": (MODEL_TYPES, {"tooltip": "The model from AuraFlow Loader, or a ComfyUI MODEL holding AuraFlow "
+                                                   "(Load Checkpoint, Load Diffusion Model, a GGUF loader, after LoRA "
+                                                   "nodes; the speed modes apply to AuraFlow Loader's model only)."}),
+                "positive": ("CONDITIONING", {"tooltip": "What the image should show (AuraFlow Text Encode). Areas, "
+                                                         "masks, strengths and timestep ranges work as in KSampler."}),
                 "negative": ("CONDITIONING", {"tooltip": "What it should not show; unused when cfg is 1."}),
                 **sampler_inputs(),
             },
             "optional": {
-                "latent_image": ("LATENT", {"tooltip": "Start latent (VAE Encode of an image for image-to-image). "
-                                                       "Not connected: an empty latent of width x height x "
-                                                       "batch_size."}),
+                "latent_image": ("LATENT", {"tooltip": "Start latent (VAE Encode of an image for image-to-image; with a "
+                                                       "noise mask, e.g. from Set Latent Noise Mask, only the masked "
+                                                       "part is regenerated). Not connected: an empty latent of width "
+                                                       "x height x batch_size."}),
                 "speed": speed_input(),
             },
         }
@@ -57,28 +64,36 @@ class AuraFlowSampler:
     FUNCTION = "sample"
     CATEGORY = "AuraFlow/sampling"
     DESCRIPTION = "Samples an AuraFlow latent from a prompt with ComfyUI's samplers and schedulers."
+    SEARCH_ALIASES = ["aura flow", "pony", "ksampler", "gguf", "inpaint"]
 
     def sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
                width=1024, height=1024, batch_size=1, latent_image=None, speed="auto"):
         import torch
 
-        width_ctx = getattr(model, "context_dim", None)
-        pos = context_from_conditioning(positive, "positive", width_ctx)
-        neg = context_from_conditioning(negative, "negative", width_ctx)
-        # every setting is checked (and the schedule made) before the model moves to the GPU
+        comfy_model = native.is_comfy_model(model)
+        if comfy_model:
+            native.check_auraflow(model)
+            width_ctx = native.context_width(model)
+        else:
+            width_ctx = getattr(model, "context_dim", None)
+        pos = conds_from_conditioning(positive, "positive", width_ctx)
+        neg = conds_from_conditioning(negative, "negative", width_ctx)
+        # every setting is checked (and the schedule made) before the model is loaded
         plan = plan_sampling(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=shift,
                              denoise=denoise, speed=speed)
         if latent_image is None:
             width, height = check_size("width", width), check_size("height", height)
             batch_size = check_range("number_of_images", batch_size)
             latent_image = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
-        elif latent_image.get("noise_mask") is not None:
-            log.warning("AuraFlow Sampler: the latent's noise_mask (inpainting) is not supported; the whole image "
-                        "is sampled")
         bar = progress.Progress(max(len(plan.sigmas) - 1, 0))
-        with devices.on_device(model, parts=("transformer",)), progress.interruptible():
-            start = dict(latent_image)
-            start["samples"] = latent_image["samples"].to(model.device)
-            out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
+        if comfy_model:  # ComfyUI's own guider, memory manager and conditioning handling
+            with progress.interruptible():
+                out = native.sample(model, positive, negative, latent_image, plan, progress=bar)
+        else:
+            memory.load_transformer(model, latent_image["samples"].shape)
+            with progress.interruptible():
+                start = dict(latent_image)
+                start["samples"] = latent_image["samples"].to(model.device)
+                out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
         out["samples"] = out["samples"].to(devices.intermediate_device())
         return (out,)

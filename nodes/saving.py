@@ -47,6 +47,7 @@ class AuraFlowSaveImage:
     OUTPUT_NODE = True
     CATEGORY = "AuraFlow/image"
     DESCRIPTION = "Saves images as webp, jpg or png to the output folder, with the workflow embedded."
+    SEARCH_ALIASES = ["aura flow", "save image", "webp", "jpg"]
 
     def save(self, images, filename_prefix="AuraFlow", format="webp", quality=80, embed_workflow=True, prompt=None,
              extra_pnginfo=None):

@@ -11,7 +11,7 @@ import contextlib
 import logging
 
 from ..aura_flow.weights.devices import module_bytes
-from .comfyui import devices
+from .comfyui import devices, memory
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ class AuraFlowVAE:
     @property
     def first_stage_model(self):
         return self.pipeline.vae
+
+    @property
+    def patcher(self):
+        """ComfyUI's ModelPatcher holding this VAE (None outside ComfyUI), as on ComfyUI's own VAE objects."""
+        return memory.patcher(self.pipeline, "vae")
 
     def throw_exception_if_invalid(self):
         if self.pipeline.vae is None:
@@ -107,19 +112,19 @@ class AuraFlowVAE:
         import torch
 
         out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
-        with devices.on_device(self.pipeline, parts=("vae",)):
-            out = []
-            for i in range(batch.shape[0]):
-                item = batch[i:i + 1]
-                if not tiled:
-                    try:
-                        out.append(fn(item))
-                        continue
-                    except out_of_memory:
-                        log.warning("AuraFlow VAE: out of memory; retrying with tiles of %d px", tile_latent * SCALE)
-                        devices.empty_cache()
-                with self._tiling(tile_latent, overlap):
+        memory.load_vae(self.pipeline, batch[:1].shape, decode=fn == self.pipeline.decode)
+        out = []
+        for i in range(batch.shape[0]):
+            item = batch[i:i + 1]
+            if not tiled:
+                try:
                     out.append(fn(item))
+                    continue
+                except out_of_memory:
+                    log.warning("AuraFlow VAE: out of memory; retrying with tiles of %d px", tile_latent * SCALE)
+                    devices.empty_cache()
+            with self._tiling(tile_latent, overlap):
+                out.append(fn(item))
         return torch.cat(out).to(devices.intermediate_device())
 
     @contextlib.contextmanager
@@ -152,6 +157,7 @@ class AuraFlowVAEDecode:
     FUNCTION = "decode"
     CATEGORY = "AuraFlow/latent"
     DESCRIPTION = "Decodes an AuraFlow latent into images with the SDXL VAE."
+    SEARCH_ALIASES = ["aura flow", "pony", "vae decode"]
 
     def decode(self, samples, vae):
         if samples.get("noise_mask") is not None:
@@ -173,6 +179,7 @@ class AuraFlowVAEEncode:
     FUNCTION = "encode"
     CATEGORY = "AuraFlow/latent"
     DESCRIPTION = "Encodes images into an AuraFlow (SDXL VAE) latent, the start of image-to-image."
+    SEARCH_ALIASES = ["aura flow", "pony", "vae encode", "img2img"]
 
     def encode(self, pixels, vae):
         return ({"samples": vae.encode(pixels)},)

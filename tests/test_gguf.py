@@ -109,6 +109,25 @@ def test_patches_apply_on_gguf_and_fp8_layers():
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.scale_weight.dtype == torch.float32
 
 
+def test_a_hosts_weight_functions_run_on_the_computed_weight():
+    """ComfyUI's lowvram path puts its patches in weight_function / bias_function: they see the dequantized weight
+    in the compute dtype (never the stored blocks or fp8), before the layer's own patches; per layer lists."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((48, 64)).astype(np.float32) * 0.05
+    blocks = gguf.quants.quantize(w, Q.Q8_0)
+    layer = GGUFLinear(torch.from_numpy(blocks.reshape(-1)), Q.Q8_0, 48, 64, torch.randn(48))
+    other = GGUFLinear(torch.from_numpy(blocks.reshape(-1)), Q.Q8_0, 48, 64, torch.randn(48))
+    assert layer.comfy_cast_weights is False and layer.weight_function == [] and layer.weight_function is not \
+        other.weight_function
+    base = torch.from_numpy(gguf.quants.dequantize(blocks, Q.Q8_0))
+    seen = []
+    layer.weight_function.append(lambda wt: seen.append((wt.dtype, wt.shape)) or wt * 2)
+    layer.bias_function.append(lambda b: b + 1)
+    x = torch.randn(3, 64)
+    assert torch.allclose(layer(x), F.linear(x, base * 2, layer.bias + 1), rtol=1e-5, atol=1e-6)
+    assert seen == [(torch.float32, (48, 64))] and other.weight_function == []
+
+
 # ---------------------------------------------------------------- tiny transformers
 RTOL = 1e-4  # relative, on the transformer's output in fp32
 # head dim 16: wide enough (64) that most linears exceed the converter's 1024-value F32 threshold; 256 wide for the

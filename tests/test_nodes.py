@@ -117,7 +117,10 @@ def test_pack_imports_fast_without_torch_like_comfyui_does(tmp_path):
 # ---------------------------------------------------------------------------------------------- loading
 def test_loader_outputs(loaded, tiny):
     model, text_encoder, vae = loaded
-    assert model is text_encoder and model.transformer is not None
+    # the text encoder is an object of its own (like ComfyUI's CLIP) over the loaded pipeline's encoder
+    assert text_encoder is not model and text_encoder.text_encoder is model.text_encoder
+    assert text_encoder.context_dim == model.context_dim and model.transformer is not None
+    assert text_encoder.patcher is None and vae.patcher is None  # no ComfyUI here: no ModelPatcher
     assert vae.spacial_compression_decode() == vae.spacial_compression_encode() == vae.downscale_ratio == 8
     assert vae.temporal_compression_decode() is None and vae.latent_channels == 4
     assert vae.first_stage_model is model.vae
@@ -219,14 +222,53 @@ def test_sampler_img2img_does_not_touch_its_inputs(loaded):
 
 def test_sampler_refuses_conditioning_it_cannot_use(loaded):
     model = loaded[0]
-    good = cond_of(model, "x")
-    with pytest.raises(ValueError, match="Conditioning Combine"):
-        run("AuraFlowSampler", **sampler_args(model, positive=good + good))
     wide = [[torch.zeros(1, 256, 4096), {}]]
     with pytest.raises(ValueError, match="width 4096"):
         run("AuraFlowSampler", **sampler_args(model, negative=wide))
     with pytest.raises(ValueError, match="width=100 is not a multiple of 8"):
         run("AuraFlowSampler", **sampler_args(model, width=100))
+    good = cond_of(model, "x")
+    with pytest.raises(ValueError, match="conditioning area"):
+        run("AuraFlowSampler", **sampler_args(model, positive=[[good[0][0], {"area": (8, 8)}]]))
+    with pytest.raises(ValueError, match="conditioning mask"):
+        run("AuraFlowSampler", **sampler_args(model, positive=[[good[0][0], {"mask": torch.zeros(1, 1, 1, 8, 8)}]]))
+
+
+def test_sampler_honours_conditioning_options(loaded):
+    """Conditioning Combine with an area, a mask and a timestep range: the engine's ComfyUI arithmetic
+    (tests/test_conds.py checks it against ComfyUI itself)."""
+    Cond = pack_module("aura_flow.sampling.conds").Cond
+    model = loaded[0]
+    cat, dog, neg = cond_of(model, "a cat")[0][0], cond_of(model, "a dog")[0][0], cond_of(model, "")[0][0]
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, :, SIZE // 2:] = 1.0
+    positive = [[cat, {"start_percent": 0.0, "end_percent": 0.5}],
+                [dog, {"area": (4, 4, 2, 2), "strength": 1.5, "set_area_to_bounds": False}],
+                [cat, {"mask": mask, "mask_strength": 0.7, "set_area_to_bounds": True}]]
+    (out,) = run("AuraFlowSampler", **sampler_args(model, positive=positive, batch_size=1, speed="exact"))
+    want = engine.sample(model.velocity, [Cond(cat, start_percent=0.0, end_percent=0.5),
+                                          Cond(dog, area=(4, 4, 2, 2), strength=1.5),
+                                          Cond(cat, mask=mask, mask_strength=0.7, set_area_to_bounds=True)],
+                         neg, torch.zeros(1, 4, SIZE // 8, SIZE // 8), seed=7, steps=STEPS, cfg=5.0,
+                         sampler="euler", scheduler="normal", shift=1.73)
+    assert torch.allclose(out["samples"], want, atol=1e-6)
+    (plain,) = run("AuraFlowSampler", **sampler_args(model, batch_size=1, speed="exact"))
+    assert (plain["samples"] - out["samples"]).abs().max() > 1e-3
+
+
+def test_sampler_honours_the_latent_noise_mask(loaded):
+    """Set Latent Noise Mask / VAE Encode (for Inpainting): outside the mask the input latent comes back, as with
+    ComfyUI's KSampler; the mask stays in the LATENT."""
+    model = loaded[0]
+    latent = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.manual_seed(4))
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., :, SIZE // 2:] = 1.0  # regenerate the right half
+    given = {"samples": latent, "noise_mask": mask}
+    (out,) = run("AuraFlowSampler", **sampler_args(model, latent_image=given, batch_size=1))
+    half = SIZE // 16
+    assert (out["samples"][..., :half] - latent[..., :half]).abs().max() < 1e-4
+    assert (out["samples"][..., half + 1:] - latent[..., half + 1:]).abs().max() > 0.1
+    assert out["noise_mask"] is mask and set(given) == {"samples", "noise_mask"}
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -351,13 +393,12 @@ class Stop(BaseException):
 @pytest.fixture
 def fake_comfy(monkeypatch, tmp_path):
     """The parts of ComfyUI the nodes use: devices, memory calls, progress bar, previews, interrupt, folders."""
-    calls = types.SimpleNamespace(free=[], empty=0, bars=[], interrupt_after=None, steps=0)
+    calls = types.SimpleNamespace(loads=[], empty=0, bars=[], interrupt_after=None, steps=0)
     mm = types.ModuleType("comfy.model_management")
     mm.InterruptProcessingException = Stop
     mm.get_torch_device = lambda: torch.device("cpu", 0)  # differs from the offload device, as a GPU would
     mm.unet_offload_device = lambda: torch.device("cpu")
     mm.intermediate_device = lambda: torch.device("cpu")
-    mm.free_memory = lambda need, device: calls.free.append((need, device))
     mm.should_use_bf16 = lambda device=None: False
     mm.should_use_fp16 = lambda device=None: False
 
@@ -412,36 +453,96 @@ def fake_comfy(monkeypatch, tmp_path):
     return calls
 
 
-def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
+def test_in_comfyui_progress_and_previews(loaded, fake_comfy):
     model = loaded[0]
     (out,) = run("AuraFlowSampler", **sampler_args(model, steps=3))
     (bar,) = fake_comfy.bars
     assert [u[:2] for u in bar.updates] == [(1, 3), (2, 3), (3, 3)]
     assert all(u[2] == ("JPEG", (2, 4, SIZE // 8, SIZE // 8), 512) for u in bar.updates)
-    # two prompt encodings and the sampling, each after asking ComfyUI to free room, each moved back after
-    assert [device for _need, device in fake_comfy.free] == [torch.device("cpu", 0)] * 3
-    assert fake_comfy.free[-1][0] > sum(p.numel() * 4 for p in model.transformer.parameters())
-    # each node brings only its part to the GPU: sampling asks room for the transformer alone, encoding for the
-    # text encoder alone
-    def size(module):
-        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    # without ComfyUI's ModelPatcher nothing is loaded or moved
+    assert fake_comfy.loads == [] and model.device == torch.device("cpu")
+    assert set(model.placement.values()) == {torch.device("cpu")}
 
-    assert fake_comfy.free[-1][0] == int(size(model.transformer) * 1.1) + 2 * 1024**3
-    assert fake_comfy.free[0][0] == int(size(model.text_encoder) * 1.1) + 2 * 1024**3
-    assert set(model.placement.values()) == {torch.device("cpu")}  # all back on the offload device
-    assert model.device == torch.device("cpu") and fake_comfy.empty == 3
-    fake_comfy.free.clear()
-    run("AuraFlowGenerate", **generate_args(model, steps=1, prompt="a staged cat"))
-    room = [need - 2 * 1024**3 for need, _device in fake_comfy.free]  # one-node generate: one part per stage
-    assert room == [int(size(part) * 1.1) for part in (model.text_encoder, model.transformer, model.vae)]
-    assert set(model.placement.values()) == {torch.device("cpu")} and fake_comfy.empty == 6
-    args = sampler_args(model)
-    fake_comfy.free.clear()
+
+@pytest.fixture
+def fake_memory_manager(fake_comfy, monkeypatch):
+    """ComfyUI's ModelPatcher and load_models_gpu, recording what the nodes ask for (they move nothing)."""
+    mm = sys.modules["comfy.model_management"]
+    patcher_module = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    patcher_module.ModelPatcher = ModelPatcher
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher_module)
+    mm.load_models_gpu = lambda models, **kw: fake_comfy.loads.append((models, kw))
+    for name in ("text_encoder_device", "vae_device"):
+        setattr(mm, name, mm.get_torch_device)
+    for name in ("text_encoder_offload_device", "vae_offload_device"):
+        setattr(mm, name, mm.unet_offload_device)
+    mm.xformers_enabled = lambda: False
+    mm.pytorch_attention_flash_attention = lambda: True
+    mm.dtype_size = lambda dtype: 4
+    return fake_comfy
+
+
+def test_in_comfyui_each_part_is_loaded_through_one_model_patcher(tiny, fake_memory_manager):
+    calls = fake_memory_manager.loads
+    model, te, vae = run("AuraFlowLoader", checkpoint=str(tiny), weight_dtype="fp32")
+    assert calls == [] and model.offload_text_encoder is False  # loading builds nothing for ComfyUI yet
+    pos = run("AuraFlowTextEncode", text_encoder=te, text="a cat")[0]
+    neg = run("AuraFlowTextEncode", text_encoder=te, text="")[0]
+    args = dict(positive=pos, negative=neg, seed=1, steps=1, cfg=5.0, sampler_name="euler", scheduler="normal",
+                shift=1.73, denoise=1.0, width=SIZE, height=SIZE, batch_size=2)
+    (lat,) = run("AuraFlowSampler", model=model, **args)
+    view = types.SimpleNamespace(transformer=model.transformer, dtype=model.dtype, context_dim=model.context_dim,
+                                 device=model.device, sample=model.sample, placed=model.placed)  # a LoRA view
+    run("AuraFlowSampler", model=view, **args)
+    run("AuraFlowVAEDecode", samples=lat, vae=vae)
+    kinds = [(type(ms[0].model).__name__, ms[0]) for ms, _kw in calls]
+    assert [k for k, _ in kinds] == ["AuraFlowTextEncoder"] * 2 + ["AuraFlowTransformer"] * 2 + \
+        ["AuraFlowAutoencoder"]
+    te_p, tr_p, vae_p = kinds[0][1], kinds[2][1], kinds[4][1]
+    assert kinds[1][1] is te_p and kinds[3][1] is tr_p  # one patcher per part, shared by the view
+    assert te.patcher is te_p and vae.patcher is vae_p and type(tr_p).__name__ == "AuraFlowPatcher"
+    assert tr_p.model.diffusion_model is model.transformer and vae_p.model.first_stage_model is model.vae
+    assert te_p.model.transformer is model.text_encoder
+    # ComfyUI's memory estimates: a CFG batch of 2 images (minimum one pass), the VAE whole
+    area = 2 * (SIZE // 8) ** 2
+    assert calls[2][1] == {"memory_required": 2 * area * 4 * 0.01 * 2.0 * 2**20,
+                           "minimum_memory_required": area * 4 * 0.01 * 2.0 * 2**20, "force_full_load": False}
+    assert calls[4][1]["force_full_load"] and calls[4][1]["memory_required"] == 2178 * (SIZE // 8) ** 2 * 64 * 4
+    # the pipeline runs where ComfyUI put each part; the text encoder's linears can stream
+    assert model.device == torch.device("cpu", 0) and model.part_device("vae") == torch.device("cpu", 0)
+    linear = pack_module("aura_flow.weights.linear")
+    assert not any(type(m) is torch.nn.Linear for m in model.text_encoder.modules())
+    assert sum(isinstance(m, linear.PatchableLinear) for m in model.text_encoder.modules()) > 4
+    calls.clear()
+    run("AuraFlowGenerate", **generate_args(model, steps=1))  # one stage per part
+    assert [type(ms[0].model).__name__ for ms, _kw in calls] == ["AuraFlowTextEncoder", "AuraFlowTransformer",
+                                                                 "AuraFlowAutoencoder"]
+    calls.clear()
     with pytest.raises(ValueError, match="scheduler='nope'"):
-        run("AuraFlowSampler", **{**args, "scheduler": "nope"})
-    with pytest.raises(ValueError, match="steps=0 is out of range"):
-        run("AuraFlowGenerate", **generate_args(model, steps=0))
-    assert fake_comfy.free == []  # refused before the model was moved
+        run("AuraFlowSampler", model=model, **{**args, "scheduler": "nope"})
+    assert calls == []  # refused before anything was loaded
+
+
+def test_what_a_partial_load_leaves_behind_is_placed_too(loaded):
+    """ComfyUI's lowvram walk moves only leaf modules, and castable ones only when they fit: the rest (bare
+    parameters such as the register tokens and the position grid, norms) is put on the device after each load,
+    while every PatchableLinear is left to ComfyUI (to stream its weight per call)."""
+    memory = pack_module("nodes.comfyui.memory")
+    linear = pack_module("aura_flow.weights.linear")
+    tr = loaded[0].transformer
+    names = {f"{prefix}.{name}".lstrip(".") for prefix, m in tr.named_modules()
+             for mod, kind, name in memory.stragglers(tr) if mod is m}
+    assert {"register_tokens", "pos_embed.pos_embed"} <= names
+    layers = linear.patchable_layers(tr)
+    assert layers and not any(n.rsplit(".", 1)[0] in layers for n in names)  # no linear layer's weight
+    params = dict(tr.named_parameters())
+    assert all(n in params for n in names)  # the transformer has no buffers
+    assert memory.place_stragglers(tr, torch.device("cpu")) == sum(params[n].numel() * 4 for n in names)
 
 
 def test_in_comfyui_cancel_stops_within_a_step(loaded, fake_comfy):

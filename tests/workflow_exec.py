@@ -212,7 +212,7 @@ def check_api(prompt: dict, classes: dict) -> list[str]:
                 if not 0 <= value[1] < len(out_types):
                     problems.append(f"{where}: input {name!r} links to output {value[1]} of {value[0]}, which has "
                                     f"{len(out_types)}")
-                elif not isinstance(kind, (list, tuple)) and out_types[value[1]] != kind:
+                elif not isinstance(kind, (list, tuple)) and out_types[value[1]] not in kind.split(","):
                     problems.append(f"{where}: {name!r} ({kind}) fed by {out_types[value[1]]}")
                 continue
             why = check_value(kind, opts, value, open_combo=name in _open_combos(cls))
@@ -262,7 +262,8 @@ def check_editor(workflow: dict, classes: dict) -> list[str]:
             continue
         out = nodes[src]["outputs"][src_slot]
         inp = nodes[dst]["inputs"][dst_slot]
-        if not (out["type"] == inp["type"] == kind):
+        # the editor gives a link its input's type; an input may take a union ("AURAFLOW_MODEL,MODEL")
+        if not (inp["type"] == kind and out["type"] in kind.split(",")):
             problems.append(f"link {link_id}: {out['type']} -> {inp['type']} (link says {kind})")
         if inp.get("link") != link_id or link_id not in (out.get("links") or []):
             problems.append(f"link {link_id}: not recorded on both of its sockets")

@@ -4,7 +4,8 @@
 // plot shows exactly the sigmas the sampler will run: same scheduler formulas, shift, denoise and the samplers
 // that drop the penultimate sigma. It is re-fetched (debounced) whenever scheduler, steps, shift, denoise or
 // the sampler changes. The plot is a DOM widget holding a <canvas>, so it draws in both the classic canvas and
-// the Vue ("Nodes 2.0") node renderers, and it is never serialized into workflows or prompts.
+// the Vue ("Nodes 2.0") node renderers, and it is never serialized into workflows or prompts. It is added through
+// the frontend's extension hooks (nodeCreated, loadedGraphNode); no LiteGraph prototype is patched.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -24,7 +25,8 @@ const PARAMS = [
 const COLORS = { background: "#16181d", grid: "#2c313a", axis: "#596273", line: "#4fc3f7", dot: "#ffd166",
                  text: "#c8ccd4", error: "#ff6b6b" };
 
-// obj[name] runs as before (if there was one), then after.apply(this, args); the original's result is returned
+// obj[name] (a node's or widget's own method) runs as before (if there was one), then after.apply(this, args); the
+// original's result is returned
 function chainAfter(obj, name, after) {
   const original = obj[name];
   obj[name] = function (...args) {
@@ -34,9 +36,10 @@ function chainAfter(obj, name, after) {
   };
 }
 
-function wantsPlot(nodeData) {
-  const inputs = { ...(nodeData?.input?.required ?? {}), ...(nodeData?.input?.optional ?? {}) };
-  return nodeData?.name?.startsWith("AuraFlow") && "scheduler" in inputs && "steps" in inputs;
+function wantsPlot(node) {
+  const type = node?.constructor?.comfyClass ?? node?.type ?? "";
+  const names = new Set((node?.widgets ?? []).map((w) => w.name));
+  return type.startsWith("AuraFlow") && names.has("scheduler") && names.has("steps");
 }
 
 function queryFor(node) {
@@ -207,7 +210,6 @@ function addSigmaPlot(node) {
   chainAfter(node, "onDrawForeground", function () {
     if (queryFor(this) !== state.query) schedule();
   });
-  chainAfter(node, "onConfigure", schedule);
   chainAfter(node, "onRemoved", () => {
     clearTimeout(state.timer);
     state.seq++;
@@ -218,17 +220,19 @@ function addSigmaPlot(node) {
   resizeObserver?.observe(canvas);
   redraw();
   schedule();
+  node.auraflowSchedulePlot = schedule; // a loaded workflow sets the widgets afterwards: loadedGraphNode re-asks
   return widget;
 }
 
 app.registerExtension({
   name: "AuraFlow.SigmaPlot",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!wantsPlot(nodeData)) return;
-    chainAfter(nodeType.prototype, "onNodeCreated", function () {
-      addSigmaPlot(this);
-      const size = this.computeSize?.();
-      if (size) this.setSize?.([Math.max(this.size[0], size[0]), Math.max(this.size[1], size[1])]);
-    });
+  nodeCreated(node) {
+    if (!wantsPlot(node)) return;
+    addSigmaPlot(node);
+    const size = node.computeSize?.();
+    if (size) node.setSize?.([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+  },
+  loadedGraphNode(node) {
+    node.auraflowSchedulePlot?.();
   },
 });

@@ -95,13 +95,9 @@ app.registerExtension({
   name: "AuraFlow.RemoteKey",
   commands: [{ id: COMMAND_ID, label: "Set Segmind API key…", function: openKeyDialog }],
   menuCommands: [{ path: ["Extensions", "AuraFlow"], commands: [COMMAND_ID] }],
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_ID) return;
-    const previous = nodeType.prototype.getExtraMenuOptions;
-    nodeType.prototype.getExtraMenuOptions = function (canvas, options) {
-      const result = previous?.apply(this, arguments);
-      options.push({ content: "Set Segmind API key…", callback: () => openKeyDialog() });
-      return result;
-    };
+  // the node's right-click menu, through the frontend's hook (no LiteGraph prototype is patched)
+  getNodeMenuItems(node) {
+    const type = node?.constructor?.comfyClass ?? node?.type;
+    return type === NODE_ID ? [{ content: "Set Segmind API key…", callback: () => openKeyDialog() }] : [];
   },
 });

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import types
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import GenerationPlan, plan_generation, plan_sampling
+from ..sampling.conds import has_options
 from ..sampling.loop import sample as _sample
 from .modes import resolve as resolve_speed
 from .speed import velocity_model
@@ -114,6 +116,14 @@ class AuraFlowPipeline:
     def part_device(self, name: str) -> torch.device:
         return self.placement.get(name, self.device)
 
+    def placed(self, name: str, device) -> None:
+        """Record that a host (ComfyUI's memory manager) has put part ``name`` on ``device`` itself, so inputs go
+        there; for the transformer also where the speed mode is resolved. Nothing moves."""
+        device = torch.device(device)
+        self.placement[name] = device
+        if name == "transformer":
+            self.device = device
+
     @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
@@ -164,23 +174,29 @@ class AuraFlowPipeline:
         return out[..., :h, :w].to(x.dtype)
 
     def sample(self, positive, negative, latent, plan=None, *, speed=None, callback=None, should_stop=None,
-               noise=None, **settings):
+               noise=None, mask=None, **settings):
         """`aura_flow.sample` with this pipeline's transformer as the model.
 
         plan: an `aura_flow.plan.SamplingPlan`, or the settings as keywords (as `aura_flow.sample` takes them) with
         speed as `generate`'s but None (the exact path) by default. The speed mode is resolved here, for the device
-        the transformer is on now, and its modes see the run's own schedule."""
+        the transformer is on now, and its modes see the run's own schedule. With conditioning options (several
+        entries, areas, masks, timestep ranges) the modes that reuse one call's result in another (cfg_cutoff,
+        step_cache) are left out: the calls no longer line up as cond/uncond pairs."""
         if plan is None:
             plan = plan_sampling(speed=speed, **settings)
         elif settings or speed is not None:
             raise TypeError("sample() takes a plan or the settings, not both")
         options = resolve_speed(plan.speed, self.device)
+        if options is not None and has_options(positive, negative) and \
+                (options.cfg_cutoff is not None or options.cache_threshold > 0):
+            log.info("speed: cfg_cutoff and step_cache do not apply with conditioning options; running without them")
+            options = dataclasses.replace(options, cfg_cutoff=None, cache_threshold=0.0)
         model = self.velocity
         if options is not None:
             samples = latent["samples"] if isinstance(latent, dict) else latent
             model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg, sigmas=plan.sigmas_tensor())
         return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
-                       noise=noise)
+                       noise=noise, mask=mask)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,15 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import Interrupted, ParameterError
 from ..plan import plan_sampling
+from .conds import CondDenoiser, has_options, resolve_conds
+from .guidance import CFGDenoiser
 from .schedules import LATENT_SCALE, ModelSampling
 
-__all__ = ["sample", "prepare_noise", "Interrupted", "CFGDenoiser"]
+__all__ = ["sample", "prepare_noise", "prepare_mask", "Interrupted", "CFGDenoiser", "InpaintDenoiser"]
 
 
 def prepare_noise(shape, seed: int) -> torch.Tensor:
@@ -27,72 +30,64 @@ def prepare_noise(shape, seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.manual_seed(seed), dtype=torch.float32, device="cpu")
 
 
-def _rows(context: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    if context.ndim != 3:
-        raise ParameterError(f"{name} must be a (1, tokens, width) context tensor, got shape {tuple(context.shape)}")
-    if context.shape[0] == n:
-        return context
-    if context.shape[0] == 1:
-        return context.expand(n, -1, -1)
-    raise ParameterError(f"{name} has {context.shape[0]} rows for a batch of {n}; give 1 row or one per image")
+def prepare_mask(mask: torch.Tensor, shape, device) -> torch.Tensor:
+    """ComfyUI's prepare_mask for a 2-D latent: a noise mask of any size ((H, W), (B, H, W) or (B, 1, H, W)) resized
+    bilinearly to the latent's height x width, repeated over its channels and to its batch, as float32."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim < 2 or mask.numel() == 0:
+        raise ParameterError(f"noise_mask must be a (batch, 1, height, width) tensor, got "
+                             f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
+    b, c, h, w = shape
+    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    if not mask.is_floating_point():
+        mask = mask.float()
+    mask = F.interpolate(mask, size=(h, w), mode="bilinear")
+    if mask.shape[1] < c:
+        mask = mask.repeat(1, c, 1, 1)[:, :c]
+    if mask.shape[0] > b:
+        mask = mask[:b]
+    elif mask.shape[0] < b:
+        mask = mask.repeat(math.ceil(b / mask.shape[0]), 1, 1, 1)[:b]
+    return mask.to(device).float()
 
 
-class CFGDenoiser:
-    """Turns a velocity model into the guided x0 predictor that k-diffusion style samplers call.
+class InpaintDenoiser:
+    """ComfyUI's KSamplerX0Inpaint around a denoiser: where the mask is 0 the model sees the input latent noised to
+    the current sigma, and its prediction there is replaced by the input latent (1 = regenerate, 0 = keep). The
+    wrapped denoiser's attributes (``last_uncond``, ``model_sampling``...) are read through."""
 
-    Cond and uncond run as one batched forward when their token counts match. ``last_uncond`` holds the
-    unconditional x0 of the latest call (CFG++ samplers read it). With cfg == 1 the uncond pass is skipped unless
-    a sampler needs it.
-    """
+    def __init__(self, inner, mask: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor):
+        self.inner, self.mask, self.noise, self.latent = inner, mask, noise, latent
 
-    def __init__(self, model, positive, negative, cfg: float, *, need_uncond: bool = False,
-                 should_stop: Callable[[], bool] | None = None, model_sampling=None):
-        self.model = model
-        self.model_sampling = model_sampling  # the shift's ModelSampling; a few log-SNR samplers read it
-        self.positive = positive
-        self.negative = negative
-        self.cfg = float(cfg)
-        self.use_uncond = need_uncond or not math.isclose(self.cfg, 1.0)
-        self.should_stop = should_stop
-        self.last_uncond = None
-        self.calls = 0
+    def __getattr__(self, name):
+        return getattr(self.__dict__["inner"], name)
 
-    def _velocity(self, x, sigma, context):
-        self.calls += x.shape[0]
-        return self.model(x, sigma, context)
+    def __call__(self, x, sigma, **extra):
+        keep = 1.0 - self.mask
+        s = sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1)) if sigma.ndim else sigma
+        x = x * self.mask + ModelSampling.noise_scaling(s, self.noise, self.latent) * keep
+        out = self.inner(x, sigma, **extra)
+        return out * self.mask + self.latent * keep
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_extra) -> torch.Tensor:
-        if self.should_stop is not None and self.should_stop():
-            raise Interrupted("sampling was cancelled")
-        n = x.shape[0]
-        sigma = sigma.to(x.dtype).reshape(-1).expand(n) if sigma.numel() == 1 else sigma.to(x.dtype)
-        pos = _rows(self.positive, n, "positive").to(device=x.device)
-        sig4 = sigma.view(n, 1, 1, 1)
-        if not self.use_uncond:
-            self.last_uncond = None
-            return x - self._velocity(x, sigma, pos).to(x.dtype) * sig4
-        neg = _rows(self.negative, n, "negative").to(device=x.device)
-        if pos.shape[1:] == neg.shape[1:]:
-            v = self._velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([pos, neg])).to(x.dtype)
-            v_cond, v_uncond = v[:n], v[n:]
-        else:
-            v_cond = self._velocity(x, sigma, pos).to(x.dtype)
-            v_uncond = self._velocity(x, sigma, neg).to(x.dtype)
-        cond = x - v_cond * sig4
-        uncond = x - v_uncond * sig4
-        self.last_uncond = uncond
-        return uncond + (cond - uncond) * self.cfg
+
+def _single(value):
+    """The context of a single plain entry (a tensor, or a one-item list of one)."""
+    item = value[0] if isinstance(value, (list, tuple)) else value
+    return getattr(item, "context", item)
 
 
 def sample(model, positive, negative, latent, plan=None, *, callback: Callable | None = None,
-           should_stop: Callable[[], bool] | None = None, noise: torch.Tensor | None = None, **settings):
+           should_stop: Callable[[], bool] | None = None, noise: torch.Tensor | None = None, mask=None, **settings):
     """Sample a LATENT the way ComfyUI's KSampler does for AuraFlow; returns a LATENT of the same kind as given.
 
     ``plan``: an `aura_flow.plan.SamplingPlan` (checked settings and their schedule), or instead the settings
     themselves as keywords (seed, steps, cfg, sampler, scheduler, shift, denoise=1.0, sigmas=None), checked here.
+    ``positive`` / ``negative``: a context tensor, or a list of `aura_flow.sampling.conds.Cond` (ComfyUI's
+    conditioning options: several prompts, areas, masks, strengths, timestep ranges).
     ``callback(step, total, x0)`` is called after each sampler step with the current x0 estimate (model space);
     ``should_stop()`` is polled before every model call and raises `Interrupted` when it returns true.
     ``noise`` overrides the seeded start noise (same shape as the latent).
+    ``mask``: a noise mask (inpainting; 1 = regenerate, 0 = keep), by default a LATENT dict's ``noise_mask``;
+    applied as ComfyUI's KSampler applies it (`prepare_mask`, `InpaintDenoiser`).
     """
     if plan is None:
         plan = plan_sampling(**settings)
@@ -102,6 +97,8 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
     samples = latent["samples"] if as_dict else latent
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise ParameterError("latent must be a (batch, 4, height/8, width/8) tensor or a LATENT dict")
+    if mask is None and as_dict:
+        mask = latent.get("noise_mask")
     seed, info, ms = plan.seed, plan.sampler_info, ModelSampling(plan.shift)
     device = samples.device
     if len(plan.sigmas) == 0:  # denoise 0: nothing to do
@@ -111,6 +108,7 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
         noise = prepare_noise(samples.shape, seed)
     elif tuple(noise.shape) != tuple(samples.shape):
         raise ParameterError(f"noise has shape {tuple(noise.shape)}, the latent {tuple(samples.shape)}")
+    mask = None if mask is None else prepare_mask(mask, samples.shape, device)
     work_dtype = torch.float32
     noise = noise.to(device=device, dtype=work_dtype)
     latent_in = samples.to(device=device, dtype=work_dtype)
@@ -118,8 +116,16 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
         latent_in = latent_in * LATENT_SCALE
     sig = plan.sigmas_tensor().to(device=device, dtype=work_dtype)
 
-    denoiser = CFGDenoiser(model, positive, negative, plan.cfg, need_uncond=info.needs_uncond, should_stop=should_stop,
-                            model_sampling=ms)
+    kw = dict(need_uncond=info.needs_uncond, should_stop=should_stop, model_sampling=ms)
+    if has_options(positive, negative):
+        pos, neg = resolve_conds(positive, negative, samples.shape, ms, device)
+        denoiser = CondDenoiser(model, pos, neg, plan.cfg, **kw)
+    else:
+        denoiser = CFGDenoiser(model, _single(positive), _single(negative), plan.cfg, **kw)
+    if mask is not None:
+        inpaint_noise = noise if not info.random_inpaint_noise else \
+            prepare_noise(samples.shape, (seed + 1) % 2**64).to(device=device, dtype=work_dtype)
+        denoiser = InpaintDenoiser(denoiser, mask, inpaint_noise, latent_in)
     total = len(sig) - 1
 
     def k_callback(d):
@@ -134,9 +140,8 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
         raise Interrupted("sampling was cancelled")
     out = ModelSampling.inverse_noise_scaling(sig[-1], out) / LATENT_SCALE
     out = out.to(torch.float32)
-    if as_dict:
+    if as_dict:  # as ComfyUI's KSampler: a copy of the LATENT (noise_mask kept) with the new samples
         result = dict(latent)
         result["samples"] = out
-        result.pop("noise_mask", None)
         return result
     return out

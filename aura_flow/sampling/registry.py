@@ -26,6 +26,7 @@ class SamplerInfo:
     needs_uncond: bool = False  # CFG++ samplers read the unconditional prediction too
     discard_penultimate: bool = False  # ComfyUI computes steps+1 sigmas and drops the second-to-last
     stochastic: bool = False  # draws noise each step (ancestral / SDE)
+    random_inpaint_noise: bool = False  # inpainting re-noises the kept region with randn(seed + 1) (ComfyUI's ddim)
     options: dict = field(default_factory=dict)  # fixed keyword arguments for impl
     fn: Callable | None = field(default=None, compare=False, repr=False)  # a runtime-registered callable
 
@@ -89,7 +90,7 @@ _SAMPLERS: list[SamplerInfo] = [
     _s("seeds_3", _SDE + "sample_seeds_3", calls_per_step=3, stochastic=True),
     _s("sa_solver", _SDE + "sample_sa_solver", stochastic=True),
     _s("sa_solver_pece", _SDE + "sample_sa_solver_pece", calls_per_step=2, stochastic=True),
-    _s("ddim", _ODE + "sample_euler"),  # ComfyUI's ddim is euler (random inpaint noise aside)
+    _s("ddim", _ODE + "sample_euler", random_inpaint_noise=True),  # ComfyUI's ddim: euler, its own inpaint noise
     _s("uni_pc", _UNIPC + "sample_unipc", discard_penultimate=True),
     _s("uni_pc_bh2", _UNIPC + "sample_unipc_bh2", discard_penultimate=True),
 ]

@@ -11,6 +11,13 @@ Patches are kept beside the weight, never merged into it, and run in the compute
 - any other adds its ``delta_weight(dtype, device)`` to the weight for that call.
 Each is scaled by its strength. The stored weight never changes, so removing the patches gives back the base model
 exactly, and switching LoRAs reloads nothing.
+
+A host's memory manager may stream the weight per call instead of keeping it on the device: the layer carries the
+three attributes ComfyUI's ModelPatcher uses for that (``comfy_cast_weights``, and the ``weight_function`` /
+``bias_function`` lists it fills with its own weight patches), under those names so ComfyUI finds them; the engine
+never imports ComfyUI. `compute_weight` already moves the stored form to the input's device on every call, so a
+weight left on the CPU by the host just streams; the host's functions run on the computed weight, before the
+layer's own patches.
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ class PatchableLinear(nn.Linear):
     A subclass, so code that looks for ``nn.Linear`` layers still finds them; it skips ``nn.Linear.__init__``'s
     random initialisation (the loader assigns every weight)."""
 
+    # a host's streaming hooks (see the module docstring); a host sets them per layer
+    comfy_cast_weights = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         nn.Module.__init__(self)
         self.in_features = in_features
@@ -47,7 +57,20 @@ class PatchableLinear(nn.Linear):
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
+        self._init_patches()
+
+    def _init_patches(self):
         self.patches: tuple = ()
+        self.weight_function: list = []  # per layer: a host extends these lists in place
+        self.bias_function: list = []
+
+    @classmethod
+    def adopt(cls, linear: nn.Linear) -> "PatchableLinear":
+        """A layer holding ``linear``'s own parameters (no copy), for modules built by other libraries."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
 
     @classmethod
     def like(cls, linear: nn.Linear) -> "PatchableLinear":
@@ -63,6 +86,12 @@ class PatchableLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.compute_weight(x.dtype, x.device)
+        for fn in self.weight_function:  # a host's patches, on the computed weight (never on the stored form)
+            weight = fn(weight)
+        bias = self.compute_bias(x.dtype, x.device)
+        if bias is not None:
+            for fn in self.bias_function:
+                bias = fn(bias)
         outputs = []
         for patch, strength in self.patches:
             delta = patch.delta_output(x)
@@ -70,7 +99,7 @@ class PatchableLinear(nn.Linear):
                 outputs.append((delta, strength))
             else:  # a new tensor: the stored weight is never touched
                 weight = weight + patch.delta_weight(x.dtype, x.device) * strength
-        y = F.linear(x, weight, self.compute_bias(x.dtype, x.device))
+        y = F.linear(x, weight, bias)
         for delta, strength in outputs:
             y = y + delta * strength
         return y

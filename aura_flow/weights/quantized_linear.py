@@ -36,7 +36,7 @@ class _StoredLinear(PatchableLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.patches = ()
+        self._init_patches()
 
     def stored_bytes(self) -> int:
         """Bytes of the stored weight (and its scales), without the bias."""

@@ -3,7 +3,9 @@
 outside ComfyUI (tests, tools), so every node imports and runs without it.
 
 - `folders`: model folders, the output folder, save paths, the user folder, --disable-metadata;
-- `devices`: ComfyUI's devices and memory calls around a node's run;
+- `devices`: ComfyUI's devices (where tensors live between nodes, the load device and dtype);
+- `memory`: the pack's weights held by ComfyUI's ModelPatchers and loaded by its memory manager;
+- `native`: sampling a ComfyUI ``MODEL`` that holds AuraFlow with ComfyUI's own guider;
 - `progress`: the progress bar with latent previews, progress text, Cancel;
 - `server`: adding HTTP routes to ComfyUI's server;
 - `samplers`: ComfyUI's own sampler functions for names the engine lacks.

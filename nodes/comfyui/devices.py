@@ -1,11 +1,7 @@
-"""ComfyUI's devices and memory around a node's run: where LATENT/IMAGE tensors live between nodes, which device
-and dtype to load with, and bringing a pipeline's parts to ComfyUI's GPU for the body of a node. Outside ComfyUI
-nothing moves."""
+"""ComfyUI's devices: where LATENT/IMAGE tensors live between nodes, which device and dtype to load with, and
+releasing cached device memory. (Bringing weights to the device is `memory`'s, through ComfyUI's memory manager.)"""
 from __future__ import annotations
 
-import contextlib
-
-from ...aura_flow.weights.devices import module_bytes
 from . import module
 
 
@@ -33,37 +29,6 @@ def load_placement() -> tuple[str, str]:
     else:
         dtype = "fp32"
     return str(mm.unet_offload_device()), dtype
-
-
-@contextlib.contextmanager
-def on_device(pipeline, parts=None):
-    """Run the body with ``pipeline``'s ``parts`` (all by default) on ComfyUI's torch device, then put them back on
-    ComfyUI's offload device.
-
-    ComfyUI does not manage these modules, so before moving them it is asked to free room for them (unloading
-    its own models if needed); afterwards they go to the CPU, or stay on the GPU when ComfyUI runs with
-    --highvram / --gpu-only (its offload device is then the GPU). Only the parts a node needs visit the GPU:
-    sampling needs no text encoder there. Outside ComfyUI this does nothing.
-    """
-    mm = module("comfy.model_management")
-    if mm is None:
-        yield pipeline
-        return
-    parts = tuple(parts or pipeline.PARTS)
-    device = mm.get_torch_device()
-    moving = [p for p in parts if getattr(pipeline, p, None) is not None and pipeline.part_device(p) != device]
-    if moving:
-        need = sum(module_bytes(getattr(pipeline, p)) for p in moving)
-        mm.free_memory(int(need * 1.1) + 2 * 1024**3, device)  # weights + working room
-        pipeline.to(device, parts=moving)
-    try:
-        yield pipeline
-    finally:
-        offload = mm.unet_offload_device()
-        back = [p for p in parts if getattr(pipeline, p, None) is not None and pipeline.part_device(p) != offload]
-        if back:
-            pipeline.to(offload, parts=back)
-            empty_cache()
 
 
 def empty_cache():

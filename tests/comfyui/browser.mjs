@@ -8,7 +8,8 @@
 // know, nodes it flags with errors and any missing-node message on screen. Then the sigma plot in the classic
 // canvas renderer: put a plot node on the canvas, change its widgets through their callbacks, wait for the plot
 // to redraw with the new schedule, screenshot it, and check that a 400 from the route shows its message. Then the
-// same node in the Vue renderer ("Nodes 2.0"), changed with a real click on a widget button.
+// same node in the Vue renderer ("Nodes 2.0"), changed with a real click on a widget button. Then (hooks) a
+// ComfyUI MODEL linked to the sampler's union socket, and the remote node's right-click menu item.
 // Needs the npm package playwright-core (found through NODE_PATH) and a system Chromium.
 import fs from "node:fs";
 import { createRequire } from "node:module";
@@ -134,6 +135,52 @@ try {
       return { widgets_values: node.serialize().widgets_values, widgetNames: node.widgets.map((w) => w.name) };
     }, nodeType);
     result.plot = { before, after: expectCount, box, ...serialized };
+  }
+
+  if (job.hooks) {
+    // the sampler's model socket takes a ComfyUI MODEL (a union type); the remote node's right-click menu comes
+    // from the extension's getNodeMenuItems hook, collected by the frontend as for its own menu
+    await page.evaluate(async () => {
+      await window.app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
+                                      config: {}, extra: {}, version: 0.4 }, true, false, null);
+    });
+    result.hooks = await page.evaluate(() => {
+      const g = window.app.graph;
+      const make = (type, pos) => {
+        const node = window.LiteGraph.createNode(type);
+        node.pos = pos;
+        g.add(node);
+        return node;
+      };
+      const ckpt = make("CheckpointLoaderSimple", [40, 300]);
+      const sampler = make("AuraFlowSampler", [500, 300]);
+      const remote = make("AuraFlowRemoteGenerate", [200, 120]);
+      window.app.canvas.ds.scale = 1;
+      window.app.canvas.ds.offset = [0, 0];
+      window.app.canvas.setDirty(true, true);
+      const slot = sampler.inputs.findIndex((i) => i.name === "model");
+      const clipLink = ckpt.connect(1, sampler, slot); // CLIP: refused
+      const modelLink = ckpt.connect(0, sampler, slot); // MODEL: accepted
+      const labels = (node) => window.app.collectNodeMenuItems(node).filter(Boolean).map((i) => i.content);
+      return { socketType: sampler.inputs[slot].type, clipLinked: !!clipLink, modelLinked: !!modelLink,
+               remoteMenu: labels(remote), samplerMenu: labels(sampler),
+               title: (() => {
+                 const r = window.app.canvas.canvas.getBoundingClientRect();
+                 return [r.x + remote.pos[0] + 30, r.y + remote.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT / 2];
+               })() };
+    });
+    // a real right-click on the remote node's title opens the menu with the extension's item
+    const [tx, ty] = result.hooks.title;
+    await page.mouse.click(tx, ty, { button: "right" });
+    await page.waitForTimeout(500);
+    result.hooks.menuShown = await page.evaluate(() => [...document.querySelectorAll("body *")].some(
+      (el) => !el.children.length && el.offsetParent && /Set Segmind API key/.test(el.textContent ?? "")));
+    await page.screenshot({ path: path.join(job.outDir, "node-menu.png") });
+    await page.keyboard.press("Escape");
+    await page.evaluate(async () => {  // an empty graph again: the page restores the last one after a reload
+      await window.app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
+                                      config: {}, extra: {}, version: 0.4 }, true, false, null);
+    });
   }
 
   if (job.vue) {

@@ -79,7 +79,7 @@ def comfy_server(comfy_base, remote_service):
     log_path = base / "comfyui.log"
     env = dict(os.environ, SEGMIND_API_KEY=key, SEGMIND_API_URL=service.url, PYTHONUNBUFFERED="1")
     cmd = [comfy_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--base-directory", str(base)]
+           "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=checkout, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

@@ -70,6 +70,7 @@ def test_nodes_in_object_info_match_the_pack(comfy_server):
         assert served["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
         assert served["category"] == cls.CATEGORY and served["description"] == cls.DESCRIPTION
         assert served["output"] == list(cls.RETURN_TYPES)
+        assert served["search_aliases"] == cls.SEARCH_ALIASES  # the editor's node search finds "pony", "gguf"...
         spec = cls.INPUT_TYPES()
         for section in ("required", "optional"):
             here = spec.get(section, {})
@@ -237,7 +238,7 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
                                                                                 "path": str(control)}],
            "plot": {"nodeType": "AuraFlowSampler", "set": {"scheduler": "karras", "steps": 10,
                                                            "sampler_name": "euler"}, "expectCount": 11},
-           "vue": {"nodeType": "AuraFlowSampler"}}
+           "vue": {"nodeType": "AuraFlowSampler"}, "hooks": True}
     proc = subprocess.run([node, str(Path(__file__).with_name("browser.mjs")), json.dumps(job)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -246,8 +247,12 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
     if keep:
         shutil.copytree(shots, keep, dirs_exist_ok=True)
     assert "failure" not in result, result.get("failure")
-    assert "AuraFlow.SigmaPlot" in result["extensions"]
+    assert "AuraFlow.SigmaPlot" in result["extensions"] and "AuraFlow.RemoteKey" in result["extensions"]
     assert result["pageErrors"] == []
+    hooks = result["hooks"]  # a ComfyUI MODEL fits the sampler's union socket; the menu item comes from the hook
+    assert hooks["socketType"] == "AURAFLOW_MODEL,MODEL" and hooks["modelLinked"] and not hooks["clipLinked"]
+    assert hooks["remoteMenu"] == ["Set Segmind API key…"] and hooks["samplerMenu"] == []
+    assert hooks["menuShown"], "right-clicking AuraFlow Remote Generate shows no 'Set Segmind API key…'"
 
     ctl = result["workflows"].pop("control")
     assert ctl["unknown"] == ["AuraFlowNoSuchNode"] and ctl["brokenNodes"] == ["1:AuraFlowNoSuchNode"]
