@@ -10,6 +10,7 @@ from . import module
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")  # single files, searched in this order
 DIFFUSERS_FOLDER = "diffusers"  # folders holding a model_index.json
 TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "tokenizer.json")
+LORA_FOLDER = "loras"
 
 
 def model_names(folder: str) -> list[str]:
