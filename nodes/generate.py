@@ -11,7 +11,7 @@ import logging
 from ..aura_flow.images import encode_image
 from ..aura_flow.plan import plan_generation
 from .comfyui import devices, progress
-from .widgets import generation_inputs, speed_input
+from .widgets import generation_inputs, noise_device_input, speed_input
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class AuraFlowGenerate:
         return {**inputs, "required": {
             "model": ("AURAFLOW_MODEL", {"tooltip": "The model from AuraFlow Loader (with its text encoder and VAE)."}),
             **inputs["required"],
-        }, "optional": {"speed": speed_input()}}
+        }, "optional": {"speed": speed_input(), "noise_device": noise_device_input()}}
 
     RETURN_TYPES = ("IMAGE", "INT")
     RETURN_NAMES = ("images", "seed")
@@ -34,12 +34,12 @@ class AuraFlowGenerate:
     CATEGORY = "AuraFlow/generate"
     DESCRIPTION = "Generates images from a prompt with the local AuraFlow model and the hosted API's parameters."
 
-    def generate(self, model, speed="auto", **params):
+    def generate(self, model, speed="auto", noise_device="cpu", **params):
         import numpy as np
         import torch
         from PIL import Image
 
-        plan = plan_generation(params, speed=speed)  # every parameter, before any stage
+        plan = plan_generation(params, speed=speed, noise_device=noise_device)  # every parameter, before any stage
         bar = progress.Progress(plan.steps)
         with progress.interruptible():  # each stage brings only its part to the GPU
             result = model.generate(plan, callback=bar, should_stop=progress.should_stop(),

@@ -7,7 +7,7 @@ from ..aura_flow.params import RANGES, check_range, check_size
 from ..aura_flow.plan import plan_sampling
 from .comfyui import devices, progress
 from .conditioning import context_from_conditioning
-from .widgets import generation_inputs, speed_input
+from .widgets import generation_inputs, noise_device_input, speed_input
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class AuraFlowSampler:
                                                        "Not connected: an empty latent of width x height x "
                                                        "batch_size."}),
                 "speed": speed_input(),
+                "noise_device": noise_device_input(),
             },
         }
 
@@ -59,7 +60,7 @@ class AuraFlowSampler:
     DESCRIPTION = "Samples an AuraFlow latent from a prompt with ComfyUI's samplers and schedulers."
 
     def sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
-               width=1024, height=1024, batch_size=1, latent_image=None, speed="auto"):
+               width=1024, height=1024, batch_size=1, latent_image=None, speed="auto", noise_device="cpu"):
         import torch
 
         width_ctx = getattr(model, "context_dim", None)
@@ -67,7 +68,7 @@ class AuraFlowSampler:
         neg = context_from_conditioning(negative, "negative", width_ctx)
         # every setting is checked (and the schedule made) before the model moves to the GPU
         plan = plan_sampling(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=shift,
-                             denoise=denoise, speed=speed)
+                             denoise=denoise, speed=speed, noise_device=noise_device)
         if latent_image is None:
             width, height = check_size("width", width), check_size("height", height)
             batch_size = check_range("number_of_images", batch_size)

@@ -93,11 +93,11 @@ def test_hosted_api_defaults_and_ranges():
         assert inputs[sampler_key][1]["default"] == "uni_pc" and inputs["scheduler"][1]["default"] == "normal"
     assert list(generate)[1:] == ["prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height",
                                   "sampler", "scheduler", "number_of_images", "output_format", "output_quality",
-                                  "speed"]
+                                  "speed", "noise_device"]
     save = inputs_of(N["AuraFlowSaveImage"])
     assert save["format"][1]["default"] == "webp" and save["quality"][1]["default"] == 80
     remote = inputs_of(N["AuraFlowRemoteGenerate"])
-    assert list(remote) == list(generate)[1:-1]  # the two one-node generators can swap (speed is local only)
+    assert list(remote) == list(generate)[1:-2]  # the two one-node generators can swap (speed, noise: local only)
 
 
 def test_pack_imports_fast_without_torch_like_comfyui_does(tmp_path):
