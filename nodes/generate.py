@@ -11,6 +11,7 @@ import logging
 from ..aura_flow.images import encode_image
 from ..aura_flow.plan import plan_generation
 from .comfyui import devices, progress
+from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
 
 log = logging.getLogger(__name__)
@@ -52,4 +53,4 @@ class AuraFlowGenerate:
                 data = encode_image(pil, plan.output_format, plan.output_quality)
                 decoded.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0)
             images = torch.from_numpy(np.stack(decoded))
-        return (images.to(devices.intermediate_device()), result.seed)
+        return (attach(images.to(devices.intermediate_device()), result.record or None), result.seed)

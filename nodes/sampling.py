@@ -7,6 +7,7 @@ from ..aura_flow.params import RANGES, check_range, check_size
 from ..aura_flow.plan import plan_sampling
 from .comfyui import devices, progress
 from .conditioning import context_from_conditioning
+from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
 
 log = logging.getLogger(__name__)
@@ -81,5 +82,11 @@ class AuraFlowSampler:
             start = dict(latent_image)
             start["samples"] = latent_image["samples"].to(model.device)
             out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
-        out["samples"] = out["samples"].to(devices.intermediate_device())
+        out["samples"] = attach(out["samples"].to(devices.intermediate_device()), _record(model, plan))
         return (out,)
+
+
+def _record(model, plan):
+    """The run's ``auraflow`` record, for the save node (None for a model that cannot give one)."""
+    record = getattr(model, "run_record", None)
+    return record(plan) if record is not None else None
