@@ -74,10 +74,11 @@ def _check_path(name, value) -> Path | None:
 def _locate_transformer(ckpt: Path, found: dict) -> tuple:
     """The transformer's source; for a diffusers folder also fills ``found`` with its text encoder, VAE and
     tokenizer folders."""
-    from .gguf import is_gguf
+    from .gguf import check_gguf, is_gguf
 
     if not ckpt.is_dir():
         if is_gguf(ckpt):
+            check_gguf(ckpt)  # another model's GGUF is named now, not after a search for its text encoder
             return ("gguf", ckpt)
         reader = SafetensorsReader([ckpt])
         keys = list(reader.keys())
