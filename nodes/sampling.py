@@ -82,7 +82,8 @@ class AuraFlowSampler:
             start = dict(latent_image)
             start["samples"] = latent_image["samples"].to(model.device)
             out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
-        out["samples"] = attach(out["samples"].to(devices.intermediate_device()), _record(model, plan))
+            record = _record(model, plan)  # while the model is on the device it ran on
+        out["samples"] = attach(out["samples"].to(devices.intermediate_device()), record)
         return (out,)
 
 

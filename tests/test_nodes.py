@@ -442,6 +442,17 @@ def test_in_comfyui_progress_previews_and_memory(loaded, fake_comfy):
     assert fake_comfy.free == []  # refused before the model was moved
 
 
+def test_in_comfyui_the_record_names_the_device_the_model_ran_on(loaded, fake_comfy):
+    """The auraflow record (nodes/records.py) is taken while the model is on ComfyUI's device, not after it went
+    back to the offload device."""
+    record_of = pack_module("nodes.records").record_of
+    model = loaded[0]
+    (out,) = run("AuraFlowSampler", **sampler_args(model, steps=1, noise_device="gpu"))
+    assert (record_of(out["samples"])["device"], record_of(out["samples"])["noise_device"]) == ("cpu:0", "gpu")
+    images, _seed = run("AuraFlowGenerate", **generate_args(model, steps=1))
+    assert record_of(images)["device"] == "cpu:0" and model.device == torch.device("cpu")
+
+
 def test_in_comfyui_cancel_stops_within_a_step(loaded, fake_comfy):
     model = loaded[0]
     fake_comfy.interrupt_after = 1

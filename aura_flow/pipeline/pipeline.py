@@ -276,7 +276,6 @@ class AuraFlowPipeline:
         from PIL import Image
 
         with self.lora_scope():  # one LoRA list for the whole run, the one the record names
-            record = self.run_record(plan, self._lora_state.active)
             with stage(("text_encoder",)):
                 positive = self.encode_prompt(plan.prompt)
                 negative = self.encode_prompt(plan.negative_prompt) if plan.cfg != 1.0 else positive
@@ -284,6 +283,7 @@ class AuraFlowPipeline:
                 # the latent starts where the transformer runs: the sampler works there (and draws "gpu" noise there)
                 out = self.sample(positive, negative, torch.zeros(plan.latent_shape, device=self.device),
                                   plan.sampling, callback=callback, should_stop=should_stop, noise=noise)
+                record = self.run_record(plan, self._lora_state.active)  # while on the device it ran on
         with stage(("vae",)):
             # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
             images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
