@@ -3,6 +3,7 @@
 twice, against the same LoRAs applied with `aura_flow.lora.apply_loras` and merged into the weights by hand."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -139,6 +140,8 @@ def test_views_share_modules_and_never_change_their_base(files, pipe):
     assert pipe.loras == () and len(view.loras) == 1 and len(chained.loras) == 2
     assert chained.transformer is pipe.transformer and chained.vae is pipe.vae and chained.device == pipe.device
     assert chained.context_dim == pipe.context_dim and chained.base is pipe
+    copied = copy.copy(chained)  # hosts may copy node outputs: still a view of the same pipeline
+    assert copied.base is pipe and copied.loras == chained.loras
     view_latent = sample(view, pipe)
     chained_latent = sample(chained, pipe)
     # interleaved runs each get their own LoRAs on the shared layers

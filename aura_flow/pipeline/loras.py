@@ -137,7 +137,9 @@ class LoraModelView:
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "loras", tuple(loras))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for what the view itself lacks
+        if name == "_base" or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)  # copy/pickle probing a half-built view: no endless lookup of _base
         return getattr(self._base, name)
 
     def __repr__(self):
