@@ -25,8 +25,8 @@ SIZE_STEP = 8
 # The hosted service's own limit.
 REMOTE_MIN_SIZE = 512
 REMOTE_MAX_SIZE = 2048
-
-
+# where the start noise is drawn: ComfyUI's CPU generator, or the compute device's (diffusers' default on CUDA)
+NOISE_DEVICES = ("cpu", "gpu")
 
 @dataclass(frozen=True)
 class Range:
@@ -111,6 +111,11 @@ def check_shift(value) -> float:
     return value
 
 
+# a LoRA's strength: 1 is the LoRA as trained, 0 turns it off, negative values subtract it
+LORA_STRENGTH = Range(-10.0, 10.0, 1.0, float, "how strongly the LoRA applies: 1 as trained, 0 off, negative "
+                                               "subtracts it")
+
+
 def check_seed(seed) -> int:
     """A seed from 0 to 2**64-1; None draws a random one (the caller reports the seed it used)."""
     if seed is None:
@@ -128,6 +133,13 @@ def check_choice(name: str, value, choices) -> str:
     choices = tuple(choices)
     if value not in choices:
         raise ParameterError(f"{name}={value!r} is not known; valid names: {', '.join(choices)}")
+    return value
+
+
+def check_noise_device(value) -> str:
+    if value not in NOISE_DEVICES:
+        raise ParameterError(f"noise_device={value!r} is not known; valid: cpu (ComfyUI's start noise, the same on "
+                             f"every machine) or gpu (drawn on the compute device, as diffusers does on CUDA)")
     return value
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ParameterError
-from .params import DEFAULTS, Range, check_choice, check_range, check_seed, check_shift, validate_generation
+from .params import (DEFAULTS, Range, check_choice, check_noise_device, check_range, check_seed, check_shift,
+                     validate_generation)
 from .pipeline import modes
 from .sampling.registry import SCHEDULER_NAMES, get_sampler
 
@@ -38,6 +39,7 @@ class SamplingPlan:
     denoise: float = 1.0
     sigmas: tuple = ()  # float32 values, steps+1 of them ending in 0 (empty at denoise 0): what the sampler runs
     speed: object = None  # None (exact), "auto", a mode name or a SpeedOptions; resolved for the device at run time
+    noise_device: str = "cpu"  # "cpu": ComfyUI's start noise; "gpu": drawn on the device the sampling runs on
 
     @property
     def sampler_info(self):
@@ -131,11 +133,12 @@ def sigmas(scheduler: str, steps: int, *, shift: float = 1.73, denoise: float = 
 
 
 def plan_sampling(*, seed, steps: int, cfg: float, sampler: str, scheduler: str, shift: float, denoise: float = 1.0,
-                  speed=None, sigmas=None) -> SamplingPlan:
+                  speed=None, sigmas=None, noise_device: str = "cpu") -> SamplingPlan:
     """Check ComfyUI KSampler settings once and compute their schedule. ``seed=None`` draws one.
 
     ``sigmas`` (a 1-D sequence or tensor) replaces the schedule the settings make; ``speed`` is None (exact),
-    "auto", a name of `aura_flow.pipeline.modes.MODES` or a `SpeedOptions`.
+    "auto", a name of `aura_flow.pipeline.modes.MODES` or a `SpeedOptions`; ``noise_device``: "cpu" or "gpu"
+    (`aura_flow.sampling.loop.prepare_noise`).
     """
     seed = check_seed(seed)
     cfg = check_range("cfg", cfg)
@@ -143,12 +146,13 @@ def plan_sampling(*, seed, steps: int, cfg: float, sampler: str, scheduler: str,
     check_choice("scheduler", scheduler, SCHEDULER_NAMES)
     shift = check_shift(shift)
     speed = modes.check(speed)
+    noise_device = check_noise_device(noise_device)
     if sigmas is not None:
         return SamplingPlan(seed, int(steps), cfg, sampler, scheduler, shift, float(denoise),
-                            _given_sigmas(sigmas), speed)
+                            _given_sigmas(sigmas), speed, noise_device)
     steps, shift, denoise = _check_schedule_settings(scheduler, steps, shift, denoise, sampler)
     return SamplingPlan(seed, steps, cfg, sampler, scheduler, shift, denoise,
-                        _schedule(scheduler, steps, shift, denoise, sampler), speed)
+                        _schedule(scheduler, steps, shift, denoise, sampler), speed, noise_device)
 
 
 def _given_sigmas(values) -> tuple:
@@ -160,19 +164,22 @@ def _given_sigmas(values) -> tuple:
     return tuple(float(v) for v in values)
 
 
-def plan_generation(params: dict | None = None, *, remote: bool = False, speed="auto") -> GenerationPlan:
+def plan_generation(params: dict | None = None, *, remote: bool = False, speed="auto",
+                    noise_device: str = "cpu") -> GenerationPlan:
     """Check the hosted API's parameters once (missing ones take their defaults; a typo is refused) into a plan.
 
     remote: the hosted service's ranges and names, and no schedule (the service makes its own).
-    speed: as `AuraFlowPipeline.generate`'s, for a local run.
+    speed, noise_device: as `AuraFlowPipeline.generate`'s, for a local run.
     """
     p = validate_generation(params or {}, remote=remote)
     if remote:
         return GenerationPlan(**p, remote=True)
     speed = modes.check(speed)
+    noise_device = check_noise_device(noise_device)
     check_schedule_length(p["steps"], 1.0)
     sampling = SamplingPlan(p["seed"], p["steps"], p["cfg"], p["sampler"], p["scheduler"], p["shift"], 1.0,
-                            _schedule(p["scheduler"], p["steps"], p["shift"], 1.0, p["sampler"]), speed)
+                            _schedule(p["scheduler"], p["steps"], p["shift"], 1.0, p["sampler"]), speed,
+                            noise_device)
     return GenerationPlan(**p, sampling=sampling)
 
 

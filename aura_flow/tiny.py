@@ -2,7 +2,10 @@
 
 Used by ``python -m aura_flow demo``, the tests and the benchmarks: real diffusers / transformers modules with
 random weights, saved as real safetensors files, so the whole loading and generation path runs without the
-16 GB of real weights. Presets: "tiny" (tests, demo), "medium" (CPU benchmarks), "full" (the real shapes).
+16 GB of real weights. Presets: "tiny" (tests, demo), "medium" (CPU benchmarks), "full" (the real shapes), and
+"pony": tiny, with Pony V7's config values (AuraFlow v0.3's architecture with its 96x96 position grid,
+``pos_embed_max_size`` 9216, so sizes up to 1536x1536 need no interpolation; a diffusers folder that names
+``UMT5EncoderModel`` and ``LlamaTokenizerFast``, as purplesmartai/pony-v7-base does).
 """
 from __future__ import annotations
 
@@ -30,7 +33,15 @@ PRESETS = {
                                   num_attention_heads=12, pos_embed_max_size=9216),
                  t5=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),
                  vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)),
+    # Pony V7 (purplesmartai/pony-v7-base): AuraFlow v0.3's layout and grid; its tokenizer folder is a
+    # LlamaTokenizerFast over Pile-T5's vocabulary, and its trainers use prompts up to 768 tokens
+    "pony": dict(transformer=dict(num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+                                  num_attention_heads=4, pos_embed_max_size=9216),
+                 t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+                 vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+                 tokenizer_class="LlamaTokenizerFast", max_tokens=768),
 }
+PONY_GRID = 96  # position-grid side of Pony V7 (and AuraFlow v0.3): 96 patches of 16 px = 1536 px
 LAYOUTS = ("diffusers", "single_file", "transformer_only", "transformer_only_diffusers")
 
 _CORPUS = ("a photo of a cat sitting on a mat. the quick brown fox jumps over the lazy dog. happy birthday, "
@@ -64,9 +75,10 @@ def vae_config(preset="tiny"):
 
 
 # ---------------------------------------------------------------- tokenizer
-def build_tokenizer(dest: Path) -> tuple[Path, Path]:
+def build_tokenizer(dest: Path, tokenizer_class: str | None = None, max_tokens: int = 256) -> tuple[Path, Path]:
     """Train a small sentencepiece model (pad 1, end 2, like Pile-T5's) and save it twice: as ComfyUI ships it
-    (``tokenizer.model``) and as a transformers fast-tokenizer folder (the diffusers layout)."""
+    (``tokenizer.model``) and as a transformers fast-tokenizer folder (the diffusers layout), whose config names
+    ``tokenizer_class`` when given (Pony V7's folder names LlamaTokenizerFast)."""
     import sentencepiece as spm
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -89,9 +101,14 @@ def build_tokenizer(dest: Path) -> tuple[Path, Path]:
     tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   model_max_length=256)
+                                   model_max_length=max_tokens)
     folder = dest / "hf"
     fast.save_pretrained(folder)
+    if tokenizer_class:
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["tokenizer_class"] = tokenizer_class
+        config_file.write_text(json.dumps(config, indent=2))
     return sp_file, folder
 
 
@@ -150,7 +167,9 @@ def build_tiny(dest, layout: str = "diffusers", *, preset: str = "tiny", seed: i
         raise ValueError(f"layout={layout!r}; valid: {', '.join(LAYOUTS)}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    sp_file, tok_folder = build_tokenizer(dest / "tokenizer_src")
+    extra = PRESETS[preset]
+    sp_file, tok_folder = build_tokenizer(dest / "tokenizer_src", extra.get("tokenizer_class"),
+                                          extra.get("max_tokens", 256))
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(sp_file)).vocab_size()
@@ -190,7 +209,7 @@ def build_tiny(dest, layout: str = "diffusers", *, preset: str = "tiny", seed: i
             "_class_name": "AuraFlowPipeline", "_diffusers_version": "0.30.0",
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "UMT5EncoderModel"],
-            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "tokenizer": ["transformers", extra.get("tokenizer_class", "PreTrainedTokenizerFast")],
             "transformer": ["diffusers", "AuraFlowTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
         return root
 

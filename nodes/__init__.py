@@ -8,6 +8,7 @@ from __future__ import annotations
 from .conditioning import AuraFlowTextEncode
 from .generate import AuraFlowGenerate
 from .loading import AuraFlowLoader
+from .lora import AuraFlowLoraLoader
 from .remote import AuraFlowRemoteGenerate
 from .sampling import AuraFlowSampler
 from .saving import AuraFlowSaveImage
@@ -16,6 +17,7 @@ from .vae import AuraFlowVAEDecode, AuraFlowVAEEncode
 # (node id, class, display name), in menu order
 NODES = (
     ("AuraFlowLoader", AuraFlowLoader, "AuraFlow Loader"),
+    ("AuraFlowLoraLoader", AuraFlowLoraLoader, "AuraFlow LoRA Loader"),
     ("AuraFlowTextEncode", AuraFlowTextEncode, "AuraFlow Text Encode"),
     ("AuraFlowSampler", AuraFlowSampler, "AuraFlow Sampler"),
     ("AuraFlowGenerate", AuraFlowGenerate, "AuraFlow Generate"),

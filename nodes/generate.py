@@ -11,7 +11,8 @@ import logging
 from ..aura_flow.images import encode_image
 from ..aura_flow.plan import plan_generation
 from .comfyui import devices, memory, progress
-from .widgets import generation_inputs, speed_input
+from .records import attach
+from .widgets import generation_inputs, noise_device_input, speed_input
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class AuraFlowGenerate:
         return {**inputs, "required": {
             "model": ("AURAFLOW_MODEL", {"tooltip": "The model from AuraFlow Loader (with its text encoder and VAE)."}),
             **inputs["required"],
-        }, "optional": {"speed": speed_input()}}
+        }, "optional": {"speed": speed_input(), "noise_device": noise_device_input()}}
 
     RETURN_TYPES = ("IMAGE", "INT")
     RETURN_NAMES = ("images", "seed")
@@ -35,12 +36,12 @@ class AuraFlowGenerate:
     DESCRIPTION = "Generates images from a prompt with the local AuraFlow model and the hosted API's parameters."
     SEARCH_ALIASES = ["aura flow", "pony", "text to image", "txt2img"]
 
-    def generate(self, model, speed="auto", **params):
+    def generate(self, model, speed="auto", noise_device="cpu", **params):
         import numpy as np
         import torch
         from PIL import Image
 
-        plan = plan_generation(params, speed=speed)  # every parameter, before any stage
+        plan = plan_generation(params, speed=speed, noise_device=noise_device)  # every parameter, before any stage
         bar = progress.Progress(plan.steps)
         with progress.interruptible():  # each stage asks ComfyUI to load only its part
             result = model.generate(plan, callback=bar, should_stop=progress.should_stop(),
@@ -53,4 +54,4 @@ class AuraFlowGenerate:
                 data = encode_image(pil, plan.output_format, plan.output_quality)
                 decoded.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0)
             images = torch.from_numpy(np.stack(decoded))
-        return (images.to(devices.intermediate_device()), result.seed)
+        return (attach(images.to(devices.intermediate_device()), result.record or None), result.seed)

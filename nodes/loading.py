@@ -11,13 +11,14 @@ from .vae import AuraFlowVAE
 log = logging.getLogger(__name__)
 
 FROM_CHECKPOINT = "(from checkpoint)"
+MODEL_FOLDERS = folders.CHECKPOINT_FOLDERS + (folders.GGUF_FOLDER,)  # where a checkpoint name is looked up
 
 
 def _checkpoint_names() -> list[str]:
     names = []
     for folder in folders.CHECKPOINT_FOLDERS:
         names += folders.model_names(folder)
-    return sorted(set(names)) + folders.diffusers_names()
+    return sorted(set(names) | set(folders.gguf_names())) + folders.diffusers_names()
 
 
 class AuraFlowLoader:
@@ -27,8 +28,8 @@ class AuraFlowLoader:
             "required": {
                 "checkpoint": (_checkpoint_names(), {
                     "tooltip": "The AuraFlow model: an all-in-one .safetensors (models/checkpoints), a transformer-only "
-                               ".safetensors (models/diffusion_models), or a diffusers folder with model_index.json "
-                               "(models/diffusers)."}),
+                               ".safetensors or .gguf (models/diffusion_models or models/unet; Pony V7 too), or a "
+                               "diffusers folder with model_index.json (models/diffusers)."}),
                 "text_encoder": ([FROM_CHECKPOINT] + folders.model_names("text_encoders"), {
                     "default": FROM_CHECKPOINT,
                     "tooltip": "Pile-T5-XL text encoder from models/text_encoders; needed when the checkpoint has "
@@ -55,12 +56,12 @@ class AuraFlowLoader:
                        "The SDXL VAE; works with ComfyUI's VAE Decode / VAE Encode and the AuraFlow VAE nodes.")
     FUNCTION = "load"
     CATEGORY = "AuraFlow/loaders"
-    DESCRIPTION = "Loads AuraFlow from a diffusers folder, an all-in-one file or a transformer-only file."
+    DESCRIPTION = "Loads AuraFlow (or Pony V7) from a diffusers folder, an all-in-one file or a transformer-only file."
     SEARCH_ALIASES = ["aura flow", "pony", "pony v7", "gguf", "fp8", "checkpoint loader", "diffusers"]
 
     def load(self, checkpoint, text_encoder=FROM_CHECKPOINT, vae=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT,
              weight_dtype="auto"):
-        ckpt = folders.resolve_model(checkpoint, folders.CHECKPOINT_FOLDERS, what="checkpoint", diffusers=True)
+        ckpt = folders.resolve_model(checkpoint, MODEL_FOLDERS, what="checkpoint", diffusers=True)
 
         def optional(name, folder, what, **kw):
             if name in (None, "", FROM_CHECKPOINT):

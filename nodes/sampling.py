@@ -7,7 +7,8 @@ from ..aura_flow.params import RANGES, check_range, check_size
 from ..aura_flow.plan import plan_sampling
 from .comfyui import devices, memory, native, progress
 from .conditioning import conds_from_conditioning
-from .widgets import generation_inputs, speed_input
+from .records import attach
+from .widgets import generation_inputs, noise_device_input, speed_input
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class AuraFlowSampler:
                                                        "part is regenerated). Not connected: an empty latent of width "
                                                        "x height x batch_size."}),
                 "speed": speed_input(),
+                "noise_device": noise_device_input(),
             },
         }
 
@@ -67,7 +69,7 @@ class AuraFlowSampler:
     SEARCH_ALIASES = ["aura flow", "pony", "ksampler", "gguf", "inpaint"]
 
     def sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
-               width=1024, height=1024, batch_size=1, latent_image=None, speed="auto"):
+               width=1024, height=1024, batch_size=1, latent_image=None, speed="auto", noise_device="cpu"):
         import torch
 
         comfy_model = native.is_comfy_model(model)
@@ -80,12 +82,13 @@ class AuraFlowSampler:
         neg = conds_from_conditioning(negative, "negative", width_ctx)
         # every setting is checked (and the schedule made) before the model is loaded
         plan = plan_sampling(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=shift,
-                             denoise=denoise, speed=speed)
+                             denoise=denoise, speed=speed, noise_device=noise_device)
         if latent_image is None:
             width, height = check_size("width", width), check_size("height", height)
             batch_size = check_range("number_of_images", batch_size)
             latent_image = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
         bar = progress.Progress(max(len(plan.sigmas) - 1, 0))
+        record = None
         if comfy_model:  # ComfyUI's own guider, memory manager and conditioning handling
             with progress.interruptible():
                 out = native.sample(model, positive, negative, latent_image, plan, progress=bar)
@@ -95,5 +98,12 @@ class AuraFlowSampler:
                 start = dict(latent_image)
                 start["samples"] = latent_image["samples"].to(model.device)
                 out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
-        out["samples"] = out["samples"].to(devices.intermediate_device())
+            record = _record(model, plan)  # while the model is on the device it ran on
+        out["samples"] = attach(out["samples"].to(devices.intermediate_device()), record)
         return (out,)
+
+
+def _record(model, plan):
+    """The run's ``auraflow`` record, for the save node (None for a model that cannot give one)."""
+    record = getattr(model, "run_record", None)
+    return record(plan) if record is not None else None

@@ -8,6 +8,7 @@ from ..aura_flow import params as P
 from ..aura_flow.errors import ParameterError
 from ..aura_flow.images import EXT, encode_image, write_first_free
 from .comfyui import folders
+from .records import record_of
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class AuraFlowSaveImage:
                 "embed_workflow": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Embed the prompt and workflow in the file (PNG text, or EXIF for webp/jpg) so "
-                               "dropping it on ComfyUI restores the graph. ComfyUI's --disable-metadata turns this "
-                               "off for every image."}),
+                               "dropping it on ComfyUI restores the graph, with an 'auraflow' entry naming the "
+                               "model files (and short hashes), dtype, LoRAs and settings that made the image. "
+                               "ComfyUI's --disable-metadata turns this off for every image."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -63,6 +65,8 @@ class AuraFlowSaveImage:
                 metadata["prompt"] = prompt
             for key, value in (extra_pnginfo or {}).items():
                 metadata[key] = value
+            if record_of(images) is not None:  # from an AuraFlow run upstream (nodes/records.py)
+                metadata["auraflow"] = record_of(images)
         height, width = int(images.shape[1]), int(images.shape[2])
         folder, stem, counter, subfolder = folders.save_image_path(filename_prefix, self.output_dir, width, height)
         real_out = os.path.realpath(self.output_dir)

@@ -12,6 +12,7 @@ import logging
 
 from ..aura_flow.weights.devices import module_bytes
 from .comfyui import devices, memory
+from .records import attach, record_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class AuraFlowVAE:
         if samples_in.ndim != 4 or samples_in.shape[1] != self.latent_channels:
             raise ValueError(f"AuraFlow VAE: expected a (batch, 4, height/8, width/8) SDXL latent, got shape "
                              f"{tuple(samples_in.shape)}; was this latent made for another model?")
-        return self._run(self.pipeline.decode, samples_in, DEFAULT_TILE // SCALE, DEFAULT_OVERLAP / DEFAULT_TILE)
+        return attach(self._run(self.pipeline.decode, samples_in, DEFAULT_TILE // SCALE, DEFAULT_OVERLAP / DEFAULT_TILE),
+                      record_of(samples_in))
 
     def encode(self, pixel_samples):
         """Images (B, H, W, C) in [0, 1] -> raw latent (B, 4, H/8, W/8) (centre-cropped to multiples of 8)."""
@@ -99,7 +101,8 @@ class AuraFlowVAE:
     # VAE Decode (Tiled) passes tile sizes in latent units, VAE Encode (Tiled) in pixels.
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         tile = min(tile_x or DEFAULT_TILE // SCALE, tile_y or tile_x or DEFAULT_TILE // SCALE)
-        return self._run(self.pipeline.decode, samples, tile, (overlap or 0) / tile, tiled=True)
+        return attach(self._run(self.pipeline.decode, samples, tile, (overlap or 0) / tile, tiled=True),
+                      record_of(samples))
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         tile = min(tile_x or DEFAULT_TILE, tile_y or tile_x or DEFAULT_TILE)

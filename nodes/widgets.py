@@ -77,3 +77,12 @@ def speed_input() -> tuple:
                                   "path. fold_padding: lossless. compile: torch.compile, the first run builds it "
                                   "(about a minute), then every size reuses it. cfg_cutoff, step_cache, fast: "
                                   "faster, with a small measured change to the image (see the README).")
+
+
+def noise_device_input() -> tuple:
+    """The optional ``noise_device`` widget of the local sampler and generator. Optional, so prompts and workflows
+    saved before it existed still run (as "cpu", ComfyUI's start noise)."""
+    return _choice(P.NOISE_DEVICES, "cpu", "Where the start noise is drawn. cpu: ComfyUI's noise, the same image on "
+                                           "every machine. gpu: the GPU's own generator, as diffusers and Pony V7's "
+                                           "noise node draw it, to match images made with diffusers on CUDA (on a "
+                                           "machine without a GPU it is the same as cpu).")

@@ -26,6 +26,18 @@ PROMPT = ("A mesmerizing 3D render of the words 'Happy birthday' in a dreamy, pa
 SEED = 2425367  # the hosted API's example seed
 FROM = "(from checkpoint)"
 LOADER = ("AuraFlowLoader", {"checkpoint": "aura_flow_0.3.safetensors"}, {})
+# Pony V7 (purplesmartai/pony-v7-base): the transformer-only file in models/diffusion_models, its text encoder
+# (text_encoder/model.fp16.safetensors) and VAE (vae/diffusion_pytorch_model.fp16.safetensors) saved under these
+# names; the tokenizer is ComfyUI's own Pile-T5 one (the same vocabulary). Settings: README, "Pony V7".
+PONY_LOADER = ("AuraFlowLoader", {"checkpoint": "pony-v7-base.safetensors",
+                                  "text_encoder": "pony_v7_text_encoder.fp16.safetensors",
+                                  "vae": "pony_v7_vae.fp16.safetensors"}, {})
+PONY_PROMPT = ("score_9, A cheerful red fox sits on a mossy rock in a misty autumn forest and looks at the viewer "
+               "with bright green eyes, golden leaves drift down around it and soft morning light falls between "
+               "the trees. Detailed digital painting with warm colors, soft brush strokes and a shallow depth of "
+               "field. fox, forest, autumn, fallen leaves, morning light")
+PONY_SAMPLER = {"seed": SEED, "steps": 40, "cfg": 3.5, "sampler_name": "euler", "scheduler": "normal",
+                "shift": 1.73, "width": 1024, "height": 1024}
 
 # name -> (title, [(node type, widget values that differ from the defaults, {input: (source index, output)})])
 WORKFLOWS = {
@@ -56,6 +68,14 @@ WORKFLOWS = {
          {"model": (0, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (2, 0)}),
         ("AuraFlowVAEDecode", {}, {"samples": (5, 0), "vae": (0, 2)}),
         ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/img2img"}, {"images": (6, 0)}),
+    ]),
+    "auraflow_pony_v7": ("Pony V7: text to image with its recommended settings", [
+        PONY_LOADER,
+        ("AuraFlowTextEncode", {"text": PONY_PROMPT}, {"text_encoder": (0, 1)}),
+        ("AuraFlowTextEncode", {"text": ""}, {"text_encoder": (0, 1)}),
+        ("AuraFlowSampler", PONY_SAMPLER, {"model": (0, 0), "positive": (1, 0), "negative": (2, 0)}),
+        ("VAEDecode", {}, {"samples": (3, 0), "vae": (0, 2)}),
+        ("AuraFlowSaveImage", {"filename_prefix": "PonyV7"}, {"images": (4, 0)}),
     ]),
 }
 EXTRA_SLOT_VALUE = {"control_after_generate": "randomize", "image_upload": "image"}

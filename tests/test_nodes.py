@@ -93,12 +93,12 @@ def test_hosted_api_defaults_and_ranges():
         assert inputs[sampler_key][1]["default"] == "uni_pc" and inputs["scheduler"][1]["default"] == "normal"
     assert list(generate)[1:] == ["prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height",
                                   "sampler", "scheduler", "number_of_images", "output_format", "output_quality",
-                                  "speed"]
+                                  "speed", "noise_device"]
     save = inputs_of(N["AuraFlowSaveImage"])
     assert save["format"][1]["default"] == "webp" and save["quality"][1]["default"] == 80
     remote = inputs_of(N["AuraFlowRemoteGenerate"])
-    # the two one-node generators can swap: the same widgets in the same order, then each one's optional input
-    assert list(remote) == list(generate)[1:-1] + ["api_version"]  # speed is local only, api_version remote only
+    # the two one-node generators can swap: the same widgets in the same order, then each one's optional inputs
+    assert list(remote) == list(generate)[1:-2] + ["api_version"]  # speed, noise: local only; api_version remote
     assert list(N["AuraFlowRemoteGenerate"].INPUT_TYPES()["optional"]) == ["api_version"]
 
 
@@ -543,6 +543,17 @@ def test_what_a_partial_load_leaves_behind_is_placed_too(loaded):
     params = dict(tr.named_parameters())
     assert all(n in params for n in names)  # the transformer has no buffers
     assert memory.place_stragglers(tr, torch.device("cpu")) == sum(params[n].numel() * 4 for n in names)
+
+
+def test_in_comfyui_the_record_names_the_device_the_model_ran_on(loaded, fake_memory_manager):
+    """The auraflow record (nodes/records.py) names the device ComfyUI's memory manager put the model on for the
+    run (cpu:0 here, a stand-in for a GPU), not the device it was loaded on."""
+    record_of = pack_module("nodes.records").record_of
+    model = loaded[0]
+    (out,) = run("AuraFlowSampler", **sampler_args(model, steps=1, noise_device="gpu"))
+    assert (record_of(out["samples"])["device"], record_of(out["samples"])["noise_device"]) == ("cpu:0", "gpu")
+    images, _seed = run("AuraFlowGenerate", **generate_args(model, steps=1))
+    assert record_of(images)["device"] == "cpu:0"
 
 
 def test_in_comfyui_cancel_stops_within_a_step(loaded, fake_comfy):

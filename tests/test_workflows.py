@@ -17,6 +17,7 @@ NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 pack = wx.load_pack()
 classes = wx.all_classes(pack)
 imageio = importlib.import_module(f"{pack.__name__}.aura_flow.images")
+hash_of = importlib.import_module(f"{pack.__name__}.aura_flow.provenance").file_hash
 import build_workflows as build  # noqa: E402  (tests/build_workflows.py)
 
 
@@ -124,8 +125,13 @@ def test_local_workflows_run_and_save_images_with_their_graph(env, name):
     (path,) = saved(tmp_path, ui)
     with Image.open(path) as im:
         assert im.format == "WEBP" and im.size == (64, 64)
-        assert imageio.read_metadata(im) == {"prompt": prompt, "workflow": workflow}
+        metadata = imageio.read_metadata(im)
         assert np.asarray(im).std() > 1
+    assert metadata.pop("auraflow") == {  # what else reproduces it (aura_flow/provenance.py)
+        "version": pack.aura_flow.__version__, "checkpoint": {"name": "diffusers", "hash": hash_of(checkpoint)},
+        "dtype": "fp32", "compute_dtype": "float32", "device": "cpu", "speed": "auto", "noise_device": "cpu",
+        "loras": []}
+    assert metadata == {"prompt": prompt, "workflow": workflow}
     images = outputs[next(k for k, v in prompt.items() if v["class_type"] == "AuraFlowSaveImage")][0]
     assert images.shape == (1, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
 

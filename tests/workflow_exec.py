@@ -178,7 +178,7 @@ def check_value(kind, opts: dict, value, *, open_combo: bool = False) -> str | N
 
 def _open_combos(cls) -> set[str]:
     """Combo inputs whose options come from the user's folders (model files, input images): any name is fine here."""
-    if cls.__name__ in ("AuraFlowLoader", "LoadImage"):
+    if cls.__name__ in ("AuraFlowLoader", "AuraFlowLoraLoader", "LoadImage"):
         return {name for name, (kind, _o) in inputs_of(cls).items() if isinstance(kind, (list, tuple))}
     return set()
 

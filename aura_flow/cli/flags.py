@@ -7,8 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ParameterError
-from ..params import DEFAULTS, MAX_SEED, OUTPUT_FORMATS, RANGES
+from ..errors import LoadError, ParameterError
+from ..params import DEFAULTS, LORA_STRENGTH, MAX_SEED, NOISE_DEVICES, OUTPUT_FORMATS, RANGES
 from ..pipeline.modes import SPEED_NAMES
 
 
@@ -54,6 +54,56 @@ def add_speed_flag(p) -> None:
                    help=f"one of: {', '.join(SPEED_NAMES)}. auto is the lossless padding fold on the CPU and exact "
                         "elsewhere; cfg_cutoff, step_cache and fast trade a measured bit of fidelity for time "
                         "(README: Speed and benchmarks)")
+
+
+def add_local_flags(p) -> None:
+    """The local engine's own flags (``generate`` and ``demo``): LoRAs and where the start noise is drawn."""
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help=f"a LoRA .safetensors to apply, at STRENGTH ({LORA_STRENGTH.lo:g} to {LORA_STRENGTH.hi:g}, "
+                        f"default 1; negative subtracts it); repeat for several. Only a number after the last ':' "
+                        f"is a strength, so C:\\loras\\x.safetensors:0.8 works")
+    p.add_argument("--noise-device", default="cpu", choices=NOISE_DEVICES,
+                   help="cpu: ComfyUI's start noise, the same on every machine; gpu: drawn on the compute device, "
+                        "as diffusers does on CUDA (the same as cpu when running on the CPU)")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_lora_flag(text: str) -> tuple[str, float]:
+    """``PATH[:STRENGTH]`` -> (path, strength): only a number after the last ':' is a strength (a Windows drive
+    letter ``C:`` stays part of the path). The strength is checked here, the file by `check_lora_flags`."""
+    head, sep, tail = text.rpartition(":")
+    strength = _number(tail) if sep else None
+    if strength is None:
+        if sep and head and len(head) > 1 and not any(c in tail for c in "/\\") and not Path(text).exists():
+            raise ParameterError(f"--lora {text}: {tail!r} after the last ':' is not a strength; write "
+                                 f"PATH:STRENGTH with a number, e.g. --lora {head}:0.8")
+        return text, LORA_STRENGTH.default
+    if not head:
+        raise ParameterError(f"--lora {text}: no file before the strength; write PATH:STRENGTH, e.g. "
+                             f"--lora style.safetensors{text}")
+    if not (LORA_STRENGTH.lo <= strength <= LORA_STRENGTH.hi):  # NaN fails this too
+        raise ParameterError(f"--lora {text}: strength {tail} is out of range; allowed: {LORA_STRENGTH.lo:g} to "
+                             f"{LORA_STRENGTH.hi:g} (1 is the LoRA as trained, 0 turns it off)")
+    return head, strength
+
+
+def check_lora_flags(values) -> tuple:
+    """Every ``--lora`` parsed and its file checked (header only), before the model loads: the checked entries."""
+    from ..pipeline.loras import check_loras
+
+    pairs = [parse_lora_flag(v) for v in values]
+    for value, pair in zip(values, pairs):
+        try:
+            check_loras([pair])
+        except (ParameterError, LoadError) as exc:
+            raise type(exc)(f"--lora {value}: {exc}") from None
+    return check_loras(pairs)
 
 
 def generation_params(args) -> dict:

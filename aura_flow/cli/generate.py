@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from ..params import DTYPES
-from .flags import HelpFormatter, add_generation_flags, add_speed_flag, check_output_folder, generation_params
+from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_lora_flags,
+                    check_output_folder, generation_params)
 
 
 def register(sub):
@@ -22,6 +23,7 @@ def register(sub):
     g.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)}")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     add_speed_flag(g)
+    add_local_flags(g)
     add_generation_flags(g)
     g.set_defaults(func=run_generate, parser=g)
 
@@ -30,6 +32,7 @@ def register(sub):
     d.add_argument("--cache", default=os.environ.get("AURAFLOW_CACHE", str(Path.home() / ".cache" / "aura_flow")),
                    help="where the demo model is built ($AURAFLOW_CACHE overrides the default)")
     add_speed_flag(d)
+    add_local_flags(d)
     add_generation_flags(d)
     d.set_defaults(func=run_demo, parser=d, prompt="a watercolor painting of a fox", width=256, height=256, steps=8,
                    sampler="euler")
@@ -50,19 +53,22 @@ class ProgressBar:
 
 def write_images(result, out_dir, stem: str = "aura_flow") -> list[str]:
     """Each image as ``<stem>_<seed>_<i>.<ext>`` in ``out_dir``, never replacing a file (``_1``, ``_2``... when
-    taken), with the parameters embedded; the paths written."""
+    taken), with the parameters and the ``auraflow`` record (files, hashes, dtype, LoRAs...) embedded; the paths
+    written."""
     from ..images import save_new_image
 
     plan = result.plan
     return [str(save_new_image(img, out_dir, f"{stem}_{result.seed}_{i:02d}", plan.output_format,
-                               plan.output_quality, metadata={"parameters": result.params}))
+                               plan.output_quality, metadata=result.metadata()))
             for i, img in enumerate(result.images)]
 
 
 def _plan(args):
+    """Every parameter, every --lora (file header and strength) and the output folder, before the model loads."""
     from ..plan import plan_generation
 
-    plan = plan_generation(generation_params(args), speed=args.speed)
+    plan = plan_generation(generation_params(args), speed=args.speed, noise_device=args.noise_device)
+    args.loras = check_lora_flags(args.loras)
     check_output_folder(args.out)
     return plan
 
@@ -80,7 +86,7 @@ def run_generate(args) -> int:
 
     plan = _plan(args)  # every parameter and the output folder, before loading 16 GB
     pipe = load(args.checkpoint, tokenizer=args.tokenizer, text_encoder=args.text_encoder, vae=args.vae,
-                dtype=args.dtype, device=args.device)
+                dtype=args.dtype, device=args.device, loras=args.loras)
     return _generate(pipe, plan, args)
 
 
@@ -94,5 +100,5 @@ def run_demo(args) -> int:
     if not (ckpt / "model_index.json").exists():
         sys.stderr.write(f"building the tiny demo model in {root} (once)\n")
         build_tiny(root, "diffusers")
-    pipe = load(ckpt, device="cpu")
+    pipe = load(ckpt, device="cpu", loras=args.loras)
     return _generate(pipe, plan, args)

@@ -45,11 +45,12 @@ class LoraReport:
     unsupported_keys: list[str] = field(default_factory=list)  # keys with no known LoRA parameter
     strength: float | None = None
     warnings: list[str] = field(default_factory=list)
+    hash: str | None = None  # aura_flow.provenance.file_hash of the file, when the caller computed it
 
     def metadata(self) -> dict:
-        """The short record to embed in an image or a workflow."""
+        """The short record to embed in an image or a workflow (never the file's full path)."""
         return {"name": self.name, "strength": self.strength, "format": ", ".join(self.styles),
-                "layers": self.matched}
+                "layers": self.matched, "hash": self.hash}
 
 
 @dataclass

@@ -50,10 +50,10 @@ class ModuleGroup:
     @property
     def style(self) -> str:
         """The key style, for the report: which tool's spelling the file uses."""
-        key = next(iter(self.params.values()))
+        keys = self.params.values()  # all of them: a file's first key may be the module's alpha
         if self.algorithm in ("lokr", "loha", "full") or self.path.startswith("lycoris_"):
             return f"lycoris {self.algorithm}"
-        if ".lora_A" in key or ".lora_B" in key:
+        if any(".lora_A" in key or ".lora_B" in key for key in keys):
             return "diffusers/peft lora"
         return "kohya lora"
 

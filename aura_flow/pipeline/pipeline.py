@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import GenerationPlan, plan_generation, plan_sampling
+from ..provenance import run_record
 from ..sampling.conds import has_options
 from ..sampling.loop import sample as _sample
+from .loras import LoraModelView, LoraState, check_loras
 from .modes import resolve as resolve_speed
 from .speed import velocity_model
 from ..errors import ParameterError
@@ -56,6 +58,11 @@ class GenerationResult:
     seed: int  # the seed used for the whole batch (ComfyUI semantics: one noise tensor for all images)
     params: dict = field(default_factory=dict)  # the checked parameters, as the hosted API names them
     plan: GenerationPlan | None = None  # everything the run used (its schedule and speed mode too)
+    record: dict = field(default_factory=dict)  # what else reproduces it: files and hashes, dtype, LoRAs, version
+
+    def metadata(self) -> dict:
+        """What to embed in the image files: ``parameters`` (the hosted API's) and ``auraflow`` (the record)."""
+        return {"parameters": self.params, "auraflow": self.record}
 
 
 class AuraFlowPipeline:
@@ -63,7 +70,7 @@ class AuraFlowPipeline:
     ``sample``, ``decode``, ``encode``) for the ComfyUI nodes."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, device, compute_dtype, sources=None,
-                 prompt_cache_size: int = 8, offload_text_encoder: bool = False):
+                 prompt_cache_size: int = 8, offload_text_encoder: bool = False, weight_dtype: str = "auto"):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -71,6 +78,9 @@ class AuraFlowPipeline:
         self.device = torch.device(device)
         self.dtype = compute_dtype
         self.sources = sources or {}
+        self.weight_dtype = weight_dtype  # the dtype the load was asked for ("auto", "fp8_e4m3fn"...)
+        self.loras: tuple = ()  # this pipeline's own LoRAs (set_loras); views made by with_loras have theirs
+        self._lora_state = LoraState(transformer)
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._prompt_cache_size = prompt_cache_size
         # when memory is short: the text encoder waits on the CPU and visits the device only to encode a prompt
@@ -82,13 +92,47 @@ class AuraFlowPipeline:
         self.to(self.device)
 
     @classmethod
-    def from_components(cls, c: Components, *, offload_text_encoder="auto") -> "AuraFlowPipeline":
+    def from_components(cls, c: Components, *, offload_text_encoder="auto", weight_dtype="auto") -> "AuraFlowPipeline":
         """The pipeline over what `load_components` read, moved to its device. offload_text_encoder: see `load`."""
         if offload_text_encoder == "auto":
             offload_text_encoder = offload_text_encoder_auto(
                 c.device, {name: module_bytes(getattr(c, name)) for name in cls.PARTS})
         return cls(c.transformer, c.text_encoder, c.tokenizer, c.vae, device=c.device, compute_dtype=c.compute_dtype,
-                   sources=c.sources, offload_text_encoder=offload_text_encoder)
+                   sources=c.sources, offload_text_encoder=offload_text_encoder, weight_dtype=weight_dtype)
+
+    # -------------------------------------------------------------- LoRAs
+    def set_loras(self, loras):
+        """Make ``loras`` (``[(path, strength), ...]``) this pipeline's LoRAs, active from now on; ``[]`` gives back
+        the base model exactly. Each file is read once per version (cached per resolved path, mtime and size), so
+        switching is instant. Returns the `aura_flow.lora.ApplyReport` (formats, matched layers, warnings)."""
+        entries = check_loras(loras)
+        report = self._lora_state.activate(entries)
+        self.loras = entries
+        return report
+
+    def with_loras(self, loras) -> LoraModelView:
+        """A light model sharing this pipeline's modules with its own LoRA list (`LoraModelView`); this pipeline
+        and its other views are not changed. Every file is checked and prepared now."""
+        entries = check_loras(loras)
+        with self._lora_state.lock:
+            for entry in entries:
+                self._lora_state.prepared(entry)
+        return LoraModelView(self, entries)
+
+    def lora_scope(self, loras=None):
+        """A context in which ``loras`` (default: this pipeline's own) are active on the transformer; the runs
+        (`sample`, `generate`, `velocity`) enter it themselves."""
+        return self._lora_state.scope(self.loras if loras is None else loras)
+
+    def lora_metadata(self, loras=None) -> list[dict]:
+        return self._lora_state.metadata(self.loras if loras is None else loras)
+
+    def run_record(self, plan, loras=None) -> dict:
+        """The ``auraflow`` image-metadata record of a run with ``plan`` (a GenerationPlan or SamplingPlan)."""
+        sampling = getattr(plan, "sampling", None) or plan
+        return run_record(self.sources, dtype=self.weight_dtype, compute_dtype=self.dtype, device=self.device,
+                          speed=sampling.speed, noise_device=sampling.noise_device,
+                          loras=self.lora_metadata(loras))
 
     # -------------------------------------------------------------- devices
     PARTS = ("transformer", "text_encoder", "vae")
@@ -168,9 +212,10 @@ class AuraFlowPipeline:
         p = self.patch_size
         ph, pw = (-h) % p, (-w) % p
         xin = F.pad(x, (0, pw, 0, ph), mode="circular") if (ph or pw) else x
-        out = (self.transformer if transformer is None else transformer)(hidden_states=xin.to(self.device, self.dtype),
-                               encoder_hidden_states=context.to(self.device, self.dtype),
-                               timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
+        with self.lora_scope():
+            out = (self.transformer if transformer is None else transformer)(
+                hidden_states=xin.to(self.device, self.dtype), encoder_hidden_states=context.to(self.device, self.dtype),
+                timestep=sigma.to(self.device, torch.float32), return_dict=False)[0]
         return out[..., :h, :w].to(x.dtype)
 
     def sample(self, positive, negative, latent, plan=None, *, speed=None, callback=None, should_stop=None,
@@ -192,11 +237,13 @@ class AuraFlowPipeline:
             log.info("speed: cfg_cutoff and step_cache do not apply with conditioning options; running without them")
             options = dataclasses.replace(options, cfg_cutoff=None, cache_threshold=0.0)
         model = self.velocity
-        if options is not None:
-            samples = latent["samples"] if isinstance(latent, dict) else latent
-            model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg, sigmas=plan.sigmas_tensor())
-        return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
-                       noise=noise, mask=mask)
+        with self.lora_scope():  # the LoRAs of this pipeline (or of the view that called) for the whole run
+            if options is not None:
+                samples = latent["samples"] if isinstance(latent, dict) else latent
+                model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg,
+                                       sigmas=plan.sigmas_tensor())
+            return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
+                           noise=noise, mask=mask)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -219,42 +266,49 @@ class AuraFlowPipeline:
     # -------------------------------------------------------------- the whole job
     def generate(self, plan: GenerationPlan | None = None, *, callback: Callable | None = None,
                  should_stop: Callable | None = None, noise: torch.Tensor | None = None, speed="auto",
-                 stage: Callable | None = None, **params) -> GenerationResult:
+                 noise_device: str = "cpu", stage: Callable | None = None, **params) -> GenerationResult:
         """Text to image with the hosted API's parameters (see aura_flow.params), checked before any work.
 
         plan: an `aura_flow.plan.GenerationPlan` (``plan_generation(params, speed=...)``), or instead the parameters
         as keywords and ``speed``: "auto" (the lossless padding fold on the CPU, exact elsewhere), None (exact), a
         mode name or an `aura_flow.pipeline.modes.SpeedOptions` (the lossy ones are opt-in, with a bounded,
-        measured fidelity loss).
+        measured fidelity loss); ``noise_device``: "cpu" (ComfyUI's start noise) or "gpu" (drawn on the compute
+        device, as diffusers does; the same as "cpu" when the model runs on the CPU).
         callback(step, total, x0) after each step; should_stop() polled before every model call.
         noise overrides the seeded start noise, shape (number_of_images, 4, height/8, width/8).
         stage(parts): a context manager entered around each stage with the parts it uses (("text_encoder",),
         ("transformer",), ("vae",)), so a host can bring just those to its GPU; by default nothing moves.
         """
         if plan is None:
-            plan = plan_generation(params, speed=speed)
-        elif params:
-            raise TypeError(f"generate() takes a plan or the parameters, not both (got {', '.join(sorted(params))})")
+            plan = plan_generation(params, speed=speed, noise_device=noise_device)
+        elif params or noise_device != "cpu":
+            given = sorted(params) + (["noise_device"] if noise_device != "cpu" else [])
+            raise TypeError(f"generate() takes a plan or the parameters, not both (got {', '.join(given)}); the "
+                            f"plan carries them: plan_generation(params, noise_device=...)")
         if plan.sampling is None:
             raise ParameterError("this plan is for the hosted API (remote=True); plan a local run with "
                                  "plan_generation(params)")
         stage = stage or (lambda parts: contextlib.nullcontext())
         from PIL import Image
 
-        with stage(("text_encoder",)):
-            positive = self.encode_prompt(plan.prompt)
-            negative = self.encode_prompt(plan.negative_prompt) if plan.cfg != 1.0 else positive
-        with stage(("transformer",)):  # the speed is resolved in sample(), where the transformer is now
-            out = self.sample(positive, negative, torch.zeros(plan.latent_shape), plan.sampling, callback=callback,
-                              should_stop=should_stop, noise=noise)
+        with self.lora_scope():  # one LoRA list for the whole run, the one the record names
+            with stage(("text_encoder",)):
+                positive = self.encode_prompt(plan.prompt)
+                negative = self.encode_prompt(plan.negative_prompt) if plan.cfg != 1.0 else positive
+            with stage(("transformer",)):  # the speed is resolved in sample(), where the transformer is now
+                # the latent starts where the transformer runs: the sampler works there (and draws "gpu" noise there)
+                out = self.sample(positive, negative, torch.zeros(plan.latent_shape, device=self.device),
+                                  plan.sampling, callback=callback, should_stop=should_stop, noise=noise)
+                record = self.run_record(plan, self._lora_state.active)  # while on the device it ran on
         with stage(("vae",)):
             # one image at a time: a batch of 10 at 1024^2 in fp32 would need the VAE's activations ten times over
             images = torch.cat([self.decode(out[i:i + 1]) for i in range(out.shape[0])])
         pil = [Image.fromarray((im.numpy() * 255.0).round().clip(0, 255).astype("uint8")) for im in images]
-        return GenerationResult(images=pil, tensor=images, seed=plan.seed, params=plan.params(), plan=plan)
+        return GenerationResult(images=pil, tensor=images, seed=plan.seed, params=plan.params(), plan=plan,
+                                record=record)
 
 def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto",
-         offload_text_encoder="auto") -> AuraFlowPipeline:
+         offload_text_encoder="auto", loras=None) -> AuraFlowPipeline:
     """Load AuraFlow from ``checkpoint`` and return an `AuraFlowPipeline`.
 
     checkpoint: a diffusers folder, an all-in-one .safetensors, or a transformer-only .safetensors (original or
@@ -263,15 +317,20 @@ def load(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto
     runs in bf16/fp16); the VAE always runs in fp32. device: auto, cpu, cuda, cuda:N, mps.
     offload_text_encoder: True keeps the text encoder on the CPU between prompts (it visits the device only to
     encode one); "auto" does so on a CUDA device whose free memory is short (`text_encoder_should_wait`).
+    loras: ``[(path, strength), ...]`` applied as run-time patches (`AuraFlowPipeline.set_loras`); the files and
+    strengths are checked before the model is read.
     """
     import time
 
     if offload_text_encoder not in ("auto", True, False):
         raise ParameterError(f"offload_text_encoder={offload_text_encoder!r}: give True, False or 'auto'")
+    entries = check_loras(loras)  # headers and strengths, before gigabytes are read
     t0 = time.perf_counter()
     c = load_components(checkpoint, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, dtype=dtype,
                         device=device)
-    pipe = AuraFlowPipeline.from_components(c, offload_text_encoder=offload_text_encoder)
+    pipe = AuraFlowPipeline.from_components(c, offload_text_encoder=offload_text_encoder, weight_dtype=dtype)
+    if entries:
+        pipe.set_loras(entries)
     cfg = c.transformer.config
     log.info("AuraFlow loaded from %s: %d+%d blocks, width %d, %s on %s in %.1fs", checkpoint, cfg.num_mmdit_layers,
              cfg.num_single_dit_layers, cfg.num_attention_heads * cfg.attention_head_dim, dtype, c.device,

@@ -6,10 +6,13 @@ Contract (shared with the fixtures in shared/fixtures/):
 - ``model(x, sigma, context)`` returns the flow velocity for model-space ``x`` (N, 4, h, w), per-row ``sigma``
   (N,) and ``context`` (N, tokens, 2048) with one row per row of ``x``.
 - ``positive`` / ``negative`` are (1, tokens, 2048) contexts (or (B, tokens, 2048), one per latent row).
-- Start noise is ``torch.randn(latent.shape, generator=torch.manual_seed(seed))`` on the CPU for the whole batch.
+- Start noise is ``torch.randn(latent.shape, generator=torch.manual_seed(seed))`` on the CPU for the whole batch
+  (ComfyUI's), or with the plan's ``noise_device="gpu"`` drawn by a generator of the device the sampling runs on
+  (``torch.Generator(device).manual_seed(seed)``, as diffusers and Pony V7's noise node do on CUDA).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -22,12 +25,32 @@ from .conds import CondDenoiser, has_options, resolve_conds
 from .guidance import CFGDenoiser
 from .schedules import LATENT_SCALE, ModelSampling
 
-__all__ = ["sample", "prepare_noise", "prepare_mask", "Interrupted", "CFGDenoiser", "InpaintDenoiser"]
+__all__ = ["sample", "prepare_noise", "prepare_mask", "noise_generator_device", "Interrupted", "CFGDenoiser",
+           "InpaintDenoiser"]
+
+log = logging.getLogger(__name__)
 
 
-def prepare_noise(shape, seed: int) -> torch.Tensor:
-    """ComfyUI's start noise: one CPU generator for the whole batch, so a seed gives the same image anywhere."""
-    return torch.randn(tuple(shape), generator=torch.manual_seed(seed), dtype=torch.float32, device="cpu")
+def noise_generator_device(noise_device: str, device) -> torch.device:
+    """Where the start noise is drawn: the CPU for "cpu"; for "gpu" the device the sampling runs on, or the CPU
+    (with a log line) when that is the CPU itself, where both settings give the same noise."""
+    device = torch.device(device)
+    if noise_device != "gpu":
+        return torch.device("cpu")
+    if device.type == "cpu":
+        log.info("noise_device='gpu': the model runs on the CPU, so the start noise is drawn there (the same as "
+                 "noise_device='cpu'); images will differ from those drawn on a GPU")
+    return device
+
+
+def prepare_noise(shape, seed: int, device="cpu") -> torch.Tensor:
+    """The start noise, float32, on ``device``: on the CPU ComfyUI's (one CPU generator for the whole batch, so a
+    seed gives the same image anywhere); on another device that device's generator, as diffusers draws it there."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.randn(tuple(shape), generator=torch.manual_seed(seed), dtype=torch.float32, device="cpu")
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
 
 
 def prepare_mask(mask: torch.Tensor, shape, device) -> torch.Tensor:
@@ -105,7 +128,8 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
         return dict(latent) if as_dict else samples.clone()
 
     if noise is None:
-        noise = prepare_noise(samples.shape, seed)
+        noise = prepare_noise(samples.shape, seed, noise_generator_device(getattr(plan, "noise_device", "cpu"),
+                                                                          device))
     elif tuple(noise.shape) != tuple(samples.shape):
         raise ParameterError(f"noise has shape {tuple(noise.shape)}, the latent {tuple(samples.shape)}")
     mask = None if mask is None else prepare_mask(mask, samples.shape, device)

@@ -76,6 +76,9 @@ def _locate_transformer(ckpt: Path, found: dict) -> tuple:
     tokenizer folders."""
     if not ckpt.is_dir():
         if is_gguf(ckpt):
+            from .gguf import check_gguf  # the gguf package: only for GGUF files
+
+            check_gguf(ckpt)  # another model's GGUF is named now, not after a search for its text encoder
             return ("gguf", ckpt)
         reader = SafetensorsReader([ckpt])
         keys = list(reader.keys())

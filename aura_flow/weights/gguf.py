@@ -100,8 +100,8 @@ def _check_arch(reader, path, keys) -> str:
                     f"ComfyUI-GGUF's Unet Loader (GGUF)).")
 
 
-def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
-    """``({unprefixed name: GGUFStored}, header metadata)`` of an AuraFlow GGUF; ``file`` is ``path`` opened 'rb'."""
+def _open_checked(path) -> tuple[gguf.GGUFReader, list[str]]:
+    """The header of an AuraFlow GGUF (a reader and its tensor names); LoadError naming what else it is."""
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as exc:  # gguf-py raises ValueError for a bad magic or version
@@ -111,6 +111,18 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
         raise LoadError(f"{path}: a big-endian GGUF; convert the model again on a little-endian machine.")
     names = [t.name for t in reader.tensors]
     _check_arch(reader, path, names)
+    return reader, names
+
+
+def check_gguf(path) -> None:
+    """Refuse a GGUF that is not an AuraFlow transformer (naming its architecture) from its header alone, before
+    the other parts are looked for."""
+    _open_checked(path)
+
+
+def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
+    """``({unprefixed name: GGUFStored}, header metadata)`` of an AuraFlow GGUF; ``file`` is ``path`` opened 'rb'."""
+    reader, names = _open_checked(path)
     prefix = find_prefix(names, TRANSFORMER_KEYS) or ""
     stored = {}
     for t in reader.tensors:

@@ -10,6 +10,32 @@ from . import module
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")  # single files, searched in this order
 DIFFUSERS_FOLDER = "diffusers"  # folders holding a model_index.json
 TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "tokenizer.json")
+LORA_FOLDER = "loras"
+# ComfyUI's file lists leave .gguf out; this pack's own folder name lists them from models/unet and
+# models/diffusion_models (the diffusion_models paths, shared, so extra_model_paths.yaml entries count too).
+# ComfyUI-GGUF registers "unet_gguf" the same way; that key is its own and is left alone.
+GGUF_FOLDER = "auraflow_gguf"
+GGUF_SOURCE = "diffusion_models"
+GGUF_EXTENSIONS = {".gguf"}
+
+
+def register_gguf_folder(fp=None) -> bool:
+    """Add `GGUF_FOLDER` to ComfyUI's folder table (once); False outside ComfyUI or on one without the table."""
+    fp = fp or module("folder_paths")
+    table = getattr(fp, "folder_names_and_paths", None)
+    if table is None:
+        return False
+    if GGUF_FOLDER not in table:
+        paths = table[GGUF_SOURCE][0] if GGUF_SOURCE in table else []
+        table[GGUF_FOLDER] = (paths, set(GGUF_EXTENSIONS))
+    return True
+
+
+def gguf_names() -> list[str]:
+    """The .gguf files under ComfyUI's models/unet and models/diffusion_models folders; [] outside ComfyUI."""
+    if not register_gguf_folder():
+        return []
+    return model_names(GGUF_FOLDER)
 
 
 def model_names(folder: str) -> list[str]:
@@ -67,6 +93,8 @@ def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: 
     """
     fp = module("folder_paths")
     if fp is not None:
+        if GGUF_FOLDER in folders:
+            register_gguf_folder(fp)
         for folder in folders:
             try:
                 path = fp.get_full_path(folder, name)
@@ -82,7 +110,9 @@ def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: 
                 return path
     if os.path.exists(os.path.expanduser(name)):
         return os.path.expanduser(name)
-    where = ", ".join(f"models/{f}" for f in folders + ((DIFFUSERS_FOLDER,) if diffusers else ()))
+    shown = {GGUF_FOLDER: "unet"}  # the .gguf list's own name means nothing to a user
+    where = ", ".join(dict.fromkeys(f"models/{shown.get(f, f)}"
+                                    for f in folders + ((DIFFUSERS_FOLDER,) if diffusers else ())))
     raise FileNotFoundError(f"{what} {name!r} not found in {where if fp is not None else 'the file system'}. "
                             f"Put it in {where} and press R in the editor to refresh the list"
                             + ("" if fp is not None else ", or pass an existing path") + ".")

@@ -76,30 +76,38 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".bin")
 def build_models_for_workflows(models: Path, scratch: Path) -> dict:
     """Tiny random models under every model name the bundled API workflows reference, where ComfyUI looks.
 
-    checkpoint: a file name -> an all-in-one tiny file in models/checkpoints; any other name -> a tiny diffusers
-    folder in models/diffusers. text_encoder / vae files -> the tiny separate files in models/text_encoders and
-    models/vae; tokenizer files -> the tiny sentencepiece model in models/text_encoders.
+    checkpoint: a Pony name (``pony*``) -> a tiny Pony V7 transformer-only file in models/diffusion_models; a
+    ``.gguf`` -> a tiny GGUF in models/unet; another file name -> an all-in-one tiny file in models/checkpoints; any
+    other name -> a tiny diffusers folder in models/diffusers (each file with the tiny tokenizer beside it).
+    text_encoder / vae files -> the tiny separate files in models/text_encoders and models/vae; tokenizer files ->
+    the tiny sentencepiece model in models/text_encoders; lora_name -> a tiny kohya LoRA in models/loras.
     """
     from aura_flow.tiny import build_tiny
+    from aura_flow.weights.writers import build_tiny_gguf
+    from lora_files import write_lora
 
-    wanted: dict[str, set] = {"checkpoint": set(), "text_encoder": set(), "vae": set(), "tokenizer": set()}
+    wanted: dict[str, set] = {"checkpoint": set(), "text_encoder": set(), "vae": set(), "tokenizer": set(),
+                              "lora_name": set()}
     for path in workflow_files("api"):
         for node in json.loads(path.read_text(encoding="utf-8")).values():
             for name, value in node.get("inputs", {}).items():
                 if name in wanted and isinstance(value, str):
                     wanted[name].add(value)
-    for sub in ("checkpoints", "diffusers", "text_encoders", "vae"):
+    for sub in ("checkpoints", "diffusers", "text_encoders", "vae", "diffusion_models", "unet", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     single = build_tiny(scratch / "single_file", "single_file")
     separate = scratch / "transformer_only"
     build_tiny(separate, "transformer_only")
-    diffusers = None
+    diffusers = pony = gguf = None
     for name in sorted(wanted["checkpoint"]):
-        if name.lower().endswith(MODEL_FILE_SUFFIXES):
-            dest = models / "checkpoints" / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(single, dest)
-            shutil.copy2(single.parent / "tokenizer.model", dest.parent / "tokenizer.model")  # the tiny vocabulary
+        if name.lower().startswith("pony") and name.lower().endswith(MODEL_FILE_SUFFIXES):
+            pony = pony or build_tiny(scratch / "pony", "transformer_only", preset="pony")
+            place(pony, models / "diffusion_models" / name)
+        elif name.lower().endswith(".gguf"):
+            gguf = gguf or build_tiny_gguf(scratch / "gguf", "Q8_0")
+            place(gguf, models / "unet" / name)
+        elif name.lower().endswith(MODEL_FILE_SUFFIXES):
+            place(single, models / "checkpoints" / name)
         else:
             diffusers = diffusers or build_tiny(scratch / "diffusers", "diffusers")
             shutil.copytree(diffusers, models / "diffusers" / name)
@@ -109,7 +117,17 @@ def build_models_for_workflows(models: Path, scratch: Path) -> dict:
             if name.lower().endswith(MODEL_FILE_SUFFIXES + (".model", ".json")):
                 (models / folder / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(separate / source, models / folder / name)
+    for n, name in enumerate(sorted(wanted["lora_name"])):
+        write_lora(models / "loras" / name, seed=n)
     return {key: sorted(names) for key, names in wanted.items()}
+
+
+def place(model: Path, dest: Path) -> Path:
+    """A tiny model file copied to ``dest`` with its tiny tokenizer beside it (the loader finds it there)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(model, dest)
+    shutil.copy2(model.parent / "tokenizer.model", dest.parent / "tokenizer.model")
+    return dest
 
 
 def provide_input_images(checkout: Path, input_dir: Path) -> list[str]:

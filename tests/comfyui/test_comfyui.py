@@ -123,12 +123,17 @@ def test_bundled_api_workflow_runs_to_images(comfy_server, path, tmp_path):
     else:
         sizes = {(n["inputs"].get("width"), n["inputs"].get("height")) for n in prompt.values()
                  if isinstance(n["inputs"].get("width"), int) and isinstance(n["inputs"].get("height"), int)}
+    local = any(n["class_type"] == "AuraFlowLoader" for n in prompt.values())
     for image_path in paths:
         with Image.open(image_path) as img:
             img.load()
             if len(sizes) == 1:
                 assert img.size == next(iter(sizes)), (image_path, img.size)
             assert img.getextrema() != ((0, 0),) * len(img.getbands()), f"{image_path} is all black"
+            if local:  # the run's record reached AuraFlow Save Image (through ComfyUI's own VAE Decode too)
+                from aura_flow.images import read_metadata
+
+                assert read_metadata(img)["auraflow"]["checkpoint"]["hash"], image_path
 
 
 @pytest.mark.parametrize("speed", [None, "fast"], ids=["saved-before-speed", "fast"])
@@ -282,3 +287,73 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
     assert result["vue"] == {"before": DEFAULTS["steps"] + 1, "after": DEFAULTS["steps"] + 2}
     width, _, line, error, _ = plot_pixels(shots / "sigma-plot-vue.png")
     assert len(line) > 150 and error == 0 and max(x for x, _ in line) - min(x for x, _ in line) > 0.7 * width
+
+
+# ------------------------------------------------------------------------------------------- GGUF and LoRAs
+def test_gguf_checkpoint_with_two_chained_loras_runs_to_images(comfy_server, tmp_path):
+    """A GGUF from models/unet, two chained AuraFlow LoRA Loaders, and beside them a branch on the loader's own
+    model, through /prompt: the images equal the engine's (the same GGUF and LoRAs loaded here), the base branch
+    has no LoRA, and the saved files carry the auraflow record."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import aura_flow
+    from aura_flow.images import read_metadata
+    from aura_flow.provenance import file_hash
+    from aura_flow.weights.writers import build_tiny_gguf
+    from lora_files import LAYERS_A, LAYERS_B, write_lora
+
+    from comfyui_support import place
+
+    models = comfy_server.base / "models"
+    gguf = build_tiny_gguf(tmp_path / "src", "Q8_0", seed=3)
+    place(gguf, models / "unet" / "auraflow_lora_test_Q8_0.gguf")
+    shutil.copy2(gguf.parent / "text_encoder.safetensors", models / "text_encoders" / "gguf_test_te.safetensors")
+    shutil.copy2(gguf.parent / "vae.safetensors", models / "vae" / "gguf_test_vae.safetensors")
+    a = write_lora(models / "loras" / "test_style_a.safetensors", LAYERS_A, seed=1)
+    b = write_lora(models / "loras" / "test_char_b.safetensors", LAYERS_B, seed=2, style="peft")
+    listed = comfy_server.get_json("/object_info/AuraFlowLoader")["AuraFlowLoader"]["input"]["required"]["checkpoint"]
+    assert "auraflow_lora_test_Q8_0.gguf" in (listed[0] if isinstance(listed[0], list) else listed[1]["options"])
+    gen = dict(prompt="a red fox", negative_prompt="", cfg=3.0, seed=11, shift=1.73, steps=2, width=64, height=64,
+               sampler="euler", scheduler="normal", number_of_images=1, output_format="png", output_quality=80)
+    prompt = {
+        "1": {"class_type": "AuraFlowLoader", "inputs": {
+            "checkpoint": "auraflow_lora_test_Q8_0.gguf", "text_encoder": "gguf_test_te.safetensors",
+            "vae": "gguf_test_vae.safetensors", "tokenizer": "(from checkpoint)", "weight_dtype": "fp32"}},
+        "2": {"class_type": "AuraFlowLoraLoader", "inputs": {"model": ["1", 0], "lora_name": a.name,
+                                                             "strength": 0.8}},
+        "3": {"class_type": "AuraFlowLoraLoader", "inputs": {"model": ["2", 0], "lora_name": b.name,
+                                                             "strength": -0.6}},
+        "4": {"class_type": "AuraFlowGenerate", "inputs": {"model": ["3", 0], **gen}},
+        "5": {"class_type": "AuraFlowSaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "gguf_loras",
+                                                            "format": "png", "quality": 80, "embed_workflow": True}},
+        "6": {"class_type": "AuraFlowGenerate", "inputs": {"model": ["1", 0], **gen}},
+        "7": {"class_type": "AuraFlowSaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "gguf_base",
+                                                            "format": "png", "quality": 80, "embed_workflow": True}},
+    }
+    paths = headless.run_workflow(prompt, comfy_server.url, out_dir=tmp_path / "out", timeout=600, poll=0.2)
+    (styled,) = [p for p in paths if p.name.startswith("gguf_loras")]
+    (base,) = [p for p in paths if p.name.startswith("gguf_base")]
+
+    files = dict(text_encoder=gguf.parent / "text_encoder.safetensors", vae=gguf.parent / "vae.safetensors")
+    engine_gen = dict(gen)
+    with_loras = aura_flow.load(gguf, **files, dtype="fp32", device="cpu", loras=[(a, 0.8), (b, -0.6)])
+    want = with_loras.generate(**engine_gen).images[0]
+    plain = aura_flow.load(gguf, **files, dtype="fp32", device="cpu").generate(**engine_gen).images[0]
+
+    def pixels(image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.int16))
+
+    with Image.open(styled) as got_styled, Image.open(base) as got_base:
+        assert (pixels(got_styled) - pixels(want)).abs().max() <= 1
+        assert (pixels(got_base) - pixels(plain)).abs().max() <= 1
+        assert (pixels(want) - pixels(plain)).abs().max() > 10  # the LoRAs show
+        record, base_record = read_metadata(got_styled)["auraflow"], read_metadata(got_base)["auraflow"]
+    assert record["checkpoint"] == {"name": "auraflow_lora_test_Q8_0.gguf", "hash": file_hash(gguf)}
+    assert [(x["name"], x["strength"], x["format"]) for x in record["loras"]] == [
+        ("test_style_a.safetensors", 0.8, "kohya lora"), ("test_char_b.safetensors", -0.6, "diffusers/peft lora")]
+    assert base_record["loras"] == [] and record["dtype"] == "fp32"
+    assert str(models) not in json.dumps(record)
