@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 
 from .errors import ParameterError  # re-exported: aura_flow.params.ParameterError
@@ -25,6 +26,7 @@ SIZE_STEP = 8
 # The hosted service's own limit.
 REMOTE_MIN_SIZE = 512
 REMOTE_MAX_SIZE = 2048
+MIN_SHIFT = 0.01  # the smallest shift above 0 (ComfyUI's widget step); 0 itself is refused with its own reason
 
 
 
@@ -64,6 +66,15 @@ DEFAULTS = {
 }
 
 
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters: a hostile value must not make a huge one."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int over Python's 4300-digit conversion limit
+        return f"<an integer of over {sys.get_int_max_str_digits()} digits>"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -75,13 +86,13 @@ def check_range(name: str, value, rng: Range | None = None):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ParameterError(f"{name}={value!r} is not an integer; allowed: {rng.lo}..{rng.hi}")
+            raise ParameterError(f"{name}={shown(value)} is not an integer; allowed: {rng.lo}..{rng.hi}")
     else:
         if not _is_number(value) or not math.isfinite(float(value)):
-            raise ParameterError(f"{name}={value!r} is not a finite number; allowed: {rng.lo}..{rng.hi}")
+            raise ParameterError(f"{name}={shown(value)} is not a finite number; allowed: {rng.lo}..{rng.hi}")
         value = float(value)
     if not (rng.lo <= value <= rng.hi):
-        raise ParameterError(f"{name}={value!r} is out of range; allowed: {rng.lo}..{rng.hi}")
+        raise ParameterError(f"{name}={shown(value)} is out of range; allowed: {rng.lo}..{rng.hi}")
     return value
 
 
@@ -90,13 +101,13 @@ def check_size(name: str, value, *, remote: bool = False) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ParameterError(f"{name}={value!r} is not an integer; allowed: {lo}..{hi}")
+        raise ParameterError(f"{name}={shown(value)} is not an integer; allowed: {lo}..{hi}")
     if not (lo <= value <= hi):
-        raise ParameterError(f"{name}={value} is out of range; allowed: {lo}..{hi}"
+        raise ParameterError(f"{name}={shown(value)} is out of range; allowed: {lo}..{hi}"
                              + ("" if remote else f" in steps of {SIZE_STEP}"))
     if not remote and value % SIZE_STEP:
         lower = value - value % SIZE_STEP
-        raise ParameterError(f"{name}={value} is not a multiple of {SIZE_STEP} (the VAE's downscale factor); "
+        raise ParameterError(f"{name}={shown(value)} is not a multiple of {SIZE_STEP} (the VAE's downscale factor); "
                              f"use {lower} or {lower + SIZE_STEP}")
     return value
 
@@ -108,6 +119,9 @@ def check_shift(value) -> float:
     if value == 0.0:
         raise ParameterError(f"shift={value!r} makes every noise level 0, so nothing would be sampled; allowed: above "
                              f"0 up to {RANGES['shift'].hi:g} (AuraFlow's default is {RANGES['shift'].default})")
+    if value < MIN_SHIFT:  # below this the float32 noise levels collapse to 0 and some schedules turn NaN
+        raise ParameterError(f"shift={value!r} is too small: the noise levels collapse to 0; allowed: {MIN_SHIFT:g} up "
+                             f"to {RANGES['shift'].hi:g} (AuraFlow's default is {RANGES['shift'].default})")
     return value
 
 
@@ -118,16 +132,16 @@ def check_seed(seed) -> int:
     if isinstance(seed, float) and seed.is_integer():
         seed = int(seed)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParameterError(f"seed={seed!r} is not an integer; allowed: 0..{MAX_SEED}")
+        raise ParameterError(f"seed={shown(seed)} is not an integer; allowed: 0..{MAX_SEED}")
     if not (0 <= seed <= MAX_SEED):
-        raise ParameterError(f"seed={seed} is out of range; allowed: 0..{MAX_SEED}")
+        raise ParameterError(f"seed={shown(seed)} is out of range; allowed: 0..{MAX_SEED}")
     return seed
 
 
 def check_choice(name: str, value, choices) -> str:
     choices = tuple(choices)
     if value not in choices:
-        raise ParameterError(f"{name}={value!r} is not known; valid names: {', '.join(choices)}")
+        raise ParameterError(f"{name}={shown(value)} is not known; valid names: {', '.join(choices)}")
     return value
 
 

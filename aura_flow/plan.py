@@ -81,7 +81,8 @@ class GenerationPlan:
 def check_schedule_length(steps: int, denoise: float) -> None:
     from .sampling.schedules import schedule_length
 
-    n = schedule_length(steps, denoise)
+    # steps / 1e-320 is inf, which int() cannot take: such lengths are only named
+    n = schedule_length(steps, denoise) if denoise <= 0.0 or steps / denoise < 1e15 else steps / denoise
     if n > MAX_SCHEDULE_STEPS:
         raise ParameterError(f"denoise={denoise!r} with steps={steps} asks for a schedule of {n} steps (ComfyUI runs "
                              f"the last {steps} of int(steps / denoise)); at most {MAX_SCHEDULE_STEPS}: raise denoise "

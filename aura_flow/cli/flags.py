@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import ParameterError
-from ..params import DEFAULTS, MAX_SEED, OUTPUT_FORMATS, RANGES
+from ..params import DEFAULTS, MAX_SEED, MIN_SHIFT, OUTPUT_FORMATS, RANGES
 from ..pipeline.modes import SPEED_NAMES
 
 
@@ -30,7 +30,7 @@ def add_generation_flags(p, *, remote: bool = False) -> None:
                                                                         "negative prompt")
     p.add_argument("--seed", type=int, default=None, help=f"0-{MAX_SEED}; random when omitted (the seed used is "
                                                           "printed)")
-    p.add_argument("--shift", type=float, default=DEFAULTS["shift"], help=f"flow shift, above 0 up to "
+    p.add_argument("--shift", type=float, default=DEFAULTS["shift"], help=f"flow shift, {MIN_SHIFT:g} up to "
                                                                           f"{RANGES['shift'].hi:g}")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"sampling steps {_range('steps')}")
     p.add_argument("--width", type=int, default=DEFAULTS["width"], help=f"image width {size}")
