@@ -37,12 +37,13 @@ class PromptTokenizer:
     def load(cls, path) -> "PromptTokenizer":
         path = Path(path)
         if path.is_dir() and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+            _refuse_code(path)
             from transformers import AutoTokenizer
 
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            try:  # never code from the folder, never the network
+                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
             except Exception as exc:  # transformers raises many kinds here
-                raise LoadError(f"{path}: cannot load the tokenizer ({exc}); {TOKENIZER_HINT}") from None
+                raise LoadError(f"{path}: cannot load the tokenizer ({str(exc)[:300]}); {TOKENIZER_HINT}") from None
             pad = tok.pad_token_id if tok.pad_token_id is not None else PAD_ID
             end = tok.eos_token_id if tok.eos_token_id is not None else END_ID
             return cls(lambda text: list(tok(text, add_special_tokens=False, verbose=False)["input_ids"]), str(path), pad, end)
@@ -87,6 +88,17 @@ class PromptTokenizer:
         n = len(ids)
         pad = max(min_length, n) - n
         return ids + [self.pad_id] * pad, [1] * n + [0] * pad, weights + [1.0] * pad
+
+
+def _refuse_code(folder: Path) -> None:
+    """LoadError for a tokenizer folder that asks to run its own Python code (``auto_map``), before transformers
+    sees it: the pack never runs code from a model folder."""
+    from .weights.reader import read_json
+
+    for name in ("tokenizer_config.json", "config.json"):
+        if (folder / name).is_file() and read_json(folder / name, "tokenizer config").get("auto_map"):
+            raise LoadError(f"{folder / name}: the tokenizer asks to run Python code from its folder (auto_map); "
+                            f"code from a model folder is never run. {TOKENIZER_HINT}")
 
 
 _OPEN, _CLOSE = "\0\2", "\0\1"  # stand-ins for escaped parentheses while parsing

@@ -111,7 +111,8 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
     ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference."""
     from diffusers import AuraFlowTransformer2DModel
 
-    from .configs import infer_transformer_config
+    from .configs import check_transformer_config, constructor_config, infer_transformer_config
+    from .modules import build_on_meta, check_unexpected
 
     entries: dict[str, Stored] = {}
     for key, (name, swap) in diffusers_names(stored, source).items():
@@ -124,13 +125,17 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
         except KeyError as exc:
             raise LoadError(f"{source}: no {exc.args[0]} tensor found; this is not a complete AuraFlow transformer.") \
                 from None
-    with torch.device("meta"):
-        model = AuraFlowTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    check_transformer_config(config, source)
+    model = build_on_meta(lambda: AuraFlowTransformer2DModel(**constructor_config(AuraFlowTransformer2DModel, config,
+                                                                                  source)), "transformer", source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(entries))
     if missing:
         raise LoadError(f"{source}: the transformer is missing {len(missing)} tensors (e.g. {', '.join(missing[:3])});"
                         f" the file is incomplete or of another model.")
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        check_unexpected(model, extra, "transformer", source)
 
     def decode(key):
         _fit(entries[key].shape, expected[key].shape, key, source)
@@ -146,9 +151,6 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise LoadError(f"{source}: transformer tensor {name} was not loaded")
-    extra = sorted(set(entries) - set(expected))
-    if extra:
-        log.debug("%s: ignoring %d unexpected transformer tensors (e.g. %s)", source, len(extra), extra[:3])
     return model.eval().requires_grad_(False)
 
 
