@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 def _materialize(cls_or_factory, sd: dict, what: str, source):
     """Build a module on the meta device and assign the loaded tensors (no random init, no second copy)."""
+    from .assemble import build_on_meta, check_unexpected
+
     module = build_on_meta(cls_or_factory, what, source)
     expected = set(module.state_dict().keys())
     missing = sorted(expected - set(sd))
@@ -38,42 +40,6 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
         if t.is_meta:
             raise LoadError(f"{source}: {what} weight {name} was not loaded")
     return module.eval().requires_grad_(False)
-
-
-def build_on_meta(factory, what: str, source):
-    """``factory()`` on the meta device (no memory, no random init); LoadError when the config makes no model."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return factory()
-    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AttributeError, KeyError) as exc:
-        raise LoadError(f"{source}: the {what}'s config makes no model ({exc.__class__.__name__}: {str(exc)[:200]}); "
-                        "the config is damaged or of another model. Download it again") from None
-
-
-def check_unexpected(module, keys, what: str, source) -> None:
-    """Tensors ``module`` has no place for. Those that belong to its own structure (a block beyond the config's
-    count, a weight of an existing layer that the config leaves out) mean the config does not match the weights:
-    LoadError. Others (another model's parts stored beside it) are ignored with a warning."""
-    from torch import nn
-
-    modules = dict(module.named_modules())
-    ours, others = [], []
-    for key in sorted(keys):
-        parts = key.split(".")
-        depth = max(i for i in range(len(parts)) if ".".join(parts[:i]) in modules)  # "" (the root) always is
-        owner = modules[".".join(parts[:depth])]
-        if depth > 0 and (depth == len(parts) - 1 or isinstance(owner, (nn.ModuleList, nn.Sequential))):
-            ours.append(key)
-        else:
-            others.append(key)
-    if ours:
-        raise LoadError(f"{source}: {len(ours)} {what} weights have no place in the model its config describes (e.g. "
-                        f"{', '.join(ours[:3])}): the config does not match the weights (a wrong layer count or "
-                        "size). Use the config.json that came with these weights")
-    log.warning("%s: ignoring %d tensors that are not part of the %s (e.g. %s)", source, len(others), what,
-                ", ".join(others[:3]))
 
 
 def build_text_encoder(sd: dict, config, source):
