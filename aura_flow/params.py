@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from dataclasses import dataclass
 
-from .errors import ParameterError  # re-exported: aura_flow.params.ParameterError
+from .errors import ParameterError, shown  # re-exported: aura_flow.params.ParameterError
+from .prompts import check_prompt
 from .sampling import registry  # names read when used: register_sampler adds to them at runtime
 
 MAX_SEED = 2**64 - 1
@@ -26,6 +26,10 @@ SIZE_STEP = 8
 # The hosted service's own limit.
 REMOTE_MIN_SIZE = 512
 REMOTE_MAX_SIZE = 2048
+# What one run may cost: the position grid is interpolated beyond 1024x1024, but attention grows with the square of
+# the pixels; 4096x4096 per image (16x AuraFlow's size) and ten 2048x2048 images in all.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_BATCH_PIXELS = 10 * 2048 * 2048
 MIN_SHIFT = 0.01  # the smallest shift above 0 (ComfyUI's widget step); 0 itself is refused with its own reason
 
 
@@ -66,15 +70,6 @@ DEFAULTS = {
 }
 
 
-def shown(value, limit: int = 60) -> str:
-    """``repr(value)`` for a message, cut to about ``limit`` characters: a hostile value must not make a huge one."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int over Python's 4300-digit conversion limit
-        return f"<an integer of over {sys.get_int_max_str_digits()} digits>"
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -112,6 +107,17 @@ def check_size(name: str, value, *, remote: bool = False) -> int:
     return value
 
 
+def check_area(width: int, height: int, number: int, *, names=("width", "height", "number_of_images")) -> None:
+    """The pixels of one run, bounded: ``width`` x ``height`` per image and times ``number`` in all."""
+    w, h, n = names
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ParameterError(f"{w}={width} x {h}={height} is {width * height:,} pixels; at most {MAX_IMAGE_PIXELS:,} "
+                             "(4096x4096) per image: generate smaller and upscale")
+    if width * height * number > MAX_BATCH_PIXELS:
+        raise ParameterError(f"{n}={number} images of {width}x{height} are {width * height * number:,} pixels; at most "
+                             f"{MAX_BATCH_PIXELS:,} (ten 2048x2048) in one run: make fewer images at a time")
+
+
 def check_shift(value) -> float:
     """The flow shift: a number in 0..10 (the hosted API's range) other than 0, which would make every noise level 0
     and leave nothing to sample."""
@@ -145,14 +151,6 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_text(name: str, value) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ParameterError(f"{name} must be a string, got {type(value).__name__}")
-    return value
-
-
 def validate_generation(params: dict, *, remote: bool = False) -> dict:
     """Validate and normalise a full set of hosted-API parameters (missing ones take their defaults).
 
@@ -164,8 +162,9 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
         raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
     p = {**DEFAULTS, **{k: v for k, v in params.items()}}
     out = {
-        "prompt": check_text("prompt", p["prompt"]),
-        "negative_prompt": check_text("negative_prompt", p["negative_prompt"]),
+        # bounded length, valid text, and (locally, where they are parsed) weights in range
+        "prompt": check_prompt("prompt", p["prompt"], weights=not remote),
+        "negative_prompt": check_prompt("negative_prompt", p["negative_prompt"], weights=not remote),
         "cfg": check_range("cfg", p["cfg"]),
         "seed": check_seed(p["seed"]),
         "shift": check_shift(p["shift"]),
@@ -180,4 +179,6 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
         "output_format": check_choice("output_format", p["output_format"], OUTPUT_FORMATS),
         "output_quality": check_range("output_quality", p["output_quality"]),
     }
+    if not remote:  # the hosted service has its own limits (512..2048)
+        check_area(out["width"], out["height"], out["number_of_images"])
     return out

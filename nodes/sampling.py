@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from ..aura_flow.params import RANGES, check_range, check_size
+from ..aura_flow.errors import ParameterError
+from ..aura_flow.params import RANGES, check_area, check_range, check_size
 from ..aura_flow.plan import plan_sampling
 from .comfyui import devices, progress
 from .conditioning import context_from_conditioning
@@ -71,7 +72,10 @@ class AuraFlowSampler:
         if latent_image is None:
             width, height = check_size("width", width), check_size("height", height)
             batch_size = check_range("number_of_images", batch_size)
+            check_area(width, height, batch_size, names=("width", "height", "batch_size"))
             latent_image = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
+        elif not isinstance(latent_image, dict) or "samples" not in latent_image:
+            raise ParameterError("latent_image: expected a LATENT (from VAE Encode or Empty Latent Image)")
         elif latent_image.get("noise_mask") is not None:
             log.warning("AuraFlow Sampler: the latent's noise_mask (inpainting) is not supported; the whole image "
                         "is sampled")

@@ -36,8 +36,8 @@ def register(sub):
 
 
 class ProgressBar:
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width, self.t0 = stream, width, time.perf_counter()
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width, self.t0 = stream or sys.stderr, width, time.perf_counter()
 
     def __call__(self, step: int, total: int, _x0=None):
         done = int(self.width * step / max(total, 1))

@@ -15,16 +15,31 @@ from typing import Callable
 
 import torch
 
-from ..errors import Interrupted, ParameterError
+from ..errors import Interrupted, NumericError, ParameterError
+from ..params import check_area
 from ..plan import plan_sampling
 from .schedules import LATENT_SCALE, ModelSampling
 
-__all__ = ["sample", "prepare_noise", "Interrupted", "CFGDenoiser"]
+__all__ = ["sample", "prepare_noise", "check_latent", "Interrupted", "CFGDenoiser"]
 
 
 def prepare_noise(shape, seed: int) -> torch.Tensor:
     """ComfyUI's start noise: one CPU generator for the whole batch, so a seed gives the same image anywhere."""
     return torch.randn(tuple(shape), generator=torch.manual_seed(seed), dtype=torch.float32, device="cpu")
+
+
+def check_latent(samples, name: str = "latent") -> None:
+    """A LATENT's samples: a (batch, 4, h, w) tensor with every size at least 1 and finite values."""
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != 4:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ParameterError(f"{name} must be a (batch, 4, height/8, width/8) SDXL latent, got {shape}; was it made "
+                             "for another model?")
+    if samples.numel() == 0:
+        raise ParameterError(f"{name} has shape {tuple(samples.shape)}: an empty latent (a size of 0); give at least "
+                             "one image of at least 8x8 pixels")
+    if not torch.isfinite(samples).all():
+        raise NumericError(f"{name} holds NaN or infinite values; it cannot be sampled or decoded. It came from a run "
+                           "whose numbers overflowed, or from a damaged file: make it again")
 
 
 def _rows(context: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -99,9 +114,10 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
     elif settings:
         raise TypeError(f"sample() takes a plan or the settings, not both (got {', '.join(sorted(settings))})")
     as_dict = isinstance(latent, dict)
-    samples = latent["samples"] if as_dict else latent
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-        raise ParameterError("latent must be a (batch, 4, height/8, width/8) tensor or a LATENT dict")
+    samples = latent.get("samples") if as_dict else latent
+    check_latent(samples, "latent")
+    check_area(samples.shape[3] * 8, samples.shape[2] * 8, samples.shape[0],
+               names=("latent width", "height", "batch size"))
     seed, info, ms = plan.seed, plan.sampler_info, ModelSampling(plan.shift)
     device = samples.device
     if len(plan.sigmas) == 0:  # denoise 0: nothing to do
@@ -134,6 +150,11 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
         raise Interrupted("sampling was cancelled")
     out = ModelSampling.inverse_noise_scaling(sig[-1], out) / LATENT_SCALE
     out = out.to(torch.float32)
+    if not torch.isfinite(out).all():  # it would decode to a black or noise image with no word of why
+        bad = int((~torch.isfinite(out)).sum())
+        raise NumericError(f"the sampled latent holds NaN or infinite values ({bad:,} of {out.numel():,}): the model's "
+                           f"numbers overflowed with sampler={plan.sampler!r} at cfg={plan.cfg:g}. Lower cfg, compute "
+                           "in fp32 (dtype='fp32'), or try another sampler")
     if as_dict:
         result = dict(latent)
         result["samples"] = out

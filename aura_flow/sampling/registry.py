@@ -150,8 +150,7 @@ def register_sampler(info_or_name: SamplerInfo | str, fn: Callable | None = None
 
 
 def get_sampler(name: str) -> SamplerInfo:
-    from ..errors import ParameterError
-    from ..params import shown
+    from ..errors import ParameterError, shown
 
     try:
         return SAMPLERS[name]
