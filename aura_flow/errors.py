@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 import sys
 
 
@@ -44,4 +45,15 @@ def shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
-__all__ = ["ParameterError", "LoadError", "Interrupted", "NumericError", "shown"]
+def reword(message: str, names: dict) -> str:
+    """``message`` with each parameter ``name`` of ``names`` said as ``names[name]``, in the places where the engine
+    names parameters: ``name=`` (``cfg=30``, ``vae=PATH``) and a name that opens the message or a clause
+    (``prompt is ...``, ``prompt: ...``). The command line says them as flags, the nodes as their inputs."""
+    for name in sorted(names, key=len, reverse=True):
+        new = names[name]
+        message = re.sub(rf"(?<![\w\-.']){re.escape(name)}=", lambda m: f"{new}=", message)
+        message = re.sub(rf"(?:^|(?<=; )|(?<=\. )){re.escape(name)}(?= is |: )", lambda m: new, message)
+    return message
+
+
+__all__ = ["ParameterError", "LoadError", "Interrupted", "NumericError", "shown", "reword"]

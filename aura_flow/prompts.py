@@ -22,7 +22,7 @@ from .errors import LoadError, ParameterError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_HINT = ("pass tokenizer=PATH: a Pile-T5 sentencepiece 'tokenizer.model' (ComfyUI ships one as "
+TOKENIZER_HINT = ("give one as tokenizer=PATH: a Pile-T5 sentencepiece 'tokenizer.model' (ComfyUI ships one as "
                   "comfy/text_encoders/t5_pile_tokenizer/tokenizer.model) or a diffusers 'tokenizer' folder")
 
 MIN_LENGTH = 256

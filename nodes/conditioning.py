@@ -10,6 +10,7 @@ import logging
 
 from ..aura_flow.errors import ParameterError
 from .comfyui import devices
+from .words import node_words
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class AuraFlowTextEncode:
     DESCRIPTION = "Encodes a prompt with AuraFlow's Pile-T5-XL text encoder."
 
     def encode(self, text_encoder, text):
-        with devices.on_device(text_encoder, parts=("text_encoder",)):
+        with node_words({"prompt": "text"}), devices.on_device(text_encoder, parts=("text_encoder",)):
             context = text_encoder.encode_prompt(text)
         return ([[context.to(devices.intermediate_device()), {}]],)
 

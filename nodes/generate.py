@@ -12,6 +12,7 @@ from ..aura_flow.images import encode_image
 from ..aura_flow.plan import plan_generation
 from .comfyui import devices, progress
 from .widgets import generation_inputs, speed_input
+from .words import WEIGHT_DTYPE, node_words
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class AuraFlowGenerate:
     DESCRIPTION = "Generates images from a prompt with the local AuraFlow model and the hosted API's parameters."
 
     def generate(self, model, speed="auto", **params):
+        with node_words({"dtype": WEIGHT_DTYPE}):
+            return self._generate(model, speed, params)
+
+    def _generate(self, model, speed, params):
         import numpy as np
         import torch
         from PIL import Image

@@ -6,6 +6,7 @@ import logging
 from ..aura_flow.params import DTYPES
 from .comfyui import devices, folders
 from .vae import AuraFlowVAE
+from .words import node_words
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,13 @@ class AuraFlowLoader:
         from ..aura_flow.pipeline.pipeline import load  # torch: when the node runs, not when the pack loads
 
         device, auto_dtype = devices.load_placement()
-        pipeline = load(
-            ckpt,
-            text_encoder=optional(text_encoder, "text_encoders", "text encoder"),
-            vae=optional(vae, "vae", "VAE"),
-            tokenizer=optional(tokenizer, "text_encoders", "tokenizer", tokenizer=True),
-            dtype=auto_dtype if weight_dtype == "auto" else weight_dtype,
-            device=device,
-        )
+        with node_words({"dtype": "weight_dtype"}):
+            pipeline = load(
+                ckpt,
+                text_encoder=optional(text_encoder, "text_encoders", "text encoder"),
+                vae=optional(vae, "vae", "VAE"),
+                tokenizer=optional(tokenizer, "text_encoders", "tokenizer", tokenizer=True),
+                dtype=auto_dtype if weight_dtype == "auto" else weight_dtype,
+                device=device,
+            )
         return (pipeline, pipeline, AuraFlowVAE(pipeline))

@@ -9,8 +9,13 @@ from ..aura_flow.plan import plan_sampling
 from .comfyui import devices, progress
 from .conditioning import context_from_conditioning
 from .widgets import generation_inputs, speed_input
+from .words import WEIGHT_DTYPE, node_words
 
 log = logging.getLogger(__name__)
+
+# the engine's parameter names -> this node's inputs
+SAMPLER_WORDS = {"sampler": "sampler_name", "number_of_images": "batch_size", "latent": "latent_image",
+                 "dtype": WEIGHT_DTYPE}
 
 
 def sampler_inputs() -> dict:
@@ -61,6 +66,12 @@ class AuraFlowSampler:
 
     def sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
                width=1024, height=1024, batch_size=1, latent_image=None, speed="auto"):
+        with node_words(SAMPLER_WORDS):
+            return self._sample(model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
+                                width, height, batch_size, latent_image, speed)
+
+    def _sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise, width,
+                height, batch_size, latent_image, speed):
         import torch
 
         width_ctx = getattr(model, "context_dim", None)

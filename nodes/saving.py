@@ -8,6 +8,7 @@ from ..aura_flow import params as P
 from ..aura_flow.errors import ParameterError
 from ..aura_flow.images import EXT, encode_image, write_first_free
 from .comfyui import folders
+from .words import node_words
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class AuraFlowSaveImage:
         from PIL import Image
 
         fmt = P.check_choice("format", format, P.OUTPUT_FORMATS)
-        quality = P.check_range("output_quality", quality)
+        with node_words({"output_quality": "quality"}):
+            quality = P.check_range("output_quality", quality)
         check_prefix(filename_prefix)
         check_images(images)
         metadata = None

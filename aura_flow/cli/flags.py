@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
-from ..errors import ParameterError
+from ..errors import ParameterError, reword
 from ..params import DEFAULTS, MAX_SEED, MIN_SHIFT, OUTPUT_FORMATS, RANGES
 from ..pipeline.modes import SPEED_NAMES
 
@@ -88,10 +87,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
-    """An engine message in the words of a command line: ``cfg=30`` -> ``--cfg=30``, ``pass tokenizer=PATH`` ->
-    ``pass --tokenizer=PATH``, for every parameter that is one of this command's flags."""
-    dests = {a.dest for a in parser._actions if a.option_strings}
-    for dest in sorted(dests, key=len, reverse=True):
-        flag = "--" + dest.replace("_", "-")
-        message = re.sub(rf"(?<![\w\-.']){re.escape(dest)}=", f"{flag}=", message)
-    return message
+    """An engine message in the words of a command line: ``cfg=30`` -> ``--cfg=30``, ``give one as tokenizer=PATH``
+    -> ``give one as --tokenizer=PATH``, ``prompt is ...`` -> ``--prompt is ...``, for every parameter that is one of
+    this command's flags."""
+    return reword(message, {a.dest: "--" + a.dest.replace("_", "-") for a in parser._actions if a.option_strings})

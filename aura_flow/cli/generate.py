@@ -76,19 +76,19 @@ def _generate(pipe, plan, args) -> int:
 
 
 def run_generate(args) -> int:
+    plan = _plan(args)  # every parameter and the output folder, before torch and before loading 16 GB
     from ..pipeline.pipeline import load
 
-    plan = _plan(args)  # every parameter and the output folder, before loading 16 GB
     pipe = load(args.checkpoint, tokenizer=args.tokenizer, text_encoder=args.text_encoder, vae=args.vae,
                 dtype=args.dtype, device=args.device)
     return _generate(pipe, plan, args)
 
 
 def run_demo(args) -> int:
+    plan = _plan(args)  # before torch is imported
     from ..pipeline.pipeline import load
     from ..tiny import build_tiny
 
-    plan = _plan(args)
     root = Path(args.cache) / "demo-tiny"
     ckpt = root / "diffusers"
     if not (ckpt / "model_index.json").exists():

@@ -23,7 +23,7 @@ from ..errors import LoadError
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
 from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config
 from .devices import resolve_device, resolve_dtypes
-from .layouts import TRANSFORMER_KEYS, describe, find_prefix
+from .layouts import transformer_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
 from .reader import SafetensorsReader, folder_files, read_json, refuse_lone_shard, refuse_pickle
 
@@ -87,9 +87,7 @@ def _locate_transformer(ckpt: Path, found: dict) -> tuple:
             return ("gguf", ckpt)
         reader = SafetensorsReader([ckpt])
         keys = list(reader.keys())
-        prefix = find_prefix(keys, TRANSFORMER_KEYS)
-        if prefix is None:
-            raise LoadError(describe(ckpt, keys))
+        prefix = transformer_prefix(ckpt, keys)
         if any(k.startswith("text_encoders.") for k in keys):
             found["text_encoder"] = ("checkpoint", reader)
             spiece = next((k for k in keys if k.startswith("text_encoders.") and k.endswith("spiece_model")), None)
@@ -127,12 +125,12 @@ def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
     transformer = _locate_transformer(ckpt, found)
     text_encoder = ("path", te_path) if te_path is not None else found.get("text_encoder")
     if text_encoder is None:
-        raise LoadError(f"{ckpt}: has no text encoder; pass text_encoder=PATH (a Pile-T5-XL .safetensors or a "
-                        f"diffusers text_encoder folder; in ComfyUI put it in models/text_encoders)")
+        raise LoadError(f"{ckpt}: has no text encoder; give one as text_encoder=PATH (a Pile-T5-XL .safetensors or a "
+                        f"diffusers text_encoder folder)")
     vae = ("path", vae_path) if vae_path is not None else found.get("vae")
     if vae is None:
-        raise LoadError(f"{ckpt}: has no VAE; pass vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
-                        f"folder; in ComfyUI put it in models/vae)")
+        raise LoadError(f"{ckpt}: has no VAE; give one as vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
+                        f"folder)")
     tokenizer = ("path", tok_path) if tok_path is not None else found.get("tokenizer")
     if tokenizer is None and te_path is not None and te_path.is_dir():
         for cand in (te_path / "tokenizer", te_path.parent / "tokenizer", te_path / "tokenizer.model"):

@@ -7,7 +7,7 @@ import logging
 
 from ..errors import LoadError
 from .configs import check_vae_config, constructor_config, count_blocks, infer_t5_config, infer_vae_config
-from .layouts import TRANSFORMER_KEYS, describe, find_prefix
+from .layouts import find_prefix, transformer_prefix
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,6 @@ def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=Non
 
     if is_scaled_fp8(sd, metadata) or has_fp8_weights(sd):
         return load_fp8_transformer(sd, source, compute, metadata, config)
-    prefix = find_prefix(list(sd), TRANSFORMER_KEYS)
-    if prefix is None:
-        raise LoadError(describe(source, list(sd)))
+    prefix = transformer_prefix(source, sd)
     stored = {k[len(prefix):]: Dense(v, storage) for k, v in sd.items() if k.startswith(prefix)}
     return assemble_transformer(stored, source, compute, metadata, config)
