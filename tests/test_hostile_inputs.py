@@ -249,3 +249,15 @@ def test_saving_never_changes_the_umask(saver, tmp_path, monkeypatch):
             assert (tmp_path / "output" / item["filename"]).stat().st_mode & 0o777 == 0o640
     finally:
         real(old)
+
+
+def test_lora_strength_is_bounded_before_any_file_is_read(tiny_pipe, tmp_path):
+    from aura_flow.errors import LoadError
+    from aura_flow.lora.apply import apply_loras
+
+    missing = tmp_path / "never_read.safetensors"
+    for strength in (1e30, -101, float("inf")):
+        with pytest.raises(ParameterError, match=r"strength of .* use a finite number in -100..100 \(1.0 is the LoRA"):
+            apply_loras(tiny_pipe.transformer, [(missing, strength)])
+    with pytest.raises(LoadError):  # 100 is allowed: the file is looked at next
+        apply_loras(tiny_pipe.transformer, [(missing, 100)])
