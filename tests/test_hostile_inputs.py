@@ -261,3 +261,48 @@ def test_lora_strength_is_bounded_before_any_file_is_read(tiny_pipe, tmp_path):
             apply_loras(tiny_pipe.transformer, [(missing, strength)])
     with pytest.raises(LoadError):  # 100 is allowed: the file is looked at next
         apply_loras(tiny_pipe.transformer, [(missing, 100)])
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+def cli_args(out, *extra):
+    return ["generate", "--checkpoint", "loaded-by-the-test", "--width", "64", "--height", "64", "--steps", "2",
+            "--seed", "7", "--output-format", "png", "--out", str(out), *extra]
+
+
+@pytest.fixture
+def fake_load(tiny_pipe, monkeypatch):
+    loads = []
+    monkeypatch.setattr("aura_flow.pipeline.pipeline.load", lambda *a, **k: loads.append(a) or tiny_pipe)
+    return loads
+
+
+def test_the_cli_never_replaces_an_image(tmp_path, fake_load, capsys):
+    from aura_flow.cli import main
+
+    out = tmp_path / "out"
+    assert main(cli_args(out)) == 0 and main(cli_args(out)) == 0
+    first, second = capsys.readouterr().out.split()
+    assert (first, second) == (str(out / "aura_flow_7_00.png"), str(out / "aura_flow_7_00_1.png"))
+    assert sorted(p.name for p in out.iterdir()) == ["aura_flow_7_00.png", "aura_flow_7_00_1.png"]
+
+
+def test_the_cli_checks_the_speed_before_loading(tmp_path, fake_load, capsys):
+    from aura_flow.cli import main
+
+    assert main(cli_args(tmp_path / "out", "--speed", "warp")) == 2
+    assert "--speed='warp'" in capsys.readouterr().err and fake_load == []
+
+
+def test_a_full_disk_is_an_error_message_not_a_traceback(tmp_path, fake_load, monkeypatch, capsys):
+    import errno
+
+    from aura_flow.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("aura_flow.images.write_first_free", full)
+    assert main(cli_args(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot write the images into --out" in err and "(No space left on device); free some space" in err
+    assert "seed: 7" in err and not any((tmp_path / "out").glob("*.png"))

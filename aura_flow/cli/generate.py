@@ -48,15 +48,15 @@ class ProgressBar:
         self.stream.flush()
 
 
-def write_images(result, out_dir, stem: str = "aura_flow") -> list[str]:
+def write_images(result, out_dir, stem: str = "aura_flow"):
     """Each image as ``<stem>_<seed>_<i>.<ext>`` in ``out_dir``, never replacing a file (``_1``, ``_2``... when
-    taken), with the parameters embedded; the paths written."""
+    taken), with the parameters embedded; yields the paths as they are written."""
     from ..images import save_new_image
 
     plan = result.plan
-    return [str(save_new_image(img, out_dir, f"{stem}_{result.seed}_{i:02d}", plan.output_format,
-                               plan.output_quality, metadata={"parameters": result.params}))
-            for i, img in enumerate(result.images)]
+    for i, img in enumerate(result.images):
+        yield str(save_new_image(img, out_dir, f"{stem}_{result.seed}_{i:02d}", plan.output_format,
+                                 plan.output_quality, metadata={"parameters": result.params}))
 
 
 def _plan(args):
@@ -69,8 +69,13 @@ def _plan(args):
 
 def _generate(pipe, plan, args) -> int:
     result = pipe.generate(plan, callback=ProgressBar())
-    for path in write_images(result, args.out):
-        sys.stdout.write(path + "\n")
+    try:
+        for path in write_images(result, args.out):
+            sys.stdout.write(path + "\n")
+    except OSError as exc:  # a full disk, a folder removed meanwhile: each image is whole or absent
+        sys.stderr.write(f"error: cannot write the images into --out {args.out} ({exc.strerror or exc}); free some "
+                         f"space or give another folder. seed: {result.seed}\n")
+        return 1
     sys.stderr.write(f"seed: {result.seed}\n")
     return 0
 
