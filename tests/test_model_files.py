@@ -262,3 +262,12 @@ def test_missing_parts_are_found_before_any_tensor_is_read(tmp_path, tiny_models
     shutil.copy(src, lone)
     fails_before_weights(opened, lone, "has no text encoder")
     fails_before_weights(opened, lone, "has no VAE", text_encoder=tiny_models["transformer_only"]["text_encoder"])
+
+
+def test_a_gguf_header_with_impossible_counts_is_a_load_error(tmp_path, tiny_models):
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (10**12).to_bytes(8, "little") * 2)
+    parts = tiny_models["transformer_only"]
+    with pytest.raises(LoadError, match=r"hostile.gguf: not a readable GGUF file \(\w+Error"):
+        aura_flow.load(path, text_encoder=parts["text_encoder"], vae=parts["vae"],
+                       tokenizer=Path(parts["vae"]).parent / "tokenizer.model", device="cpu")
