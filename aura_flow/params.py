@@ -16,6 +16,7 @@ from .sampling import registry  # names read when used: register_sampler adds to
 
 MAX_SEED = 2**64 - 1
 OUTPUT_FORMATS = ("webp", "jpg", "png")
+FORMAT_MAX_SIDE = {"webp": 16383, "jpg": 65535}  # the formats' own limits (png: 2**31)
 # weight dtypes of the transformer and text encoder (fp8 is storage only; compute runs in bf16/fp16)
 DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
@@ -30,6 +31,9 @@ REMOTE_MAX_SIZE = 2048
 # the pixels; 4096x4096 per image (16x AuraFlow's size) and ten 2048x2048 images in all.
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_BATCH_PIXELS = 10 * 2048 * 2048
+# Images in one sampling (a latent batch from elsewhere; ComfyUI allows 4096): each costs a whole model pass with its
+# own copy of the prompt, whatever its size.
+MAX_LATENT_BATCH = 64
 MIN_SHIFT = 0.01  # the smallest shift above 0 (ComfyUI's widget step); 0 itself is refused with its own reason
 
 
@@ -181,4 +185,13 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
     }
     if not remote:  # the hosted service has its own limits (512..2048)
         check_area(out["width"], out["height"], out["number_of_images"])
+        check_format_size(out["output_format"], out["width"], out["height"])
     return out
+
+
+def check_format_size(fmt: str, width: int, height: int, name: str = "output_format") -> None:
+    """An image format that can hold the size: webp stops at 16383 pixels a side (jpg at 65535)."""
+    limit = FORMAT_MAX_SIDE.get(fmt)
+    if limit and max(width, height) > limit:
+        raise ParameterError(f"{name}={fmt!r} holds at most {limit} pixels a side, and the image is {width}x{height}; "
+                             "save it as png")

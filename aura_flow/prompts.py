@@ -108,6 +108,9 @@ def _refuse_code(folder: Path) -> None:
     sees it: the pack never runs code from a model folder."""
     from .weights.reader import read_json
 
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model"):
+        if (folder / name).exists() and not (folder / name).is_file():  # a FIFO would block transformers' read
+            raise LoadError(f"{folder / name}: not a regular file. {TOKENIZER_HINT}")
     for name in ("tokenizer_config.json", "config.json"):
         if (folder / name).is_file() and read_json(folder / name, "tokenizer config").get("auto_map"):
             raise LoadError(f"{folder / name}: the tokenizer asks to run Python code from its folder (auto_map); "

@@ -53,7 +53,10 @@ def context_from_conditioning(conditioning, name: str, width: int | None = None)
         raise ParameterError(f"{name}: has {len(conditioning)} conditioning entries (from Conditioning Combine?); "
                              "AuraFlow Sampler takes one. Use Conditioning Concat or a single prompt instead")
     entry = conditioning[0]
-    tensor, options = entry[0], (entry[1] if len(entry) > 1 else {})
+    if not isinstance(entry, (list, tuple)) or not entry:
+        raise ParameterError(f"{name}: expected a CONDITIONING entry [tensor, options]; connect AuraFlow Text Encode "
+                             "or CLIP Text Encode")
+    tensor, options = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
     if getattr(tensor, "ndim", None) != 3:
         raise ParameterError(f"{name}: the conditioning tensor must be (1, tokens, width), got "
                              f"{tuple(getattr(tensor, 'shape', ()))}")

@@ -85,7 +85,7 @@ class AuraFlowSampler:
             batch_size = check_range("number_of_images", batch_size)
             check_area(width, height, batch_size, names=("width", "height", "batch_size"))
             latent_image = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
-        elif not isinstance(latent_image, dict) or "samples" not in latent_image:
+        elif not isinstance(latent_image, dict) or not isinstance(latent_image.get("samples"), torch.Tensor):
             raise ParameterError("latent_image: expected a LATENT (from VAE Encode or Empty Latent Image)")
         elif latent_image.get("noise_mask") is not None:
             log.warning("AuraFlow Sampler: the latent's noise_mask (inpainting) is not supported; the whole image "

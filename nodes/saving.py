@@ -86,6 +86,7 @@ class AuraFlowSaveImage:
             quality = P.check_range("output_quality", quality)
         check_prefix(filename_prefix)
         check_images(images)
+        P.check_format_size(fmt, int(images.shape[2]), int(images.shape[1]), "format")
         metadata = None
         if embed_workflow and not folders.metadata_disabled():
             metadata = {}

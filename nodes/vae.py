@@ -86,6 +86,9 @@ class AuraFlowVAE:
     def encode(self, pixel_samples):
         """Images (B, H, W, C) in [0, 1] -> raw latent (B, 4, H/8, W/8) (centre-cropped to multiples of 8)."""
         self.throw_exception_if_invalid()
+        if getattr(pixel_samples, "ndim", 0) != 4:
+            raise ParameterError(f"pixels: expected (batch, height, width, 3) images, got shape "
+                                 f"{tuple(getattr(pixel_samples, 'shape', ()))}")
         pixels = self.vae_encode_crop_pixels(pixel_samples)
         if pixels.ndim != 4 or pixels.shape[0] == 0 or pixels.shape[1] < SCALE or pixels.shape[2] < SCALE or \
                 pixels.shape[-1] != 3:
@@ -159,9 +162,11 @@ class AuraFlowVAEDecode:
     DESCRIPTION = "Decodes an AuraFlow latent into images with the SDXL VAE."
 
     def decode(self, samples, vae):
+        if not isinstance(samples, dict):
+            raise ParameterError("samples: expected a LATENT (from AuraFlow Sampler or VAE Encode)")
         if samples.get("noise_mask") is not None:
             log.debug("AuraFlow VAE Decode: the latent's noise_mask does not affect decoding")
-        return (vae.decode(samples["samples"]),)
+        return (vae.decode(samples.get("samples")),)
 
 
 class AuraFlowVAEEncode:

@@ -306,3 +306,56 @@ def test_a_full_disk_is_an_error_message_not_a_traceback(tmp_path, fake_load, mo
     err = capsys.readouterr().err
     assert "error: cannot write the images into --out" in err and "(No space left on device); free some space" in err
     assert "seed: 7" in err and not any((tmp_path / "out").glob("*.png"))
+
+
+def test_sampling_costs_are_bounded_for_latents_and_schedules_from_elsewhere(tiny_pipe):
+    ctx = torch.zeros(1, 256, tiny_pipe.context_dim)
+    with pytest.raises(ParameterError, match="latent has a batch of 65; at most 64 images in one sampling"):
+        aura_flow.sample(tiny_pipe.velocity, ctx, ctx, torch.zeros(65, 4, 8, 8), seed=1, steps=2, cfg=1.0,
+                         sampler="euler", scheduler="normal", shift=1.73)
+    t0 = time.perf_counter()
+    with pytest.raises(ParameterError, match="sigmas: 1,000,000 values; at most 10001"):
+        aura_flow.plan_sampling(seed=1, steps=2, cfg=1.0, sampler="euler", scheduler="normal", shift=1.73,
+                                sigmas=torch.linspace(1, 0, 1_000_000))
+    assert time.perf_counter() - t0 < 1
+    with pytest.raises(ParameterError, match="finite numbers of 0 or more"):
+        aura_flow.plan_sampling(seed=1, steps=2, cfg=1.0, sampler="euler", scheduler="normal", shift=1.73,
+                                sigmas=[1.0, -1.0])
+    with pytest.raises(ParameterError, match=r"negative: a context of shape \(1, 256, 3\); this model takes"):
+        tiny_pipe.sample(ctx, ctx[..., :3], torch.zeros(1, 4, 8, 8), seed=1, steps=2, cfg=5.0, sampler="euler",
+                         scheduler="normal", shift=1.73)
+
+
+def test_sizes_a_format_cannot_hold_are_refused_before_work(saver, tmp_path):
+    with pytest.raises(ParameterError, match=r"output_format='webp' holds at most 16383 pixels a side, and the image "
+                                             r"is 16384x512; save it as png"):
+        aura_flow.plan_generation({"width": 16384, "height": 512})
+    assert aura_flow.plan_generation({"width": 16384, "height": 512, "output_format": "png"}).width == 16384
+    with pytest.raises(NodeParameterError, match="format='webp' holds at most 16383 pixels a side"):
+        saver.save(torch.rand(1, 1, 16400, 3), "wide", "webp", 80, True)
+    assert saver.save(torch.rand(1, 1, 16400, 3), "wide", "png", 80, True)["ui"]["images"][0]["filename"]
+
+
+def test_malformed_node_inputs_from_api_prompts(tiny_models):
+    model, te, vae = N["AuraFlowLoader"]().load(str(tiny_models["diffusers"]["checkpoint"]), weight_dtype="fp32")
+    (cond,) = N["AuraFlowTextEncode"]().encode(te, "a cat")
+    sampler = N["AuraFlowSampler"]()
+    with pytest.raises(NodeParameterError, match=r"positive: expected a CONDITIONING entry \[tensor, options\]"):
+        sampler.sample(model, [[]], cond, 1, 2, 1.0, "euler", "normal", 1.73, 1.0)
+    with pytest.raises(NodeParameterError, match="latent_image: expected a LATENT"):
+        sampler.sample(model, cond, cond, 1, 2, 1.0, "euler", "normal", 1.73, 1.0, latent_image={"samples": [[1]]})
+    with pytest.raises(NodeParameterError, match="samples must be a .* SDXL latent, got NoneType"):
+        N["AuraFlowVAEDecode"]().decode({}, vae)
+    with pytest.raises(NodeParameterError, match=r"pixels: expected \(batch, height, width, 3\) images, got shape "
+                                                 r"\(8, 8\)"):
+        N["AuraFlowVAEEncode"]().encode(torch.zeros(8, 8), vae)
+
+
+def test_the_demo_checks_its_cache_folder_before_building(tmp_path, capsys):
+    from aura_flow.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["demo", "--cache", str(blocker / "cache"), "--out", str(tmp_path / "out")]) == 2
+    assert f"--cache {blocker / 'cache' / 'demo-tiny'}: {blocker} is not a writable folder" in \
+        capsys.readouterr().err

@@ -264,6 +264,23 @@ def test_missing_parts_are_found_before_any_tensor_is_read(tmp_path, tiny_models
     fails_before_weights(opened, lone, "has no VAE", text_encoder=tiny_models["transformer_only"]["text_encoder"])
 
 
+def test_paths_that_are_no_files_never_block(tmp_path, folder):
+    import time
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    with pytest.raises(LoadError, match="is not a regular file or a folder"):
+        aura_flow.load(fifo, device="cpu")
+    with pytest.raises(LoadError, match=r"checkpoint=123: give a path"):
+        aura_flow.load(123, device="cpu")
+    (folder / "vae" / "config.json").unlink()
+    os.mkfifo(folder / "vae" / "config.json")
+    with pytest.raises(LoadError, match="vae/config.json: the config is not a regular file"):
+        aura_flow.load(folder, device="cpu")
+    assert time.monotonic() - t0 < 10
+
+
 def test_a_gguf_header_with_impossible_counts_is_a_load_error(tmp_path, tiny_models):
     path = tmp_path / "hostile.gguf"
     path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (10**12).to_bytes(8, "little") * 2)

@@ -91,12 +91,15 @@ def run_generate(args) -> int:
 
 def run_demo(args) -> int:
     plan = _plan(args)  # before torch is imported
+    root = Path(args.cache).expanduser() / "demo-tiny"
+    ckpt = root / "diffusers"
+    build = not (ckpt / "model_index.json").exists()
+    if build:
+        check_output_folder(root, "--cache")
     from ..pipeline.pipeline import load
     from ..tiny import build_tiny
 
-    root = Path(args.cache) / "demo-tiny"
-    ckpt = root / "diffusers"
-    if not (ckpt / "model_index.json").exists():
+    if build:
         sys.stderr.write(f"building the tiny demo model in {root} (once)\n")
         build_tiny(root, "diffusers")
     pipe = load(ckpt, device="cpu")

@@ -175,6 +175,10 @@ class AuraFlowPipeline:
             plan = plan_sampling(speed=speed, **settings)
         elif settings or speed is not None:
             raise TypeError("sample() takes a plan or the settings, not both")
+        for name, context in (("positive", positive), ("negative", negative)):
+            if getattr(context, "ndim", 0) != 3 or context.shape[-1] != self.context_dim:
+                raise ParameterError(f"{name}: a context of shape {tuple(getattr(context, 'shape', ()))}; this model "
+                                     f"takes (1, tokens, {self.context_dim}) from its own text encoder")
         options = resolve_speed(plan.speed, self.device)
         model = self.velocity
         if options is not None:

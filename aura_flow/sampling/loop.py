@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import Interrupted, NumericError, ParameterError
-from ..params import check_area
+from ..params import MAX_LATENT_BATCH, check_area
 from ..plan import plan_sampling
 from .schedules import LATENT_SCALE, ModelSampling
 
@@ -116,6 +116,9 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
     as_dict = isinstance(latent, dict)
     samples = latent.get("samples") if as_dict else latent
     check_latent(samples, "latent")
+    if samples.shape[0] > MAX_LATENT_BATCH:
+        raise ParameterError(f"latent has a batch of {samples.shape[0]}; at most {MAX_LATENT_BATCH} images in one "
+                             "sampling: split the batch")
     check_area(samples.shape[3] * 8, samples.shape[2] * 8, samples.shape[0],
                names=("latent width", "height", "batch size"))
     seed, info, ms = plan.seed, plan.sampler_info, ModelSampling(plan.shift)

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
 from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config
 from .devices import resolve_device, resolve_dtypes
@@ -66,11 +66,16 @@ def comfyui_tokenizer_path() -> Path | None:
 def _check_path(name, value) -> Path | None:
     if value is None:
         return None
-    p = Path(os.fspath(value)).expanduser()
+    try:
+        p = Path(os.fspath(value)).expanduser()
+    except TypeError:
+        raise LoadError(f"{name}={shown(value)}: give a path to a file or folder") from None
     if "\0" in str(p):
         raise LoadError(f"{name}={str(p)!r}: a path cannot hold a NUL character")
     if not p.exists():
         raise LoadError(f"{name}={str(p)!r} does not exist")
+    if not p.is_file() and not p.is_dir():  # a FIFO or a device would block the reader or never end
+        raise LoadError(f"{name}={str(p)!r} is not a regular file or a folder")
     if p.is_file():  # by name, before anything is opened
         refuse_pickle(p)
         refuse_lone_shard(p)

@@ -86,9 +86,9 @@ def folder_files(folder: Path, stem: str) -> list[Path]:
         if index.exists():
             return index_files(index)
         single = folder / f"{stem}{variant}.safetensors"
-        if single.exists():
+        if single.is_file():
             return [single]
-    found = sorted(folder.glob("*.safetensors"))
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())  # no FIFO: it would block the reader
     if found:
         return found
     bins = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -138,6 +138,8 @@ def index_files(index: Path) -> list[Path]:
 
 def read_json(path: Path, what: str = "config") -> dict:
     """A JSON object from ``path`` (a config or a shard index), or LoadError naming the file."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read
+        raise LoadError(f"{path}: the {what} is not a regular file")
     try:
         size = path.stat().st_size
         data = json.loads(path.read_bytes()) if size <= MAX_JSON_BYTES else None
