@@ -262,6 +262,9 @@ def test_missing_parts_are_found_before_any_tensor_is_read(tmp_path, tiny_models
     shutil.copy(src, lone)
     fails_before_weights(opened, lone, "has no text encoder")
     fails_before_weights(opened, lone, "has no VAE", text_encoder=tiny_models["transformer_only"]["text_encoder"])
+    fails_before_weights(opened, lone, "no tokenizer found; give one as tokenizer=PATH",
+                         text_encoder=tiny_models["transformer_only"]["text_encoder"],
+                         vae=tiny_models["transformer_only"]["vae"])
 
 
 def test_paths_that_are_no_files_never_block(tmp_path, folder):
