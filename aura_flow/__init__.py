@@ -18,7 +18,7 @@ _LAZY = {  # name -> the module that defines it (imported on first use: they imp
 }
 
 # torch-free
-from .errors import Interrupted, LoadError, ParameterError  # noqa: E402
+from .errors import Interrupted, LoadError, NumericError, ParameterError  # noqa: E402
 from .params import DEFAULTS, validate_generation  # noqa: E402
 from .pipeline.modes import SpeedOptions  # noqa: E402
 from .plan import GenerationPlan, SamplingPlan, plan_generation, plan_sampling, sigmas  # noqa: E402
@@ -33,6 +33,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'aura_flow' has no attribute {name!r}")
 
 
-__all__ = sorted([*_LAZY, "Interrupted", "LoadError", "ParameterError", "DEFAULTS", "validate_generation",
+__all__ = sorted([*_LAZY, "Interrupted", "LoadError", "NumericError", "ParameterError", "DEFAULTS", "validate_generation",
                   "SpeedOptions", "GenerationPlan", "SamplingPlan", "plan_generation", "plan_sampling", "sigmas",
                   "SAMPLER_NAMES", "SAMPLERS", "SCHEDULER_NAMES", "register_sampler"])

@@ -10,11 +10,13 @@ import math
 import random
 from dataclasses import dataclass
 
-from .errors import ParameterError  # re-exported: aura_flow.params.ParameterError
+from .errors import ParameterError, shown  # re-exported: aura_flow.params.ParameterError
+from .prompts import check_prompt
 from .sampling import registry  # names read when used: register_sampler adds to them at runtime
 
 MAX_SEED = 2**64 - 1
 OUTPUT_FORMATS = ("webp", "jpg", "png")
+FORMAT_MAX_SIDE = {"webp": 16383, "jpg": 65535}  # the formats' own limits (png: 2**31)
 # weight dtypes of the transformer and text encoder (fp8 is storage only; compute runs in bf16/fp16)
 DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
@@ -27,6 +29,16 @@ REMOTE_MIN_SIZE = 512
 REMOTE_MAX_SIZE = 2048
 # where the start noise is drawn: ComfyUI's CPU generator, or the compute device's (diffusers' default on CUDA)
 NOISE_DEVICES = ("cpu", "gpu")
+# What one run may cost: the position grid is interpolated beyond 1024x1024, but attention grows with the square of
+# the pixels; 4096x4096 per image (16x AuraFlow's size) and ten 2048x2048 images in all.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_BATCH_PIXELS = 10 * 2048 * 2048
+# Images in one sampling (a latent batch from elsewhere; ComfyUI allows 4096): each costs a whole model pass with its
+# own copy of the prompt, whatever its size.
+MAX_LATENT_BATCH = 64
+MIN_SHIFT = 0.01  # the smallest shift above 0 (ComfyUI's widget step); 0 itself is refused with its own reason
+
+
 
 @dataclass(frozen=True)
 class Range:
@@ -75,13 +87,13 @@ def check_range(name: str, value, rng: Range | None = None):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ParameterError(f"{name}={value!r} is not an integer; allowed: {rng.lo}..{rng.hi}")
+            raise ParameterError(f"{name}={shown(value)} is not an integer; allowed: {rng.lo}..{rng.hi}")
     else:
         if not _is_number(value) or not math.isfinite(float(value)):
-            raise ParameterError(f"{name}={value!r} is not a finite number; allowed: {rng.lo}..{rng.hi}")
+            raise ParameterError(f"{name}={shown(value)} is not a finite number; allowed: {rng.lo}..{rng.hi}")
         value = float(value)
     if not (rng.lo <= value <= rng.hi):
-        raise ParameterError(f"{name}={value!r} is out of range; allowed: {rng.lo}..{rng.hi}")
+        raise ParameterError(f"{name}={shown(value)} is out of range; allowed: {rng.lo}..{rng.hi}")
     return value
 
 
@@ -90,15 +102,26 @@ def check_size(name: str, value, *, remote: bool = False) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ParameterError(f"{name}={value!r} is not an integer; allowed: {lo}..{hi}")
+        raise ParameterError(f"{name}={shown(value)} is not an integer; allowed: {lo}..{hi}")
     if not (lo <= value <= hi):
-        raise ParameterError(f"{name}={value} is out of range; allowed: {lo}..{hi}"
+        raise ParameterError(f"{name}={shown(value)} is out of range; allowed: {lo}..{hi}"
                              + ("" if remote else f" in steps of {SIZE_STEP}"))
     if not remote and value % SIZE_STEP:
         lower = value - value % SIZE_STEP
-        raise ParameterError(f"{name}={value} is not a multiple of {SIZE_STEP} (the VAE's downscale factor); "
+        raise ParameterError(f"{name}={shown(value)} is not a multiple of {SIZE_STEP} (the VAE's downscale factor); "
                              f"use {lower} or {lower + SIZE_STEP}")
     return value
+
+
+def check_area(width: int, height: int, number: int, *, names=("width", "height", "number_of_images")) -> None:
+    """The pixels of one run, bounded: ``width`` x ``height`` per image and times ``number`` in all."""
+    w, h, n = names
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ParameterError(f"{w}={width} x {h}={height} is {width * height:,} pixels; at most {MAX_IMAGE_PIXELS:,} "
+                             "(4096x4096) per image: generate smaller and upscale")
+    if width * height * number > MAX_BATCH_PIXELS:
+        raise ParameterError(f"{n}={number} images of {width}x{height} are {width * height * number:,} pixels; at most "
+                             f"{MAX_BATCH_PIXELS:,} (ten 2048x2048) in one run: make fewer images at a time")
 
 
 def check_shift(value) -> float:
@@ -108,6 +131,9 @@ def check_shift(value) -> float:
     if value == 0.0:
         raise ParameterError(f"shift={value!r} makes every noise level 0, so nothing would be sampled; allowed: above "
                              f"0 up to {RANGES['shift'].hi:g} (AuraFlow's default is {RANGES['shift'].default})")
+    if value < MIN_SHIFT:  # below this the float32 noise levels collapse to 0 and some schedules turn NaN
+        raise ParameterError(f"shift={value!r} is too small: the noise levels collapse to 0; allowed: {MIN_SHIFT:g} up "
+                             f"to {RANGES['shift'].hi:g} (AuraFlow's default is {RANGES['shift'].default})")
     return value
 
 
@@ -123,31 +149,24 @@ def check_seed(seed) -> int:
     if isinstance(seed, float) and seed.is_integer():
         seed = int(seed)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParameterError(f"seed={seed!r} is not an integer; allowed: 0..{MAX_SEED}")
+        raise ParameterError(f"seed={shown(seed)} is not an integer; allowed: 0..{MAX_SEED}")
     if not (0 <= seed <= MAX_SEED):
-        raise ParameterError(f"seed={seed} is out of range; allowed: 0..{MAX_SEED}")
+        raise ParameterError(f"seed={shown(seed)} is out of range; allowed: 0..{MAX_SEED}")
     return seed
 
 
 def check_choice(name: str, value, choices) -> str:
     choices = tuple(choices)
     if value not in choices:
-        raise ParameterError(f"{name}={value!r} is not known; valid names: {', '.join(choices)}")
+        raise ParameterError(f"{name}={shown(value)} is not known; valid names: {', '.join(choices)}")
     return value
 
 
 def check_noise_device(value) -> str:
     if value not in NOISE_DEVICES:
-        raise ParameterError(f"noise_device={value!r} is not known; valid: cpu (ComfyUI's start noise, the same on "
-                             f"every machine) or gpu (drawn on the compute device, as diffusers does on CUDA)")
+        raise ParameterError(f"noise_device={shown(value)} is not known; valid: cpu (ComfyUI's start noise, the same "
+                             f"on every machine) or gpu (drawn on the compute device, as diffusers does on CUDA)")
     return value
-
-
-def check_text(name: str, value) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ParameterError(f"{name} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -162,8 +181,9 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
         raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
     p = {**DEFAULTS, **{k: v for k, v in params.items()}}
     out = {
-        "prompt": check_text("prompt", p["prompt"]),
-        "negative_prompt": check_text("negative_prompt", p["negative_prompt"]),
+        # bounded length, valid text, and (locally, where they are parsed) weights in range
+        "prompt": check_prompt("prompt", p["prompt"], weights=not remote),
+        "negative_prompt": check_prompt("negative_prompt", p["negative_prompt"], weights=not remote),
         "cfg": check_range("cfg", p["cfg"]),
         "seed": check_seed(p["seed"]),
         "shift": check_shift(p["shift"]),
@@ -178,4 +198,15 @@ def validate_generation(params: dict, *, remote: bool = False) -> dict:
         "output_format": check_choice("output_format", p["output_format"], OUTPUT_FORMATS),
         "output_quality": check_range("output_quality", p["output_quality"]),
     }
+    if not remote:  # the hosted service has its own limits (512..2048)
+        check_area(out["width"], out["height"], out["number_of_images"])
+        check_format_size(out["output_format"], out["width"], out["height"])
     return out
+
+
+def check_format_size(fmt: str, width: int, height: int, name: str = "output_format") -> None:
+    """An image format that can hold the size: webp stops at 16383 pixels a side (jpg at 65535)."""
+    limit = FORMAT_MAX_SIDE.get(fmt)
+    if limit and max(width, height) > limit:
+        raise ParameterError(f"{name}={fmt!r} holds at most {limit} pixels a side, and the image is {width}x{height}; "
+                             "save it as png")

@@ -83,7 +83,8 @@ class GenerationPlan:
 def check_schedule_length(steps: int, denoise: float) -> None:
     from .sampling.schedules import schedule_length
 
-    n = schedule_length(steps, denoise)
+    # steps / 1e-320 is inf, which int() cannot take: such lengths are only named
+    n = schedule_length(steps, denoise) if denoise <= 0.0 or steps / denoise < 1e15 else steps / denoise
     if n > MAX_SCHEDULE_STEPS:
         raise ParameterError(f"denoise={denoise!r} with steps={steps} asks for a schedule of {n} steps (ComfyUI runs "
                              f"the last {steps} of int(steps / denoise)); at most {MAX_SCHEDULE_STEPS}: raise denoise "
@@ -158,9 +159,15 @@ def plan_sampling(*, seed, steps: int, cfg: float, sampler: str, scheduler: str,
 def _given_sigmas(values) -> tuple:
     import math
 
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ParameterError("sigmas must be a 1-D sequence of finite numbers of 0 or more (a schedule ending in 0)")
+
+    if len(values) > MAX_SCHEDULE_STEPS + 1:  # len() first: a million sigmas are refused before they are read
+        raise ParameterError(f"sigmas: {len(values):,} values; at most {MAX_SCHEDULE_STEPS + 1} (a schedule of "
+                             f"{MAX_SCHEDULE_STEPS} steps)")
     values = values.tolist() if hasattr(values, "tolist") else list(values)
-    if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
-        raise ParameterError("sigmas must be a 1-D sequence of finite numbers (a schedule ending in 0)")
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 for v in values):
+        raise ParameterError("sigmas must be a 1-D sequence of finite numbers of 0 or more (a schedule ending in 0)")
     return tuple(float(v) for v in values)
 
 

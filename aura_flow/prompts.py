@@ -6,20 +6,30 @@ embedding is moved away from the empty prompt's at its position: ``z = z_empty +
 
 Tokens, then the end token (2), padded with the pad token (1) to at least 256 and never truncated; the encoder
 sees an attention mask over the real tokens and the end token, and the embeddings of padded positions are zeroed.
+
+Bounds (`check_prompt`, before any model work): at most `MAX_PROMPT_CHARS` characters of valid Unicode text and
+`MAX_PROMPT_TOKENS` tokens (attention grows with the square of the length), weights finite within
+`WEIGHT_RANGE` (ComfyUI takes any float; a NaN, an infinite or a 1e39 weight only makes a NaN image), parentheses
+nested at most `MAX_NESTING` deep.
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
-from .errors import LoadError
+from .errors import LoadError, ParameterError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_HINT = ("pass tokenizer=PATH: a Pile-T5 sentencepiece 'tokenizer.model' (ComfyUI ships one as "
+TOKENIZER_HINT = ("give one as tokenizer=PATH: a Pile-T5 sentencepiece 'tokenizer.model' (ComfyUI ships one as "
                   "comfy/text_encoders/t5_pile_tokenizer/tokenizer.model) or a diffusers 'tokenizer' folder")
 
 MIN_LENGTH = 256
+MAX_PROMPT_CHARS = 16384
+MAX_PROMPT_TOKENS = 2048  # 8x the 256 the model was trained with
+WEIGHT_RANGE = (-10.0, 10.0)
+MAX_NESTING = 100
 PAD_ID = 1
 END_ID = 2
 
@@ -37,12 +47,13 @@ class PromptTokenizer:
     def load(cls, path) -> "PromptTokenizer":
         path = Path(path)
         if path.is_dir() and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+            _refuse_code(path)
             from transformers import AutoTokenizer
 
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            try:  # never code from the folder, never the network
+                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
             except Exception as exc:  # transformers raises many kinds here
-                raise LoadError(f"{path}: cannot load the tokenizer ({exc}); {TOKENIZER_HINT}") from None
+                raise LoadError(f"{path}: cannot load the tokenizer ({str(exc)[:300]}); {TOKENIZER_HINT}") from None
             pad = tok.pad_token_id if tok.pad_token_id is not None else PAD_ID
             end = tok.eos_token_id if tok.eos_token_id is not None else END_ID
             return cls(lambda text: list(tok(text, add_special_tokens=False, verbose=False)["input_ids"]), str(path), pad, end)
@@ -78,15 +89,32 @@ class PromptTokenizer:
         """-> (ids, mask, weights): the prompt's segments tokenized one by one with their weights, the end token,
         then padding to at least ``min_length``."""
         ids, weights = [], []
-        for segment, weight in parse_weights(text):
+        for segment, weight in parse_weights(check_prompt("prompt", text)):
             seg_ids = self._encode(segment)
             ids += seg_ids
             weights += [weight] * len(seg_ids)
+            if len(ids) >= MAX_PROMPT_TOKENS:
+                raise ParameterError(f"prompt is over {MAX_PROMPT_TOKENS} tokens (with the end token); at most "
+                                     f"{MAX_PROMPT_TOKENS}, about 8000 characters of English: shorten it")
         ids.append(self.end_id)
         weights.append(1.0)
         n = len(ids)
         pad = max(min_length, n) - n
         return ids + [self.pad_id] * pad, [1] * n + [0] * pad, weights + [1.0] * pad
+
+
+def _refuse_code(folder: Path) -> None:
+    """LoadError for a tokenizer folder that asks to run its own Python code (``auto_map``), before transformers
+    sees it: the pack never runs code from a model folder."""
+    from .weights.reader import read_json
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model"):
+        if (folder / name).exists() and not (folder / name).is_file():  # a FIFO would block transformers' read
+            raise LoadError(f"{folder / name}: not a regular file. {TOKENIZER_HINT}")
+    for name in ("tokenizer_config.json", "config.json"):
+        if (folder / name).is_file() and read_json(folder / name, "tokenizer config").get("auto_map"):
+            raise LoadError(f"{folder / name}: the tokenizer asks to run Python code from its folder (auto_map); "
+                            f"code from a model folder is never run. {TOKENIZER_HINT}")
 
 
 _OPEN, _CLOSE = "\0\2", "\0\1"  # stand-ins for escaped parentheses while parsing
@@ -116,7 +144,23 @@ def _split_parentheses(text: str) -> list[str]:
     return pieces
 
 
-def _weights(text: str, weight: float) -> list[tuple[str, float]]:
+def _shown(piece: str) -> str:
+    piece = piece.replace(_CLOSE, "\\)").replace(_OPEN, "\\(")
+    return repr(piece if len(piece) <= 60 else piece[:60] + "…")
+
+
+def _check_weight(weight: float, piece: str, name: str) -> None:
+    lo, hi = WEIGHT_RANGE
+    if not math.isfinite(weight) or not lo <= weight <= hi:
+        raise ParameterError(f"{name}: the weight {weight:g} of {_shown(piece)} is out of range; allowed: {lo:g}..{hi:g}"
+                             " (finite; (word:1.3) sets one, each pair of parentheses multiplies by 1.1; write \\( "
+                             "for a literal parenthesis)")
+
+
+def _weights(text: str, weight: float, name: str, depth: int = 0) -> list[tuple[str, float]]:
+    if depth > MAX_NESTING:
+        raise ParameterError(f"{name}: parentheses nested over {MAX_NESTING} deep; at most {MAX_NESTING} (write \\( "
+                             "for a literal parenthesis)")
     out = []
     for piece in _split_parentheses(text):
         if len(piece) >= 2 and piece[0] == "(" and piece[-1] == ")":
@@ -128,17 +172,42 @@ def _weights(text: str, weight: float) -> list[tuple[str, float]]:
                     inner = inner[:colon]
                 except ValueError:
                     pass
-            out += _weights(inner, inner_weight)
+            out += _weights(inner, inner_weight, name, depth + 1)
         else:
+            if piece.strip():  # a weight on nothing but spaces changes no token
+                _check_weight(weight, piece, name)
             out.append((piece, weight))
     return out
 
 
-def parse_weights(text: str) -> list[tuple[str, float]]:
+def parse_weights(text: str, name: str = "prompt") -> list[tuple[str, float]]:
     """ComfyUI's prompt weighting: ``"a (red:1.5) ((cat))"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0),
-    ("cat", 1.21)]``; ``\\(`` / ``\\)`` stay literal parentheses."""
+    ("cat", 1.21)]``; ``\\(`` / ``\\)`` stay literal parentheses. A weight outside `WEIGHT_RANGE` (or not finite)
+    on any text is a ParameterError naming ``name``, the weight and the allowed range."""
     text = text.replace("\\)", _CLOSE).replace("\\(", _OPEN)
-    return [(seg.replace(_CLOSE, ")").replace(_OPEN, "("), w) for seg, w in _weights(text, 1.0)]
+    return [(seg.replace(_CLOSE, ")").replace(_OPEN, "("), w) for seg, w in _weights(text, 1.0, name)]
+
+
+def check_prompt(name: str, text, *, weights: bool = True) -> str:
+    """``text`` when it is a prompt the engine can encode at a bounded cost: a string of valid Unicode (no lone
+    surrogates, as a command line makes of bytes that are not UTF-8) of at most `MAX_PROMPT_CHARS` characters, and,
+    with ``weights``, weights in range. Else a ParameterError naming ``name``."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise ParameterError(f"{name} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ParameterError(f"{name} is {len(text):,} characters long; at most {MAX_PROMPT_CHARS:,}: shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate; \udc80-\udcff stand for bytes that were not UTF-8
+        code = ord(text[exc.start])
+        what = f"the byte {code - 0xDC00:#x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate {code:#x}"
+        raise ParameterError(f"{name} is not valid UTF-8 text (character {exc.start + 1} is {what}); give it as "
+                             "UTF-8 (on a command line, check the terminal's encoding)") from None
+    if weights:
+        parse_weights(text, name)
+    return text
 
 
 def encode_prompt(text_encoder, tokenizer: PromptTokenizer, text: str, device, dtype):

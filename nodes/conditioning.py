@@ -11,6 +11,7 @@ import logging
 
 from ..aura_flow.errors import ParameterError
 from .comfyui import devices, memory
+from .words import node_words
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class AuraFlowTextEncode:
     SEARCH_ALIASES = ["aura flow", "pony", "t5", "prompt", "clip text encode"]
 
     def encode(self, text_encoder, text):
-        memory.load(text_encoder, "text_encoder")
-        context = text_encoder.encode_prompt(text)
+        with node_words({"prompt": "text"}):
+            memory.load(text_encoder, "text_encoder")
+            context = text_encoder.encode_prompt(text)
         return ([[context.to(devices.intermediate_device()), {}]],)
 
 
@@ -90,7 +92,10 @@ def conds_from_conditioning(conditioning, name: str, width: int | None = None):
 
     out = []
     for entry in conditioning:
-        tensor, options = entry[0], (entry[1] if len(entry) > 1 else {})
+        if not isinstance(entry, (list, tuple)) or not entry:
+            raise ParameterError(f"{name}: expected a CONDITIONING entry [tensor, options]; connect AuraFlow Text "
+                                 "Encode or CLIP Text Encode")
+        tensor, options = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
         if getattr(tensor, "ndim", None) != 3:
             raise ParameterError(f"{name}: the conditioning tensor must be (1, tokens, width), got "
                                  f"{tuple(getattr(tensor, 'shape', ()))}")

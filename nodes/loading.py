@@ -7,6 +7,7 @@ from ..aura_flow.params import DTYPES
 from .comfyui import devices, folders, memory
 from .conditioning import TextEncoder
 from .vae import AuraFlowVAE
+from .words import node_words
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,15 @@ class AuraFlowLoader:
         from ..aura_flow.pipeline.pipeline import load  # torch: when the node runs, not when the pack loads
 
         device, auto_dtype = devices.load_placement()
-        pipeline = load(
-            ckpt,
-            text_encoder=optional(text_encoder, "text_encoders", "text encoder"),
-            vae=optional(vae, "vae", "VAE"),
-            tokenizer=optional(tokenizer, "text_encoders", "tokenizer", tokenizer=True),
-            dtype=auto_dtype if weight_dtype == "auto" else weight_dtype,
-            device=device,
-            # inside ComfyUI its memory manager places every part (nodes/comfyui/memory.py)
-            offload_text_encoder=False if memory.managed() else "auto",
-        )
+        with node_words({"dtype": "weight_dtype"}):
+            pipeline = load(
+                ckpt,
+                text_encoder=optional(text_encoder, "text_encoders", "text encoder"),
+                vae=optional(vae, "vae", "VAE"),
+                tokenizer=optional(tokenizer, "text_encoders", "tokenizer", tokenizer=True),
+                dtype=auto_dtype if weight_dtype == "auto" else weight_dtype,
+                device=device,
+                # inside ComfyUI its memory manager places every part (nodes/comfyui/memory.py)
+                offload_text_encoder=False if memory.managed() else "auto",
+            )
         return (pipeline, TextEncoder(pipeline), AuraFlowVAE(pipeline))

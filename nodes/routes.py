@@ -20,6 +20,7 @@ import os
 from ..aura_flow import remote
 from ..aura_flow.errors import ParameterError
 from ..aura_flow.params import DEFAULTS as _NODE_DEFAULTS
+from ..aura_flow.params import shown
 from .comfyui import folders
 from .comfyui.server import add_routes
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SIGMAS_ROUTE = "/auraflow/sigmas"
 KEY_ROUTE = "/auraflow/remote/key"
+KEY_BODY_LIMIT = 4096  # bytes of a POST to the key route: {"key": "SG_..."} is about 40
 ROUTE = SIGMAS_ROUTE  # the sigma route's old name
 # a parameter left out takes the sampler node's default; no sampler means none that drops the penultimate sigma
 DEFAULTS = {"scheduler": _NODE_DEFAULTS["scheduler"], "steps": _NODE_DEFAULTS["steps"],
@@ -41,10 +43,10 @@ def _number(query: dict, name: str, kind: type):
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={text!r} is not a number (e.g. {name}={DEFAULTS[name]})") from None
+        raise ValueError(f"{name}={shown(text)} is not a number (e.g. {name}={DEFAULTS[name]})") from None
     if kind is int:
         if not math.isfinite(value) or not value.is_integer():
-            raise ValueError(f"{name}={text!r} is not a whole number (e.g. {name}={DEFAULTS[name]})")
+            raise ValueError(f"{name}={shown(text)} is not a whole number (e.g. {name}={DEFAULTS[name]})")
         return int(value)
     return value
 
@@ -132,6 +134,9 @@ def register() -> bool:
         async def auraflow_remote_key_save(request):
             if request.content_type != "application/json":  # a plain HTML form cannot post JSON cross-site
                 return web.json_response({"error": "send Content-Type: application/json"}, status=415)
+            if request.content_length is None or request.content_length > KEY_BODY_LIMIT:  # before reading it
+                return web.json_response({"error": f'send JSON {{"key": "SG_..."}} of at most {KEY_BODY_LIMIT} bytes '
+                                                   "with a Content-Length"}, status=413)
             try:
                 body = await request.json()
             except ValueError:

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import logging
 
-from ..aura_flow.params import RANGES, check_range, check_size
+from ..aura_flow.errors import ParameterError
+from ..aura_flow.params import RANGES, check_area, check_range, check_size
 from ..aura_flow.plan import plan_sampling
 from .comfyui import devices, memory, native, progress
 from .conditioning import conds_from_conditioning
 from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
+from .words import WEIGHT_DTYPE, node_words
 
 log = logging.getLogger(__name__)
 
 # the model socket takes AuraFlow Loader's model or a ComfyUI MODEL (ComfyUI and its editor accept unions)
 MODEL_TYPES = "AURAFLOW_MODEL,MODEL"
+# the engine's parameter names -> this node's inputs
+SAMPLER_WORDS = {"sampler": "sampler_name", "number_of_images": "batch_size", "latent": "latent_image",
+                 "dtype": WEIGHT_DTYPE}
 
 
 def sampler_inputs() -> dict:
@@ -70,6 +75,12 @@ class AuraFlowSampler:
 
     def sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
                width=1024, height=1024, batch_size=1, latent_image=None, speed="auto", noise_device="cpu"):
+        with node_words(SAMPLER_WORDS):
+            return self._sample(model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise,
+                                width, height, batch_size, latent_image, speed, noise_device)
+
+    def _sample(self, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, shift, denoise, width,
+                height, batch_size, latent_image, speed, noise_device):
         import torch
 
         comfy_model = native.is_comfy_model(model)
@@ -86,7 +97,10 @@ class AuraFlowSampler:
         if latent_image is None:
             width, height = check_size("width", width), check_size("height", height)
             batch_size = check_range("number_of_images", batch_size)
+            check_area(width, height, batch_size, names=("width", "height", "batch_size"))
             latent_image = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
+        elif not isinstance(latent_image, dict) or not isinstance(latent_image.get("samples"), torch.Tensor):
+            raise ParameterError("latent_image: expected a LATENT (from VAE Encode or Empty Latent Image)")
         bar = progress.Progress(max(len(plan.sigmas) - 1, 0))
         record = None
         if comfy_model:  # ComfyUI's own guider, memory manager and conditioning handling

@@ -9,8 +9,36 @@ from ..aura_flow.errors import ParameterError
 from ..aura_flow.images import EXT, encode_image, write_first_free
 from .comfyui import folders
 from .records import record_of
+from .words import node_words
 
 log = logging.getLogger(__name__)
+
+NAME_LIMIT = 255 - len("_00000_.webp") - 8  # bytes of one file or folder name (the usual file system limit is 255)
+
+
+def check_prefix(prefix) -> str:
+    """A filename prefix that can name files: text without NUL, each name short enough for the file system."""
+    if not isinstance(prefix, str) or not prefix.strip() or "\0" in prefix:
+        raise ParameterError(f"filename_prefix={prefix!r}: give a file name (no NUL character), such as 'AuraFlow' or "
+                             "'AuraFlow/cat'")
+    for name in prefix.replace("\\", "/").split("/"):
+        if len(name.encode("utf-8", "surrogateescape")) > NAME_LIMIT:
+            raise ParameterError(f"filename_prefix: the name {name[:40]!r}… is {len(name.encode('utf-8', 'replace'))} "
+                                 f"bytes long; at most {NAME_LIMIT} (file names are limited to 255 bytes)")
+    return prefix
+
+
+def check_images(images) -> None:
+    """An IMAGE batch that can be saved: (batch, height, width, channels) with finite values."""
+    import torch
+
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or min(images.shape[1:3], default=0) < 1 or \
+            images.shape[3] not in (1, 3, 4):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ParameterError(f"images: expected an IMAGE (batch, height, width, 3), got {shape}")
+    if not torch.isfinite(images).all():
+        raise ParameterError("images hold NaN or infinite values, so nothing was saved: the sampling's numbers "
+                             "overflowed upstream. Lower cfg, use another sampler or weight_dtype fp32")
 
 
 class AuraFlowSaveImage:
@@ -57,7 +85,11 @@ class AuraFlowSaveImage:
         from PIL import Image
 
         fmt = P.check_choice("format", format, P.OUTPUT_FORMATS)
-        quality = P.check_range("output_quality", quality)
+        with node_words({"output_quality": "quality"}):
+            quality = P.check_range("output_quality", quality)
+        check_prefix(filename_prefix)
+        check_images(images)
+        P.check_format_size(fmt, int(images.shape[2]), int(images.shape[1]), "format")
         metadata = None
         if embed_workflow and not folders.metadata_disabled():
             metadata = {}
@@ -69,6 +101,7 @@ class AuraFlowSaveImage:
                 metadata["auraflow"] = record_of(images)
         height, width = int(images.shape[1]), int(images.shape[2])
         folder, stem, counter, subfolder = folders.save_image_path(filename_prefix, self.output_dir, width, height)
+        check_prefix(stem)  # ComfyUI's %date%-style variables may have made it longer
         real_out = os.path.realpath(self.output_dir)
         if os.path.commonpath((real_out, os.path.realpath(folder))) != real_out:  # a link out of the folder
             raise ParameterError(f"filename_prefix={filename_prefix!r}: {folder} leads outside the output folder "
@@ -76,6 +109,8 @@ class AuraFlowSaveImage:
         results = []
         for batch_number, image in enumerate(images):
             pixels = (image.detach().float().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+            if pixels.shape[-1] == 1:  # a one-channel IMAGE (from a mask): grey
+                pixels = pixels[..., 0]
             data = encode_image(Image.fromarray(pixels), fmt, quality, metadata)
             base = stem.replace("%batch_num%", str(batch_number))
             # the counter ComfyUI gave, or the next free one when another save took it meanwhile: never replaced

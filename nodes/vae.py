@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from ..aura_flow.errors import ParameterError
 from ..aura_flow.weights.devices import module_bytes
 from .comfyui import devices, memory
 from .records import attach, record_of
@@ -82,20 +83,24 @@ class AuraFlowVAE:
 
         Like ComfyUI's own VAE, it falls back to tiled decoding when the device runs out of memory.
         """
+        from ..aura_flow.sampling.loop import check_latent  # torch: when a node runs
+
         self.throw_exception_if_invalid()
-        if samples_in.ndim != 4 or samples_in.shape[1] != self.latent_channels:
-            raise ValueError(f"AuraFlow VAE: expected a (batch, 4, height/8, width/8) SDXL latent, got shape "
-                             f"{tuple(samples_in.shape)}; was this latent made for another model?")
+        check_latent(samples_in, "samples")  # a (batch, 4, h, w) latent, no size 0, no NaN: a ParameterError
         return attach(self._run(self.pipeline.decode, samples_in, DEFAULT_TILE // SCALE, DEFAULT_OVERLAP / DEFAULT_TILE),
                       record_of(samples_in))
 
     def encode(self, pixel_samples):
         """Images (B, H, W, C) in [0, 1] -> raw latent (B, 4, H/8, W/8) (centre-cropped to multiples of 8)."""
         self.throw_exception_if_invalid()
+        if getattr(pixel_samples, "ndim", 0) != 4:
+            raise ParameterError(f"pixels: expected (batch, height, width, 3) images, got shape "
+                                 f"{tuple(getattr(pixel_samples, 'shape', ()))}")
         pixels = self.vae_encode_crop_pixels(pixel_samples)
-        if pixels.shape[1] < SCALE or pixels.shape[2] < SCALE or pixels.shape[-1] != 3:
-            raise ValueError(f"AuraFlow VAE: expected (batch, height, width, 3) images at least 8x8, got shape "
-                             f"{tuple(pixel_samples.shape)}")
+        if pixels.ndim != 4 or pixels.shape[0] == 0 or pixels.shape[1] < SCALE or pixels.shape[2] < SCALE or \
+                pixels.shape[-1] != 3:
+            raise ParameterError(f"pixels: expected (batch, height, width, 3) images, at least one of at least 8x8, "
+                                 f"got shape {tuple(pixel_samples.shape)}")
         return self._run(self.pipeline.encode, pixels, DEFAULT_TILE // SCALE, DEFAULT_OVERLAP / DEFAULT_TILE)
 
     # VAE Decode (Tiled) passes tile sizes in latent units, VAE Encode (Tiled) in pixels.
@@ -115,6 +120,9 @@ class AuraFlowVAE:
         import torch
 
         out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
+        if batch.ndim != 4 or batch.shape[0] == 0:
+            raise ParameterError(f"AuraFlow VAE: an empty batch (shape {tuple(batch.shape)}); give at least one image "
+                                 "or latent")
         memory.load_vae(self.pipeline, batch[:1].shape, decode=fn == self.pipeline.decode)
         out = []
         for i in range(batch.shape[0]):
@@ -163,9 +171,11 @@ class AuraFlowVAEDecode:
     SEARCH_ALIASES = ["aura flow", "pony", "vae decode"]
 
     def decode(self, samples, vae):
+        if not isinstance(samples, dict):
+            raise ParameterError("samples: expected a LATENT (from AuraFlow Sampler or VAE Encode)")
         if samples.get("noise_mask") is not None:
             log.debug("AuraFlow VAE Decode: the latent's noise_mask does not affect decoding")
-        return (vae.decode(samples["samples"]),)
+        return (vae.decode(samples.get("samples")),)
 
 
 class AuraFlowVAEEncode:

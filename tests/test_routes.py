@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,3 +79,78 @@ def test_parameter_errors_are_400_naming_the_parameter(query, message):
 
 def test_register_is_a_no_op_outside_comfyui():
     assert routes.register() is False
+
+
+# ------------------------------------------------------------------------------------------------ hostile queries
+HOSTILE = [
+    ({"steps": "100", "denoise": "0.0001"}, 400, "asks for a schedule of 1000000 steps"),
+    ({"steps": "10000", "denoise": "1e-320"}, 400, "asks for a schedule of inf steps"),
+    ({"denoise": "5e-324"}, 400, "raise denoise to at least 0.0025"),
+    ({"shift": "0"}, 400, "shift=0.0 makes every noise level 0"),
+    ({"shift": "1e-300"}, 400, "shift=1e-300 is too small"),
+    ({"shift": "inf"}, 400, "shift=inf is not a finite number"),
+    ({"steps": "1e400"}, 400, "steps='1e400' is not a whole number"),
+    ({"steps": "9" * 4000}, 400, "is not a whole number"),
+    ({"denoise": "nan"}, 400, "denoise=nan is not a finite number"),
+    ({"sampler": "x" * 100000}, 400, "is not known"),
+] + [({"scheduler": name, "steps": "10000"}, 200, "") for name in aura_flow.SCHEDULER_NAMES]
+
+
+def test_hostile_queries_answer_in_bounded_time_off_the_event_loop(monkeypatch):
+    """Every query is answered (a 400 naming the parameter, or at most 10000 sigmas) within seconds, and ComfyUI's
+    event loop keeps running meanwhile: the work runs in an executor."""
+    import asyncio
+    import time
+
+    from route_harness import Request, register_routes
+
+    handler = register_routes(monkeypatch)[("GET", routes.SIGMAS_ROUTE)]
+    routes.sigmas_response({})  # torch imported once, outside the timing
+
+    async def scenario():
+        gaps, stop = [], asyncio.Event()
+
+        async def ticker():
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        answers = []
+        for query, _status, _message in HOSTILE:
+            t0 = time.perf_counter()
+            answers.append((await handler(Request(query)), time.perf_counter() - t0))
+        stop.set()
+        await tick
+        return answers, max(gaps)
+
+    answers, worst_gap = asyncio.run(scenario())
+    for (query, status, message), ((got_status, body), seconds) in zip(HOSTILE, answers):
+        assert got_status == status, (query, body)
+        assert seconds < 10, query
+        if status == 400:
+            assert message in body["error"] and len(body["error"]) < 1000, query
+        else:
+            assert 1 < len(body["sigmas"]) <= 10001 and all(math.isfinite(v) for v in body["sigmas"])
+    assert worst_gap < 1.0  # the loop was never held for the length of a schedule
+
+
+def test_the_key_route_refuses_a_huge_body_before_reading_it(monkeypatch, tmp_path):
+    from route_harness import Request, call, register_routes
+
+    key_file = tmp_path / "auraflow" / "segmind_api_key"
+    monkeypatch.setenv("AURAFLOW_SEGMIND_KEY_FILE", str(key_file))
+    monkeypatch.delenv("SEGMIND_API_KEY", raising=False)
+    handler = register_routes(monkeypatch)[("POST", routes.KEY_ROUTE)]
+    huge = Request(body=b'{"key": "SG_' + b"a" * (10 * 1024 * 1024) + b'"}')
+    assert call(handler, huge)[0] == 413 and huge.reads == 0
+    unsized = Request(body=b'{"key": "SG_0123456789abcdef"}', content_length=None)
+    unsized.content_length = None  # chunked: no length announced
+    assert call(handler, unsized)[0] == 413 and unsized.reads == 0
+    assert not key_file.exists()
+    status, body = call(handler, Request(body=b'{"key": "SG_0123456789abcdef"}'))
+    assert status == 200 and body["source"] == "file" and "SG_0123456789abcdef" not in json.dumps(body)
+    assert key_file.read_text() == "SG_0123456789abcdef\n"

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import LoadError, ParameterError
+from ..errors import LoadError, NumericError, ParameterError
 from . import generate, queue, remote
 from .flags import HelpFormatter, in_flag_words
 
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     except (ParameterError, LoadError) as exc:
         sys.stderr.write(f"error: {in_flag_words(str(exc), args.parser)}\n")
         return 2
+    except NumericError as exc:  # the run went NaN: nothing was written
+        sys.stderr.write(f"error: {in_flag_words(str(exc), args.parser)}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

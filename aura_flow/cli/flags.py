@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
-from ..errors import LoadError, ParameterError
-from ..params import DEFAULTS, LORA_STRENGTH, MAX_SEED, NOISE_DEVICES, OUTPUT_FORMATS, RANGES
+from ..errors import LoadError, ParameterError, reword
+from ..params import DEFAULTS, LORA_STRENGTH, MAX_SEED, MIN_SHIFT, NOISE_DEVICES, OUTPUT_FORMATS, RANGES
 from ..pipeline.modes import SPEED_NAMES
 
 
@@ -30,7 +29,7 @@ def add_generation_flags(p, *, remote: bool = False) -> None:
                                                                         "negative prompt")
     p.add_argument("--seed", type=int, default=None, help=f"0-{MAX_SEED}; random when omitted (the seed used is "
                                                           "printed)")
-    p.add_argument("--shift", type=float, default=DEFAULTS["shift"], help=f"flow shift, above 0 up to "
+    p.add_argument("--shift", type=float, default=DEFAULTS["shift"], help=f"flow shift, {MIN_SHIFT:g} up to "
                                                                           f"{RANGES['shift'].hi:g}")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"sampling steps {_range('steps')}")
     p.add_argument("--width", type=int, default=DEFAULTS["width"], help=f"image width {size}")
@@ -138,10 +137,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
-    """An engine message in the words of a command line: ``cfg=30`` -> ``--cfg=30``, ``pass tokenizer=PATH`` ->
-    ``pass --tokenizer=PATH``, for every parameter that is one of this command's flags."""
-    dests = {a.dest for a in parser._actions if a.option_strings}
-    for dest in sorted(dests, key=len, reverse=True):
-        flag = "--" + dest.replace("_", "-")
-        message = re.sub(rf"(?<![\w\-.']){re.escape(dest)}=", f"{flag}=", message)
-    return message
+    """An engine message in the words of a command line: ``cfg=30`` -> ``--cfg=30``, ``give one as tokenizer=PATH``
+    -> ``give one as --tokenizer=PATH``, ``prompt is ...`` -> ``--prompt is ...``, for every parameter that is one of
+    this command's flags."""
+    return reword(message, {a.dest: "--" + a.dest.replace("_", "-") for a in parser._actions if a.option_strings})

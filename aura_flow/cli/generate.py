@@ -39,8 +39,8 @@ def register(sub):
 
 
 class ProgressBar:
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width, self.t0 = stream, width, time.perf_counter()
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width, self.t0 = stream or sys.stderr, width, time.perf_counter()
 
     def __call__(self, step: int, total: int, _x0=None):
         done = int(self.width * step / max(total, 1))
@@ -51,16 +51,16 @@ class ProgressBar:
         self.stream.flush()
 
 
-def write_images(result, out_dir, stem: str = "aura_flow") -> list[str]:
+def write_images(result, out_dir, stem: str = "aura_flow"):
     """Each image as ``<stem>_<seed>_<i>.<ext>`` in ``out_dir``, never replacing a file (``_1``, ``_2``... when
-    taken), with the parameters and the ``auraflow`` record (files, hashes, dtype, LoRAs...) embedded; the paths
-    written."""
+    taken), with the parameters and the ``auraflow`` record (files, hashes, dtype, LoRAs...) embedded; yields the
+    paths as they are written."""
     from ..images import save_new_image
 
     plan = result.plan
-    return [str(save_new_image(img, out_dir, f"{stem}_{result.seed}_{i:02d}", plan.output_format,
-                               plan.output_quality, metadata=result.metadata()))
-            for i, img in enumerate(result.images)]
+    for i, img in enumerate(result.images):
+        yield str(save_new_image(img, out_dir, f"{stem}_{result.seed}_{i:02d}", plan.output_format,
+                                 plan.output_quality, metadata=result.metadata()))
 
 
 def _plan(args):
@@ -75,29 +75,37 @@ def _plan(args):
 
 def _generate(pipe, plan, args) -> int:
     result = pipe.generate(plan, callback=ProgressBar())
-    for path in write_images(result, args.out):
-        sys.stdout.write(path + "\n")
+    try:
+        for path in write_images(result, args.out):
+            sys.stdout.write(path + "\n")
+    except OSError as exc:  # a full disk, a folder removed meanwhile: each image is whole or absent
+        sys.stderr.write(f"error: cannot write the images into --out {args.out} ({exc.strerror or exc}); free some "
+                         f"space or give another folder. seed: {result.seed}\n")
+        return 1
     sys.stderr.write(f"seed: {result.seed}\n")
     return 0
 
 
 def run_generate(args) -> int:
+    plan = _plan(args)  # every parameter and the output folder, before torch and before loading 16 GB
     from ..pipeline.pipeline import load
 
-    plan = _plan(args)  # every parameter and the output folder, before loading 16 GB
     pipe = load(args.checkpoint, tokenizer=args.tokenizer, text_encoder=args.text_encoder, vae=args.vae,
                 dtype=args.dtype, device=args.device, loras=args.loras)
     return _generate(pipe, plan, args)
 
 
 def run_demo(args) -> int:
+    plan = _plan(args)  # before torch is imported
+    root = Path(args.cache).expanduser() / "demo-tiny"
+    ckpt = root / "diffusers"
+    build = not (ckpt / "model_index.json").exists()
+    if build:
+        check_output_folder(root, "--cache")
     from ..pipeline.pipeline import load
     from ..tiny import build_tiny
 
-    plan = _plan(args)
-    root = Path(args.cache) / "demo-tiny"
-    ckpt = root / "diffusers"
-    if not (ckpt / "model_index.json").exists():
+    if build:
         sys.stderr.write(f"building the tiny demo model in {root} (once)\n")
         build_tiny(root, "diffusers")
     pipe = load(ckpt, device="cpu", loras=args.loras)

@@ -1,5 +1,5 @@
 """``python -m aura_flow queue WORKFLOW.json --server URL``: run an API-format workflow on a running ComfyUI and
-download the images it made (aura_flow/headless.py does the work).
+download the images it made (aura_flow/headless/ does the work).
 
 Exit codes: 0 done, 1 ComfyUI rejected or failed the prompt, 2 bad arguments or workflow file, 3 ComfyUI could
 not be reached or the prompt did not finish within ``--timeout``, 130 interrupted (the prompt is then removed

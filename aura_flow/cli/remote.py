@@ -26,8 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
                                                     "or ~/.config/auraflow/segmind_api_key)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image, queue and generation "
-                                                                "included (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests at a time (default %(default)s)")
+                                                                "included")
+    p.add_argument("--concurrency", type=int, default=2, help="requests at a time")
     p.add_argument("--api-version", choices=remote_api.API_VERSIONS, default=None,
                    help="v2: the async queue (submit, then poll; the default, or $SEGMIND_API_VERSION); v1: the sync "
                         "API, one connection held for the whole generation")

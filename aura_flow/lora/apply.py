@@ -13,13 +13,15 @@ import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import LoadError, ParameterError
+from ..errors import LoadError, ParameterError, shown
 from ..weights.linear import patchable_layers
 from .formats import LoraFile
 from .keys import LayerIndex, looks_like
 from .patches import DoraPatch, PermutedRows, swap_halves
 
 log = logging.getLogger(__name__)
+
+MAX_STRENGTH = 100.0  # ComfyUI's LoRA loaders' range; beyond it the weights overflow
 
 SHOW = 5  # names listed in a message before "(+N more)"
 
@@ -172,7 +174,8 @@ class ApplyReport:
 def apply_loras(transformer, loras) -> ApplyReport:
     """Make exactly ``loras`` (a list of ``(lora, strength)``; a lora is a path, a `LoraFile` or a `PreparedLora`)
     active on ``transformer``: every patchable layer's ``patches`` is replaced, so ``[]`` removes all. Several LoRAs
-    stack; any finite strength works (negative subtracts, 0 skips). Everything is checked before any layer changes.
+    stack; a strength is a number in -100..100 as in ComfyUI's LoRA loaders (negative subtracts, 0 skips; beyond
+    that the weights overflow into a NaN image). Everything is checked before any layer changes.
     """
     layers = patchable_layers(transformer)
     planned = {name: [] for name in layers}
@@ -186,9 +189,10 @@ def apply_loras(transformer, loras) -> ApplyReport:
             strength = float(strength)
         except (TypeError, ValueError):
             strength = math.nan
-        if not math.isfinite(strength):
-            raise ParameterError(f"loras: strength of {_label(lora)} is {item[1]!r}; use a finite number (1.0 is the "
-                                 f"LoRA as trained, 0 turns it off, negative values subtract it)")
+        if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+            raise ParameterError(f"loras: strength of {_label(lora)} is {shown(item[1])}; use a finite number in "
+                                 f"-{MAX_STRENGTH:g}..{MAX_STRENGTH:g} (1.0 is the LoRA as trained, 0 turns it off, "
+                                 "negative values subtract it)")
         if not isinstance(lora, PreparedLora) or lora.transformer_ref() is not transformer:
             lora = prepare_lora(lora.file if isinstance(lora, PreparedLora) else lora, transformer)
         report = replace(lora.report, strength=strength)

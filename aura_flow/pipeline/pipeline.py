@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from ..plan import GenerationPlan, plan_generation, plan_sampling
 from ..provenance import run_record
 from ..sampling.conds import has_options
+from ..sampling.loop import check_latent
 from ..sampling.loop import sample as _sample
 from .loras import LoraModelView, LoraState, check_loras
 from .modes import resolve as resolve_speed
 from .speed import velocity_model
-from ..errors import ParameterError
+from ..errors import NumericError, ParameterError
 from ..prompts import encode_prompt
 from ..weights.components import Components, load_components
 from ..weights.devices import module_bytes, offload_text_encoder_auto
@@ -231,6 +232,12 @@ class AuraFlowPipeline:
             plan = plan_sampling(speed=speed, **settings)
         elif settings or speed is not None:
             raise TypeError("sample() takes a plan or the settings, not both")
+        for name, value in (("positive", positive), ("negative", negative)):
+            contexts = [getattr(c, "context", None) for c in value] if isinstance(value, (list, tuple)) else [value]
+            for context in contexts:  # a context tensor, or the Conds of ComfyUI's conditioning options
+                if getattr(context, "ndim", 0) != 3 or context.shape[-1] != self.context_dim:
+                    raise ParameterError(f"{name}: a context of shape {tuple(getattr(context, 'shape', ()))}; this "
+                                         f"model takes (1, tokens, {self.context_dim}) from its own text encoder")
         options = resolve_speed(plan.speed, self.device)
         if options is not None and has_options(positive, negative) and \
                 (options.cfg_cutoff is not None or options.cache_threshold > 0):
@@ -250,8 +257,12 @@ class AuraFlowPipeline:
         """Raw VAE-space latent (B,4,h,w) -> images (B,H,W,3) float32 in [0,1]. Always fp32 (fp16 overflows)."""
         if self.vae is None:
             raise RuntimeError("this pipeline was loaded without a VAE")
+        check_latent(latent)
         z = _conv_layout(latent.to(self.part_device("vae"), torch.float32))
         img = self.vae.decode(z, return_dict=False)[0]
+        if not torch.isfinite(img).all():  # clamp would turn NaN into a black image that looks like a result
+            raise NumericError("the VAE decoded NaN or infinite values from a finite latent; the VAE's weights are "
+                               "damaged or not the SDXL VAE's")
         return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     @torch.inference_mode()
@@ -259,7 +270,12 @@ class AuraFlowPipeline:
         """Images (B,H,W,3) in [0,1] -> raw VAE-space latent (B,4,H/8,W/8) (the distribution's mean)."""
         if self.vae is None:
             raise RuntimeError("this pipeline was loaded without a VAE")
+        if images.ndim != 4 or images.shape[0] == 0 or min(images.shape[1:3]) < 8 or images.shape[3] < 3:
+            raise ParameterError(f"images must be (batch, height, width, 3) of at least one 8x8 image, got shape "
+                                 f"{tuple(images.shape)}")
         h, w = images.shape[1] // 8 * 8, images.shape[2] // 8 * 8
+        if not torch.isfinite(images).all():
+            raise NumericError("the images to encode hold NaN or infinite values; make them again")
         x = images[:, :h, :w, :3].to(self.part_device("vae"), torch.float32).permute(0, 3, 1, 2) * 2 - 1
         return self.vae.encode(_conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
 

@@ -19,6 +19,8 @@ from .transport import Response
 log = logging.getLogger(__name__)
 
 _ERROR_TEXT_LIMIT = 300  # characters of a service error message shown
+_MESSAGE_BYTES = 64 * 1024  # of an error body read for its message (scrubbed whole, then cut)
+_KEY_PIECE = 6  # any run of this many characters of the key counts as the key, across whitespace and cuts
 _FORMATS = {"WEBP": "webp", "JPEG": "jpg", "PNG": "png"}
 _RESET_HEADERS = ("x-ratelimit-reset", "x-rate-limit-reset", "ratelimit-reset", "x-ratelimit-reset-requests",
                   "x-rate-limit-reset-at-utc", "retry-after")
@@ -33,13 +35,28 @@ class Answers:
         self.key_source = key_source
 
     def scrub(self, text: str) -> str:
-        """Service text made safe to show: the key removed, one line, bounded length."""
-        text = text.replace(self._key, "***")
-        text = " ".join(text.split())
-        return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT] + "…"
+        """Service text made safe to show: the key removed in every form (whole, split by whitespace, in pieces,
+        its start at the end of a cut text), then one line, then cut to a bounded length."""
+        text = " ".join(redact_key(text, self._key).split())
+        if len(text) <= _ERROR_TEXT_LIMIT:
+            return text
+        return redact_key(text[:_ERROR_TEXT_LIMIT], self._key, cut=True) + "…"
+
+    def holds_key(self, body: bytes) -> bool:
+        """Whether ``body`` holds the key or a piece of it (then it is never written anywhere): every piece
+        searched in the whole body, and pieces split by whitespace in the first 64 KiB."""
+        key = self._key.encode()
+        width = min(_KEY_PIECE, len(key))
+        if any(key[i:i + width] in body for i in range(len(key) - width + 1)):
+            return True
+        head = body[:_MESSAGE_BYTES].decode("latin-1")
+        return redact_key(head, self._key) != head
 
     def service_message(self, body: bytes) -> str:
-        text = body[:4096].decode("utf-8", "replace")
+        cut = len(body) > _MESSAGE_BYTES
+        text = body[:_MESSAGE_BYTES].decode("utf-8", "replace")
+        if cut:  # the key may straddle the cut: its first characters end the text
+            text = redact_key(text, self._key, cut=True)
         try:
             doc = json.loads(text)
         except ValueError:
@@ -89,12 +106,20 @@ class Answers:
                            request_id=self.scrub(resp.headers["x-request-id"]) if resp.headers.get("x-request-id")
                            else None)
 
+    def _kept(self, body: bytes, index: int) -> tuple[bytes | None, str]:
+        """The bytes of a billed answer to keep for the user, and a note: none when they hold the key."""
+        if self.holds_key(body):
+            log.warning("image %d: the service's answer holds the API key; its bytes are not kept", index + 1)
+            return None, " (its bytes hold the API key, so they are not kept)"
+        return body, ""
+
     def decode(self, resp: Response, params: dict, index: int, seed: int) -> RemoteImage:
         from PIL import Image, UnidentifiedImageError
 
         ctype = resp.headers.get("content-type", "")
         rid = self.scrub(resp.headers["x-request-id"]) if resp.headers.get("x-request-id") else None
         billed_note = f"; a 200 is billed: report it to Segmind support with request id {rid or '(none)'}"
+        kept, kept_note = self._kept(resp.body, index)
         try:
             img = Image.open(io.BytesIO(resp.body))
             fmt = _FORMATS.get(img.format or "")
@@ -103,20 +128,27 @@ class Answers:
         if img is None or fmt is None:
             raise RemoteError(f"the service answered 200 but the body is not an image (content type "
                               f"{self.scrub(ctype) or 'none'}, {len(resp.body):,} bytes, starting "
-                              f"{self.scrub(repr(resp.body[:16]))}){billed_note}",
-                              status=200, index=index, billed=True, data=resp.body, request_id=rid)
+                              f"{self.scrub(repr(resp.body[:16]))}){billed_note}{kept_note}",
+                              status=200, index=index, billed=True, data=kept, request_id=rid)
         if img.size != (params["width"], params["height"]):
             raise RemoteError(f"the service returned a {img.size[0]}x{img.size[1]} {fmt} image, but "
-                              f"{params['width']}x{params['height']} was asked (a 200 is billed, so the bytes are "
-                              f"kept apart{'; request id ' + rid if rid else ''})",
-                              status=200, index=index, billed=True, data=resp.body, request_id=rid)
+                              f"{params['width']}x{params['height']} was asked "
+                              + ("(a 200 is billed, so the bytes are kept apart" if kept is not None else
+                                 "(a 200 is billed; its bytes hold the API key, so they are not kept")
+                              + (f"; request id {rid})" if rid else ")"),
+                              status=200, index=index, billed=True, data=kept, request_id=rid)
         try:
             img.load()
             rgb = img.convert("RGB")
         except (OSError, ValueError) as exc:
             raise RemoteError(f"the service's {fmt} image is damaged ({exc.__class__.__name__}: "
-                              f"{self.scrub(str(exc))}){billed_note}",
-                              status=200, index=index, billed=True, data=resp.body, request_id=rid) from None
+                              f"{self.scrub(str(exc))}){billed_note}{kept_note}",
+                              status=200, index=index, billed=True, data=kept, request_id=rid) from None
+        data = resp.body
+        if kept is None:  # the image is good, but its file carries the key (metadata): only its pixels are kept
+            from ..images import encode_image
+
+            data = encode_image(rgb, fmt, params.get("output_quality", 80))
         if fmt != params["output_format"]:
             log.warning("image %d: asked for %s, the service sent %s; kept as sent", index + 1,
                         params["output_format"], fmt)
@@ -127,7 +159,7 @@ class Answers:
             used_seed = int(accounting.get("x-seed-value", seed))
         except ValueError:
             used_seed = seed
-        return RemoteImage(index, used_seed, resp.body, fmt, img.size[0], img.size[1], rgb, accounting)
+        return RemoteImage(index, used_seed, data, fmt, img.size[0], img.size[1], rgb, accounting)
 
     def reset_delay(self, headers: dict) -> float | None:
         for name in _RESET_HEADERS:
@@ -155,3 +187,36 @@ class Answers:
             return number  # seconds from now
         return None
 
+
+def redact_key(text: str, key: str, *, cut: bool = False) -> str:
+    """``text`` with every run of `_KEY_PIECE` or more characters of ``key`` replaced by ``***``, also where
+    whitespace splits it; with ``cut``, a text cut off inside the key loses the key's first characters at its end."""
+    if not key or not text:
+        return text
+    width = min(_KEY_PIECE, len(key))
+    pieces = {key[i:i + width] for i in range(len(key) - width + 1)}
+    where = [i for i, c in enumerate(text) if not c.isspace()]  # the text without whitespace, mapped back
+    dense = "".join(text[i] for i in where)
+    hide = bytearray(len(text))
+    for j in range(len(dense) - width + 1):
+        if dense[j:j + width] in pieces:
+            for i in where[j:j + width]:
+                hide[i] = 1
+    if cut:
+        for n in range(min(len(key), len(dense)), 3, -1):  # 4 characters and more: shorter is no secret
+            if dense.endswith(key[:n]):
+                for i in where[len(dense) - n:]:
+                    hide[i] = 1
+                break
+    if not any(hide):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if hide[i]:
+            while i < len(text) and (hide[i] or (text[i].isspace() and i + 1 < len(text) and hide[i + 1])):
+                i += 1
+            out.append("***")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

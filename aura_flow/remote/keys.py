@@ -1,10 +1,15 @@
 """The Segmind API key: read from ``SEGMIND_API_KEY`` or a key file, written to the key file for the editor's dialog.
 
-The key lives only in the request header; no function here puts it in a message.
+The key lives only in the request header; no function here puts it in a message. The key file is read with a
+size limit (never a FIFO or device that would block or never end) and written atomically through a new private
+temporary file (exclusive create, no link followed), so concurrent writers never tear it and a planted link never
+receives the key.
 """
 from __future__ import annotations
 
 import os
+import stat
+import uuid
 from pathlib import Path
 
 from .errors import MissingKeyError
@@ -13,6 +18,9 @@ API_KEY_ENV = "SEGMIND_API_KEY"
 KEY_FILE_ENV = "AURAFLOW_SEGMIND_KEY_FILE"
 KEY_FILE_NAME = "segmind_api_key"
 KEY_FILE_SUBDIR = "auraflow"  # <ComfyUI user dir>/auraflow/segmind_api_key, ~/.config/auraflow/segmind_api_key
+# Segmind keys are SG_ and 16 hex digits; anything much longer is not a key (a wrong file, a pasted document).
+MAX_KEY_LENGTH = 256
+MAX_KEY_FILE_BYTES = 4096  # the key, a newline and some blank space
 
 
 def default_key_file() -> Path:
@@ -37,6 +45,10 @@ def clean_key(raw: str, source: str) -> str:
     key = raw.strip()
     if not key:
         raise MissingKeyError(f"the API key in {source} is empty; set {API_KEY_ENV} or write the key into the key file")
+    if len(key) > MAX_KEY_LENGTH:
+        raise MissingKeyError(f"the API key in {source} is {len(key):,} characters long; a key has at most "
+                              f"{MAX_KEY_LENGTH} (Segmind keys look like SG_ followed by 16 hex digits): write the "
+                              "key alone")
     # Printable ASCII without spaces: anything else would make http.client raise with the value in its message.
     if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise MissingKeyError(f"the API key in {source} contains spaces, control or non-ASCII characters; "
@@ -53,13 +65,7 @@ def resolve_api_key(key_file=None) -> tuple[str, str]:
     if env.strip():
         return clean_key(env, f"the {API_KEY_ENV} environment variable"), f"the {API_KEY_ENV} environment variable"
     path = Path(key_file) if key_file else default_key_file()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MissingKeyError(f"cannot read the API key file {path}: {exc.__class__.__name__}; "
-                              f"fix its permissions or set {API_KEY_ENV}") from None
+    text = read_key_file(path)
     if not text.strip():
         elsewhere = "" if path == default_key_file() else (
             f" (outside ComfyUI: {default_key_file()}, or the path in {KEY_FILE_ENV})")
@@ -69,18 +75,53 @@ def resolve_api_key(key_file=None) -> tuple[str, str]:
     return clean_key(text, f"the key file {path}"), f"the key file {path}"
 
 
+def read_key_file(path: Path) -> str:
+    """The key file's text ("" when there is none); at most `MAX_KEY_FILE_BYTES`, and only from a regular file."""
+    try:  # non-blocking: a FIFO planted at the path would otherwise block the open forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise MissingKeyError(f"cannot read the API key file {path}: {exc.__class__.__name__}; "
+                              f"fix its permissions or set {API_KEY_ENV}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MissingKeyError(f"the API key file {path} is not a regular file; write the key alone into a file "
+                                  f"there, or set {API_KEY_ENV}")
+        data = fh.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise MissingKeyError(f"the API key file {path} is over {MAX_KEY_FILE_BYTES:,} bytes, so it holds more than a "
+                              f"key; write the key alone into it (SG_ followed by 16 hex digits), or set {API_KEY_ENV}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MissingKeyError(f"the API key file {path} is not text; write the key alone into it, or set "
+                              f"{API_KEY_ENV}") from None
+
+
 def save_api_key(key: str, path) -> Path:
-    """Write ``key`` to ``path`` readable by the owner only (atomic replace); an empty key deletes the file."""
+    """Write ``key`` to ``path`` readable by the owner only; an empty key deletes the file.
+
+    The key goes into a new temporary file of a unique name beside ``path`` (exclusive create, never through a
+    link, mode 0600 from the start), flushed to disk, then renamed over ``path``: a reader sees the old key or the
+    new one, concurrent writers never tear the file, and a link planted at either name never receives the key (the
+    rename replaces a link at ``path`` itself, not its target)."""
     path = Path(path)
     if not key.strip():
         path.unlink(missing_ok=True)
         return path
     key = clean_key(key, "the given key")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # also when a stale .tmp with wider permissions was there
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(key + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -19,14 +19,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import Interrupted, ParameterError
+from ..errors import Interrupted, NumericError, ParameterError
+from ..params import MAX_LATENT_BATCH, check_area
 from ..plan import plan_sampling
 from .conds import CondDenoiser, has_options, resolve_conds
 from .guidance import CFGDenoiser
 from .schedules import LATENT_SCALE, ModelSampling
 
-__all__ = ["sample", "prepare_noise", "prepare_mask", "noise_generator_device", "Interrupted", "CFGDenoiser",
-           "InpaintDenoiser"]
+__all__ = ["sample", "prepare_noise", "prepare_mask", "noise_generator_device", "check_latent", "Interrupted",
+           "CFGDenoiser", "InpaintDenoiser"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,18 @@ def prepare_noise(shape, seed: int, device="cpu") -> torch.Tensor:
         return torch.randn(tuple(shape), generator=torch.manual_seed(seed), dtype=torch.float32, device="cpu")
     generator = torch.Generator(device).manual_seed(seed)
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+def check_latent(samples, name: str = "latent") -> None:
+    """A LATENT's samples: a (batch, 4, h, w) tensor with every size at least 1 and finite values."""
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != 4:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ParameterError(f"{name} must be a (batch, 4, height/8, width/8) SDXL latent, got {shape}; was it made "
+                             "for another model?")
+    if samples.numel() == 0:
+        raise ParameterError(f"{name} has shape {tuple(samples.shape)}: an empty latent (a size of 0); give at least "
+                             "one image of at least 8x8 pixels")
+    if not torch.isfinite(samples).all():
+        raise NumericError(f"{name} holds NaN or infinite values; it cannot be sampled or decoded. It came from a run "
+                           "whose numbers overflowed, or from a damaged file: make it again")
 
 
 def prepare_mask(mask: torch.Tensor, shape, device) -> torch.Tensor:
@@ -117,9 +130,13 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
     elif settings:
         raise TypeError(f"sample() takes a plan or the settings, not both (got {', '.join(sorted(settings))})")
     as_dict = isinstance(latent, dict)
-    samples = latent["samples"] if as_dict else latent
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-        raise ParameterError("latent must be a (batch, 4, height/8, width/8) tensor or a LATENT dict")
+    samples = latent.get("samples") if as_dict else latent
+    check_latent(samples, "latent")
+    if samples.shape[0] > MAX_LATENT_BATCH:
+        raise ParameterError(f"latent has a batch of {samples.shape[0]}; at most {MAX_LATENT_BATCH} images in one "
+                             "sampling: split the batch")
+    check_area(samples.shape[3] * 8, samples.shape[2] * 8, samples.shape[0],
+               names=("latent width", "height", "batch size"))
     if mask is None and as_dict:
         mask = latent.get("noise_mask")
     seed, info, ms = plan.seed, plan.sampler_info, ModelSampling(plan.shift)
@@ -164,6 +181,11 @@ def sample(model, positive, negative, latent, plan=None, *, callback: Callable |
         raise Interrupted("sampling was cancelled")
     out = ModelSampling.inverse_noise_scaling(sig[-1], out) / LATENT_SCALE
     out = out.to(torch.float32)
+    if not torch.isfinite(out).all():  # it would decode to a black or noise image with no word of why
+        bad = int((~torch.isfinite(out)).sum())
+        raise NumericError(f"the sampled latent holds NaN or infinite values ({bad:,} of {out.numel():,}): the model's "
+                           f"numbers overflowed with sampler={plan.sampler!r} at cfg={plan.cfg:g}. Lower cfg, compute "
+                           "in fp32 (dtype='fp32'), or try another sampler")
     if as_dict:  # as ComfyUI's KSampler: a copy of the LATENT (noise_mask kept) with the new samples
         result = dict(latent)
         result["samples"] = out

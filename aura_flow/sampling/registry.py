@@ -151,9 +151,9 @@ def register_sampler(info_or_name: SamplerInfo | str, fn: Callable | None = None
 
 
 def get_sampler(name: str) -> SamplerInfo:
-    from ..errors import ParameterError
+    from ..errors import ParameterError, shown
 
     try:
         return SAMPLERS[name]
-    except KeyError:
-        raise ParameterError(f"sampler={name!r} is not known; valid names: {', '.join(SAMPLER_NAMES)}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a list from a JSON workflow)
+        raise ParameterError(f"sampler={shown(name)} is not known; valid names: {', '.join(SAMPLER_NAMES)}") from None

@@ -111,7 +111,7 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
     ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference."""
     from diffusers import AuraFlowTransformer2DModel
 
-    from .configs import infer_transformer_config
+    from .configs import check_transformer_config, constructor_config, infer_transformer_config
 
     entries: dict[str, Stored] = {}
     for key, (name, swap) in diffusers_names(stored, source).items():
@@ -124,13 +124,17 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
         except KeyError as exc:
             raise LoadError(f"{source}: no {exc.args[0]} tensor found; this is not a complete AuraFlow transformer.") \
                 from None
-    with torch.device("meta"):
-        model = AuraFlowTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    check_transformer_config(config, source)
+    model = build_on_meta(lambda: AuraFlowTransformer2DModel(**constructor_config(AuraFlowTransformer2DModel, config,
+                                                                                  source)), "transformer", source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(entries))
     if missing:
         raise LoadError(f"{source}: the transformer is missing {len(missing)} tensors (e.g. {', '.join(missing[:3])});"
                         f" the file is incomplete or of another model.")
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        check_unexpected(model, extra, "transformer", source)
 
     def decode(key):
         _fit(entries[key].shape, expected[key].shape, key, source)
@@ -146,10 +150,39 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise LoadError(f"{source}: transformer tensor {name} was not loaded")
-    extra = sorted(set(entries) - set(expected))
-    if extra:
-        log.debug("%s: ignoring %d unexpected transformer tensors (e.g. %s)", source, len(extra), extra[:3])
     return model.eval().requires_grad_(False)
+
+
+def build_on_meta(factory, what: str, source):
+    """``factory()`` on the meta device (no memory, no random init); LoadError when the config makes no model."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AttributeError, KeyError) as exc:
+        raise LoadError(f"{source}: the {what}'s config makes no model ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                        "the config is damaged or of another model. Download it again") from None
+
+
+def check_unexpected(module, keys, what: str, source) -> None:
+    """Tensors ``module`` has no place for. Those that belong to its own structure (a block beyond the config's
+    count, a weight of an existing layer that the config leaves out) mean the config does not match the weights:
+    LoadError. Others (another model's parts stored beside it) are ignored with a warning."""
+    modules = dict(module.named_modules())
+    ours, others = [], []
+    for key in sorted(keys):
+        parts = key.split(".")
+        depth = max(i for i in range(len(parts)) if ".".join(parts[:i]) in modules)  # "" (the root) always is
+        owner = modules[".".join(parts[:depth])]
+        if depth > 0 and (depth == len(parts) - 1 or isinstance(owner, (nn.ModuleList, nn.Sequential))):
+            ours.append(key)
+        else:
+            others.append(key)
+    if ours:
+        raise LoadError(f"{source}: {len(ours)} {what} weights have no place in the model its config describes (e.g. "
+                        f"{', '.join(ours[:3])}): the config does not match the weights (a wrong layer count or "
+                        "size). Use the config.json that came with these weights")
+    log.warning("%s: ignoring %d tensors that are not part of the %s (e.g. %s)", source, len(others), what,
+                ", ".join(others[:3]))
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:

@@ -19,12 +19,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
+from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config
 from .devices import resolve_device, resolve_dtypes
-from .layouts import TRANSFORMER_KEYS, describe, find_prefix, is_gguf
+from .layouts import is_gguf, transformer_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
-from .reader import SafetensorsReader, folder_files, read_json
+from .reader import SafetensorsReader, folder_files, read_json, refuse_lone_shard, refuse_pickle
 
 
 @dataclass
@@ -65,9 +66,19 @@ def comfyui_tokenizer_path() -> Path | None:
 def _check_path(name, value) -> Path | None:
     if value is None:
         return None
-    p = Path(os.fspath(value)).expanduser()
+    try:
+        p = Path(os.fspath(value)).expanduser()
+    except TypeError:
+        raise LoadError(f"{name}={shown(value)}: give a path to a file or folder") from None
+    if "\0" in str(p):
+        raise LoadError(f"{name}={str(p)!r}: a path cannot hold a NUL character")
     if not p.exists():
         raise LoadError(f"{name}={str(p)!r} does not exist")
+    if not p.is_file() and not p.is_dir():  # a FIFO or a device would block the reader or never end
+        raise LoadError(f"{name}={str(p)!r} is not a regular file or a folder")
+    if p.is_file():  # by name, before anything is opened
+        refuse_pickle(p)
+        refuse_lone_shard(p)
     return p
 
 
@@ -82,9 +93,7 @@ def _locate_transformer(ckpt: Path, found: dict) -> tuple:
             return ("gguf", ckpt)
         reader = SafetensorsReader([ckpt])
         keys = list(reader.keys())
-        prefix = find_prefix(keys, TRANSFORMER_KEYS)
-        if prefix is None:
-            raise LoadError(describe(ckpt, keys))
+        prefix = transformer_prefix(ckpt, keys)
         if any(k.startswith("text_encoders.") for k in keys):
             found["text_encoder"] = ("checkpoint", reader)
             spiece = next((k for k in keys if k.startswith("text_encoders.") and k.endswith("spiece_model")), None)
@@ -97,8 +106,7 @@ def _locate_transformer(ckpt: Path, found: dict) -> tuple:
         return ("safetensors", reader, prefix, None, ckpt)
     if not (ckpt / "model_index.json").exists():
         if (ckpt / "config.json").exists():  # a bare diffusers transformer folder
-            return ("safetensors", SafetensorsReader(folder_files(ckpt, "diffusion_pytorch_model")), "",
-                    read_json(ckpt / "config.json"), ckpt)
+            return _diffusers_transformer(ckpt)
         raise LoadError(f"{ckpt}: a folder without model_index.json or config.json; expected a diffusers "
                         f"AuraFlow folder (like fal/AuraFlow-v0.3)")
     tdir = ckpt / "transformer"
@@ -107,8 +115,15 @@ def _locate_transformer(ckpt: Path, found: dict) -> tuple:
     for part, sub in (("text_encoder", "text_encoder"), ("vae", "vae"), ("tokenizer", "tokenizer")):
         if (ckpt / sub).is_dir():
             found[part] = ("path", ckpt / sub)
-    return ("safetensors", SafetensorsReader(folder_files(tdir, "diffusion_pytorch_model")), "",
-            read_json(tdir / "config.json"), tdir)
+    return _diffusers_transformer(tdir)
+
+
+def _diffusers_transformer(folder: Path) -> tuple:
+    """A diffusers transformer folder: its config checked, and against its weights' headers."""
+    config = check_transformer_config(read_json(folder / "config.json"), folder / "config.json")
+    reader = SafetensorsReader(folder_files(folder, "diffusion_pytorch_model"))
+    check_layer_counts(config, reader.keys(), folder / "config.json")
+    return ("safetensors", reader, "", config, folder)
 
 
 def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
@@ -116,12 +131,12 @@ def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
     transformer = _locate_transformer(ckpt, found)
     text_encoder = ("path", te_path) if te_path is not None else found.get("text_encoder")
     if text_encoder is None:
-        raise LoadError(f"{ckpt}: has no text encoder; pass text_encoder=PATH (a Pile-T5-XL .safetensors or a "
-                        f"diffusers text_encoder folder; in ComfyUI put it in models/text_encoders)")
+        raise LoadError(f"{ckpt}: has no text encoder; give one as text_encoder=PATH (a Pile-T5-XL .safetensors or a "
+                        f"diffusers text_encoder folder)")
     vae = ("path", vae_path) if vae_path is not None else found.get("vae")
     if vae is None:
-        raise LoadError(f"{ckpt}: has no VAE; pass vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
-                        f"folder; in ComfyUI put it in models/vae)")
+        raise LoadError(f"{ckpt}: has no VAE; give one as vae=PATH (the SDXL VAE .safetensors or a diffusers vae "
+                        f"folder)")
     tokenizer = ("path", tok_path) if tok_path is not None else found.get("tokenizer")
     if tokenizer is None and te_path is not None and te_path.is_dir():
         for cand in (te_path / "tokenizer", te_path.parent / "tokenizer", te_path / "tokenizer.model"):
@@ -134,7 +149,8 @@ def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
         tokenizer = ("path", comfyui_tokenizer_path())
     if tokenizer is None:
         raise LoadError(f"{ckpt}: no tokenizer found; {TOKENIZER_HINT}, or put tokenizer.model next to the checkpoint")
-    return _Located(transformer, text_encoder, vae, tokenizer)
+    return _Located(transformer, _component_folder(text_encoder, "text_encoder", check_t5_config),
+                    _component_folder(vae, "vae", check_vae_config), tokenizer)
 
 
 def _read_transformer(where: tuple, storage, compute):
@@ -147,22 +163,40 @@ def _read_transformer(where: tuple, storage, compute):
     return transformer_from_sd(sd, source, reader.metadata, storage, compute, config)
 
 
+def _component_folder(where: tuple, sub: str, check) -> tuple:
+    """A text encoder or VAE given as a folder: ``("folder", the folder holding its weights, its config.json's
+    values checked with ``check``, or None)``, found before any weights are read; other sources as they are."""
+    if where[0] != "path" or not where[1].is_dir():
+        return where
+    path = where[1]
+    if not (path / "config.json").exists() and (path / sub).is_dir():  # a whole diffusers folder
+        path = path / sub
+    cfg_file = path / "config.json"
+    return ("folder", path, check(read_json(cfg_file), cfg_file) if cfg_file.exists() else None)
+
+
 def _read_text_encoder(where: tuple, dtype):
     if where[0] == "checkpoint":
         reader = where[1]
         sd = {k: v for k, v in reader.take("text_encoders.", dtype=dtype).items() if not k.endswith("spiece_model")}
         return text_encoder_from_sd(sd, reader.files[0])
-    path = where[1]
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.exists() and (path / "text_encoder").is_dir():
-            path, cfg_file = path / "text_encoder", path / "text_encoder" / "config.json"
-        from transformers import UMT5Config
-
-        config = UMT5Config(**{k: v for k, v in read_json(cfg_file).items() if k not in ("architectures",)}) \
-            if cfg_file.exists() else None
+    if where[0] == "folder":
+        _kind, path, values = where
+        config = _t5_config(values, path / "config.json") if values is not None else None
         return text_encoder_from_sd(SafetensorsReader(folder_files(path, "model")).take(dtype=dtype), path, config)
+    path = where[1]
     return text_encoder_from_sd(SafetensorsReader([path]).take(dtype=dtype), path)
+
+
+def _t5_config(values: dict, cfg_file: Path):
+    """A UMT5Config from a config.json's checked values (never code: ``auto_map`` and the like are not followed)."""
+    from transformers import UMT5Config
+
+    try:
+        return UMT5Config(**{k: v for k, v in values.items() if k not in ("architectures", "auto_map")})
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise LoadError(f"{cfg_file}: not a T5 encoder config ({exc.__class__.__name__}: {str(exc)[:200]}); download "
+                        "the text encoder again") from None
 
 
 def _read_vae(where: tuple):
@@ -171,13 +205,11 @@ def _read_vae(where: tuple):
     if where[0] == "checkpoint":
         _kind, reader, prefix = where
         return vae_from_sd(reader.take(prefix, dtype=torch.float32), reader.files[0])
-    path = where[1]
-    if path.is_dir():
-        if not (path / "config.json").exists() and (path / "vae").is_dir():
-            path = path / "vae"
-        config = read_json(path / "config.json") if (path / "config.json").exists() else None
+    if where[0] == "folder":
+        _kind, path, config = where
         return vae_from_sd(SafetensorsReader(folder_files(path, "diffusion_pytorch_model")).take(dtype=torch.float32),
                            path, config)
+    path = where[1]
     return vae_from_sd(SafetensorsReader([path]).take(dtype=torch.float32), path)
 
 

@@ -104,9 +104,11 @@ def _open_checked(path) -> tuple[gguf.GGUFReader, list[str]]:
     """The header of an AuraFlow GGUF (a reader and its tensor names); LoadError naming what else it is."""
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:  # gguf-py raises ValueError for a bad magic or version
-        raise LoadError(f"{path}: not a readable GGUF file ({exc}); it is truncated, damaged or of another format. "
-                        f"Download it again.") from None
+    except (ValueError, OSError, IndexError, KeyError, OverflowError, MemoryError) as exc:
+        # gguf-py raises ValueError for a bad magic or version, IndexError/KeyError/OverflowError for counts and
+        # types that run past the file (a truncated or hostile header)
+        raise LoadError(f"{path}: not a readable GGUF file ({exc.__class__.__name__}: {str(exc)[:200]}); it is "
+                        "truncated, damaged or of another format. Download it again.") from None
     if reader.byte_order != "I":
         raise LoadError(f"{path}: a big-endian GGUF; convert the model again on a little-endian machine.")
     names = [t.name for t in reader.tensors]

@@ -6,18 +6,17 @@ from __future__ import annotations
 import logging
 
 from ..errors import LoadError
-from .configs import count_blocks, infer_t5_config, infer_vae_config
-from .layouts import TRANSFORMER_KEYS, describe, find_prefix
+from .configs import check_vae_config, constructor_config, count_blocks, infer_t5_config, infer_vae_config
+from .layouts import find_prefix, transformer_prefix
 
 log = logging.getLogger(__name__)
 
 
 def _materialize(cls_or_factory, sd: dict, what: str, source):
     """Build a module on the meta device and assign the loaded tensors (no random init, no second copy)."""
-    import torch
+    from .assemble import build_on_meta, check_unexpected
 
-    with torch.device("meta"):
-        module = cls_or_factory()
+    module = build_on_meta(cls_or_factory, what, source)
     expected = set(module.state_dict().keys())
     missing = sorted(expected - set(sd))
     # tied / derived weights the files leave out
@@ -28,7 +27,7 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
         raise LoadError(f"{source}: the {what} is missing {len(missing)} weights (e.g. {', '.join(missing[:3])}); "
                         f"the file is incomplete or of another model.")
     if unexpected:
-        log.debug("%s: ignoring %d unexpected %s keys (e.g. %s)", source, len(unexpected), what, unexpected[:3])
+        check_unexpected(module, unexpected, what, source)
         sd = {k: v for k, v in sd.items() if k in expected}
     for k in list(sd):
         ref = module.state_dict()[k]
@@ -52,7 +51,7 @@ def build_text_encoder(sd: dict, config, source):
 def build_vae(sd: dict, config: dict, source):
     from diffusers import AutoencoderKL
 
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = constructor_config(AutoencoderKL, check_vae_config(dict(config), source), source)
     return _materialize(lambda: AutoencoderKL(**cfg), sd, "VAE", source)
 
 
@@ -99,8 +98,6 @@ def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=Non
 
     if is_scaled_fp8(sd, metadata) or has_fp8_weights(sd):
         return load_fp8_transformer(sd, source, compute, metadata, config)
-    prefix = find_prefix(list(sd), TRANSFORMER_KEYS)
-    if prefix is None:
-        raise LoadError(describe(source, list(sd)))
+    prefix = transformer_prefix(source, sd)
     stored = {k[len(prefix):]: Dense(v, storage) for k, v in sd.items() if k.startswith(prefix)}
     return assemble_transformer(stored, source, compute, metadata, config)

@@ -1,11 +1,22 @@
 """Lazy access to safetensors files (keys from the headers, tensors one at a time, cast as read) and to the files
-of a diffusers component folder."""
+of a diffusers component folder.
+
+Only safetensors are read: pickled checkpoints (.bin, .pt, .ckpt...) can run code when unpickled, so they are
+refused by name with the fix. A shard index names files inside its own folder only (no absolute paths, no ``..``,
+no link leading out of the folder, except the Hugging Face cache's links into its own ``blobs/``).
+"""
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from ..errors import LoadError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a config or shard index; the real ones are a few kB (an index ~100 kB)
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 
 
 class SafetensorsReader:
@@ -19,6 +30,7 @@ class SafetensorsReader:
         self.key_file = {}
         self.metadata = {}
         for f in self.files:
+            refuse_pickle(f)
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
                 keys = list(h.keys())
@@ -50,28 +62,93 @@ class SafetensorsReader:
 
 
 
+def refuse_pickle(path: Path) -> None:
+    """LoadError for a pickled checkpoint, before it is opened."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise LoadError(f"{path}: a pickled PyTorch file ({Path(path).suffix}); it is not read, because unpickling can "
+                        "run code. Use the .safetensors version of the model (or convert it with safetensors' "
+                        "convert tool on a machine you trust)")
+
+
+def refuse_lone_shard(path: Path) -> None:
+    """LoadError for one shard of a sharded model given alone (``...-00001-of-00003.safetensors``)."""
+    match = _SHARD_NAME.search(Path(path).name)
+    if match and int(match.group(2)) > 1:
+        raise LoadError(f"{path}: this is shard {int(match.group(1))} of {int(match.group(2))} of a sharded model; "
+                        f"give the folder that holds all {int(match.group(2))} shards and their "
+                        f"*.safetensors.index.json (the diffusers folder, or its transformer/ folder)")
+
+
 def folder_files(folder: Path, stem: str) -> list[Path]:
     """The safetensors files of one diffusers component folder, preferring full precision over the fp16 variant."""
     for variant in ("", ".fp16"):
         index = folder / f"{stem}.safetensors.index{variant}.json"
         if index.exists():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / n for n in names]
+            return index_files(index)
         single = folder / f"{stem}{variant}.safetensors"
-        if single.exists():
+        if single.is_file():
             return [single]
-    found = sorted(folder.glob("*.safetensors"))
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())  # no FIFO: it would block the reader
     if found:
         return found
-    bins = sorted(folder.glob("*.bin"))
-    hint = " (only .bin files: convert them to safetensors)" if bins else ""
+    bins = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    hint = f" (only pickled {bins[0].suffix} files, which are not read: use the safetensors version)" if bins else ""
     raise LoadError(f"{folder}: no {stem}*.safetensors weights found{hint}")
 
 
-def read_json(path: Path) -> dict:
+def _roots(folder: Path) -> list[str]:
+    """Where the files of ``folder`` may really lie: the folder itself, and for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>/...``, whose files are links) that repository's ``blobs/``."""
+    roots = [os.path.realpath(folder)]
+    absolute = Path(os.path.abspath(folder))
+    for parent in absolute.parents:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            roots.append(os.path.realpath(parent.parent / "blobs"))
+            break
+    return roots
+
+
+def index_files(index: Path) -> list[Path]:
+    """The shards a ``*.safetensors.index.json`` names, checked: each a safetensors file inside the index's folder
+    that exists."""
+    folder = index.parent
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise LoadError(f"{index}: the shard index has no weight_map of tensor names to file names; download the "
+                        "model again")
+    roots = _roots(folder)
+    files = []
+    for name in sorted(set(weight_map.values())):
+        parts = Path(name).parts
+        real = os.path.realpath(folder / name)
+        if Path(name).is_absolute() or ".." in parts or "\0" in name or \
+                not any(os.path.commonpath((root, real)) == root for root in roots):
+            raise LoadError(f"{index}: the shard index names {name!r}, outside the model folder {folder}; it is not "
+                            "read. Download the model again")
+        if not name.endswith(".safetensors"):
+            raise LoadError(f"{index}: the shard index names {name!r}, not a .safetensors file; only safetensors "
+                            "shards are read")
+        if not (folder / name).is_file():
+            raise LoadError(f"{index}: shard {name} is missing from {folder}; download it again (the index names "
+                            f"{len(set(weight_map.values()))} shards)")
+        files.append(folder / name)
+    return files
+
+
+def read_json(path: Path, what: str = "config") -> dict:
+    """A JSON object from ``path`` (a config or a shard index), or LoadError naming the file."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read
+        raise LoadError(f"{path}: the {what} is not a regular file")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{path}: cannot read the config ({exc})") from None
-
-
+        size = path.stat().st_size
+        data = json.loads(path.read_bytes()) if size <= MAX_JSON_BYTES else None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or text, UnicodeDecodeError
+        raise LoadError(f"{path}: cannot read the {what} ({exc.__class__.__name__}: {str(exc)[:200]}); download "
+                        "the model again or fix the file") from None
+    if data is None:
+        raise LoadError(f"{path}: {size:,} bytes is too large for a {what} (at most {MAX_JSON_BYTES:,}); is it the "
+                        "right file?")
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: the {what} is not a JSON object; download the model again or fix the file")
+    return data
