@@ -70,13 +70,44 @@ def set_cpu_gemm(name: str) -> str:
 ONEDNN_MIN_MACS = 1 << 22
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+_traced_op: list = []
+
+
+def _traced_onednn():
+    """`_onednn` as an opaque custom op for torch.compile (inductor's own lowering of the oneDNN op expects a frozen,
+    prepacked weight), or None where this torch has no ``torch.library.custom_op``."""
+    if not _traced_op:
+        op = None
+        if hasattr(torch.library, "custom_op"):
+            op = torch.library.custom_op("aura_flow::onednn_linear", _onednn, mutates_args=())
+
+            @op.register_fake
+            def _shape(x, weight, bias):
+                return x.new_empty((*x.shape[:-1], weight.shape[0]))
+        _traced_op.append(op)
+    return _traced_op[0]
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through oneDNN for float32 on the CPU where `cpu_gemm` says so (not for small products, nor
-    when autograd records)."""
-    if x.dtype is torch.float32 and x.is_cpu and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS \
-            and (_gemm[0] if _gemm else cpu_gemm()) == "onednn" \
+    when autograd records). Under torch.compile every float32 CPU product takes it (no guard on the size, so no
+    rebuild per image size), as an opaque op."""
+    if x.dtype is torch.float32 and x.is_cpu and (_gemm[0] if _gemm else cpu_gemm()) == "onednn" \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if _compiling():
+            op = _traced_onednn()
+            return F.linear(x, weight, bias) if op is None else op(x, weight, bias)
+        if x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS:
+            return _onednn(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
