@@ -44,9 +44,18 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
 
 
 def build_text_encoder(sd: dict, config, source):
+    """UMT5's encoder, its linears `PatchableLinear`s (the same state-dict keys): the layer whose float32 CPU GEMM
+    goes through oneDNN where that is faster (aura_flow.weights.linear), as the transformer's do."""
     from transformers import UMT5EncoderModel
 
-    return _materialize(lambda: UMT5EncoderModel(config), sd, "text encoder", source)
+    from .linear import make_patchable
+
+    def build():
+        model = UMT5EncoderModel(config)
+        make_patchable(model)
+        return model
+
+    return _materialize(build, sd, "text encoder", source)
 
 
 def build_vae(sd: dict, config: dict, source):
