@@ -3,11 +3,15 @@ bf16 path on the same weights (the same random model, its transformer quantized 
 
 Each row runs in its own interpreter, so that its RSS holds only its own model: import, load (compute in bf16 in
 every row, the VAE in fp32), one warm-up image, then --repeats timed images. The peak is the process's peak RSS
-during a timed image above its RSS after the imports (so torch's own libraries are not counted), the
-transformer's bytes what its parameters and buffers hold.
+during a timed image above its RSS after the imports (so torch's own libraries are not counted), also per stage
+of generate (sampling: the transformer's; decoding: the VAE's); the transformer's, text encoder's and VAE's
+bytes are what their parameters and buffers hold. Only the transformer is quantized: the rest of the peak (text
+encoder, VAE, activations) is the same in every row, so the peak's ratio to bf16 is bounded by the share of the
+transformer in it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -76,18 +80,26 @@ def row(spec: str) -> None:
                   steps=spec["steps"], cfg=spec["cfg"], seed=spec["seed"], sampler="euler", scheduler="normal",
                   shift=1.73, noise=noise)
     image = pipe.generate(**params).tensor[0]  # warm-up
-    times, peaks, others = [], [], []
+    stages = {}  # the peak of each stage of generate (prompts, sampling, decoding), above `base`
+
+    @contextlib.contextmanager
+    def stage(parts):
+        with Peak("cpu") as peak:  # resets the high-water mark: stages run one after the other
+            yield
+        stages[parts[0]] = max(stages.get(parts[0], 0), peak.peak - base)
+
+    times, others = [], []
     for _ in range(spec["repeats"]):
-        with Peak("cpu") as peak, OtherLoad() as other:
+        with OtherLoad() as other:
             t0 = time.perf_counter()
-            image = pipe.generate(**params).tensor[0]
+            image = pipe.generate(**params, stage=stage).tensor[0]
             times.append(time.perf_counter() - t0)
-        peaks.append(peak.peak - base)
         others.append(other.cores or 0.0)
     torch.save(image, spec["image"])
-    print(json.dumps({"seconds": min(times), "seconds_max": max(times), "peak_bytes": max(peaks),
-                      "rss_after_load_bytes": rss() - base, "load_seconds": load_seconds,
-                      "transformer_bytes": module_bytes(pipe.transformer),
+    print(json.dumps({"seconds": min(times), "seconds_max": max(times), "peak_bytes": max(stages.values()),
+                      "stage_peak_bytes": stages, "rss_after_load_bytes": rss() - base,
+                      "load_seconds": load_seconds, "transformer_bytes": module_bytes(pipe.transformer),
+                      "text_encoder_bytes": module_bytes(pipe.text_encoder), "vae_bytes": module_bytes(pipe.vae),
                       "other_load_cores": sum(others) / len(others)}))
 
 

@@ -7,7 +7,8 @@ prompts) or one VAE decode, with the lever on and off, warmed up and then timed 
 Levers: ``gemm`` (the float32 CPU GEMM: torch's BLAS against oneDNN, aura_flow.weights.linear), ``fold`` (the padding
 fold), ``qkv`` (the q/k/v projections of each attention as one GEMM: a prototype here, measured before it is built),
 ``compile`` (torch.compile of the blocks; its build is timed apart), ``vae`` (the VAE decode channels-last or not),
-``diffusers`` (diffusers' own transformer on the same weights, for the cost of the pack's layers).
+``threads`` (half of torch's CPU threads against all), ``diffusers`` (diffusers' own transformer on the same
+weights, for the cost of the pack's layers).
 Prints min, median, spread and the other load on the machine for every variant, and each lever's gain.
 """
 from __future__ import annotations
@@ -24,9 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 from benchmarks.measure import OtherLoad, load_diffusers, machine  # noqa: E402
 
-LEVERS = ("gemm", "fold", "qkv", "compile", "vae", "diffusers")
+LEVERS = ("gemm", "fold", "qkv", "compile", "vae", "threads", "diffusers")
 
 
 class FusedQKV:
@@ -118,6 +121,17 @@ def variants(args, pipe, dpipe, size: int) -> dict:
             state["undo"] = _processors(tr, lambda p: FusedQKV(p))
 
         out["fold + fused qkv, onednn"] = (on, call(FastTransformer(tr, fold=True)), lambda: state.pop("undo")())
+    if "threads" in args.levers:
+        n = torch.get_num_threads()
+        state = {}
+
+        def one():
+            set_cpu_gemm("onednn")
+            state["n"] = torch.get_num_threads()
+            torch.set_num_threads(max(1, n // 2))
+
+        out[f"fold, onednn, {max(1, n // 2)} threads"] = (one, call(FastTransformer(tr, fold=True)),
+                                                         lambda: torch.set_num_threads(state["n"]))
     if "compile" in args.levers:
         out["fold + compile, onednn"] = (gemm("onednn"), call(FastTransformer(tr, fold=True, compile=True)), nothing)
     if "vae" in args.levers:
@@ -131,6 +145,7 @@ def variants(args, pipe, dpipe, size: int) -> dict:
 GAINS = (("gemm", "exact, blas", "exact, onednn"), ("fold", "exact, onednn", "fold, onednn"),
          ("qkv", "fold, onednn", "fold + fused qkv, onednn"), ("compile", "fold, onednn", "fold + compile, onednn"),
          ("vae", "vae decode, contiguous", "vae decode, channels-last"),
+         ("threads", f"fold, onednn, {max(1, torch.get_num_threads() // 2)} threads", "fold, onednn"),
          ("diffusers", "diffusers transformer", "exact, blas"))
 
 
@@ -197,8 +212,6 @@ def main(argv=None) -> int:
             print(f"lever {lever:<10} gain {g['best']:.2f}x (medians {g['median']:.2f}x, worst {g['worst']:.2f}x)")
     return 0
 
-
-import torch  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

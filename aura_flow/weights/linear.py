@@ -83,11 +83,14 @@ def _traced_onednn():
     if not _traced_op:
         op = None
         if hasattr(torch.library, "custom_op"):
-            op = torch.library.custom_op("aura_flow::onednn_linear", _onednn, mutates_args=())
-
-            @op.register_fake
-            def _shape(x, weight, bias):
-                return x.new_empty((*x.shape[:-1], weight.shape[0]))
+            try:
+                op = torch.library.custom_op("aura_flow::onednn_linear", _onednn, mutates_args=())
+            except RuntimeError:  # registered already by a second copy of this module (imported under another name)
+                op = torch.ops.aura_flow.onednn_linear
+            else:
+                @op.register_fake
+                def _shape(x, weight, bias):
+                    return x.new_empty((*x.shape[:-1], weight.shape[0]))
         _traced_op.append(op)
     return _traced_op[0]
 
