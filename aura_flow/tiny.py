@@ -2,10 +2,11 @@
 
 Used by ``python -m aura_flow demo``, the tests and the benchmarks: real diffusers / transformers modules with
 random weights, saved as real safetensors files, so the whole loading and generation path runs without the
-16 GB of real weights. Presets: "tiny" (tests, demo), "medium" (CPU benchmarks), "full" (the real shapes), and
-"pony": tiny, with Pony V7's config values (AuraFlow v0.3's architecture with its 96x96 position grid,
-``pos_embed_max_size`` 9216, so sizes up to 1536x1536 need no interpolation; a diffusers folder that names
-``UMT5EncoderModel`` and ``LlamaTokenizerFast``, as purplesmartai/pony-v7-base does).
+16 GB of real weights. Presets: "tiny" (tests, demo), "medium" (small CPU benchmarks), "wide" (the real widths with
+one block of each kind: the benchmark's default), "full" (the real shapes), and "pony": tiny, with Pony V7's config
+values (AuraFlow v0.3's architecture with its 96x96 position grid, ``pos_embed_max_size`` 9216, so sizes up to
+1536x1536 need no interpolation; a diffusers folder that names ``UMT5EncoderModel`` and ``LlamaTokenizerFast``, as
+purplesmartai/pony-v7-base does).
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ PRESETS = {
                                     num_attention_heads=4, pos_embed_max_size=1024),
                    t5=dict(d_model=256, d_kv=32, d_ff=512, num_layers=4, num_heads=8),
                    vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1)),
+    # wide: AuraFlow's real widths (12 heads x 256, 2048-wide text, the 96x96 position grid, the real VAE) with one
+    # block of each kind, so a step costs exactly what one joint plus one single block of the real model costs
+    "wide": dict(transformer=dict(num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=256,
+                                  num_attention_heads=12, pos_embed_max_size=9216),
+                 t5=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=2, num_heads=32),
+                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)),
     "full": dict(transformer=dict(num_mmdit_layers=4, num_single_dit_layers=32, attention_head_dim=256,
                                   num_attention_heads=12, pos_embed_max_size=9216),
                  t5=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),

@@ -37,8 +37,9 @@ def _import_comfy(path: Path, device: str):
     return sys.modules["comfy"], None
 
 
-def contender(args, root: Path, pipe, noise):
-    """-> (Contender, a note for the report) or (None, why not)."""
+def prepare(args, root: Path, pipe):
+    """ComfyUI's model on the pipeline's weights, built once -> (``make(size_args, noise)`` giving its `Contender`
+    for one image size, a note for the report), or (None, why not)."""
     import torch
 
     from aura_flow.tiny import transformer_to_original, vae_to_original
@@ -82,13 +83,17 @@ def contender(args, root: Path, pipe, noise):
 
     positive = [[pipe.encode_prompt(args.prompt).float().cpu(), {}]]
     negative = [[pipe.encode_prompt(args.negative_prompt).float().cpu(), {}]]
-    latent = torch.zeros(1, 4, args.height // 8, args.width // 8)
 
-    def run():
-        stamps = []
-        samples = comfy.sample.sample(patcher, noise.clone(), args.steps, args.cfg, "euler", "normal", positive,
-                                      negative, latent, callback=lambda *a: stamps.append(time.perf_counter()),
-                                      disable_pbar=True, seed=args.seed)
-        return decode(samples)[0].float().cpu(), stamps
+    def make(size_args, noise):
+        latent = torch.zeros(1, 4, size_args.height // 8, size_args.width // 8)
 
-    return Contender("comfyui", run), note
+        def run():
+            stamps = []
+            samples = comfy.sample.sample(patcher, noise.clone(), args.steps, args.cfg, "euler", "normal", positive,
+                                          negative, latent, callback=lambda *a: stamps.append(time.perf_counter()),
+                                          disable_pbar=True, seed=args.seed)
+            return decode(samples)[0].float().cpu(), stamps
+
+        return Contender("comfyui", run)
+
+    return make, note

@@ -49,6 +49,20 @@ def test_kernel_equals_gguf_py(qtype):
         assert torch.equal(dequantize(torch.from_numpy(blocks), qtype, ref.shape), ref)
 
 
+@pytest.mark.parametrize("qtype", [*KERNELS], ids=lambda q: q.name)
+def test_chunked_dequantize_into_half_precision_equals_one_pass(qtype, monkeypatch):
+    """Into bf16 or fp16 a large tensor is dequantized a chunk at a time (the float32 stage holds one chunk): the
+    same values as float32 first and one cast, whatever the chunk and a short last chunk."""
+    import aura_flow.weights.gguf_dequant as deq
+
+    blocks = torch.from_numpy(random_blocks(qtype, 37, np.random.default_rng(1)))
+    shape = (37, gguf.GGML_QUANT_SIZES[qtype][0])
+    whole = dequantize(blocks, qtype, shape)
+    monkeypatch.setattr(deq, "CHUNK_VALUES", 5 * shape[1])  # 8 chunks, the last of 2 blocks
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(dequantize(blocks, qtype, shape, dtype), whole.to(dtype))
+
+
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.TQ2_0, Q.IQ4_NL], ids=lambda q: q.name)
 def test_other_types_go_through_gguf_py(qtype):
     rng = np.random.default_rng(0)

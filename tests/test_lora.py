@@ -3,7 +3,6 @@
 LoRA merged by the format's own tool and run in plain diffusers."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 

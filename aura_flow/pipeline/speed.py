@@ -3,8 +3,10 @@
 ``AuraFlowPipeline.generate(speed=...)`` takes a `SpeedOptions` or one of the names in `MODES`; ``speed=None``,
 "exact" or ``SpeedOptions()`` is the exact path (nothing here runs), and the default "auto" is the lossless
 padding fold on the CPU (see `resolve`; named modes add to it there). Each mode's speed-up and its PSNR
-against the exact image on the medium preset are printed by ``python -m benchmarks.run``; the tests hold each
-mode to the PSNR bound documented in `MODES`.
+against the exact image are printed by ``python -m benchmarks.run --modes ...``; the tests hold each mode to the
+PSNR bound documented in `MODES`. What every path shares, exact one included, lives with the layers: the
+transformer's and text encoder's float32 CPU GEMMs through oneDNN (aura_flow/weights/linear.py) and the VAE
+channels-last on the CPU (aura_flow/pipeline/vae_layout.py).
 
 - ``fold_padding``: lossless. A short prompt is mostly padding: identical zero vectors that carry no position
   and so keep identical hidden states through every block. They are folded into one text token whose attention

@@ -43,9 +43,19 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
 
 
 def build_text_encoder(sd: dict, config, source):
+    """UMT5's encoder, its linears `PatchableLinear`s (the same state-dict keys), as the transformer's: their float32
+    CPU GEMMs go through oneDNN where that is faster, and a host's memory manager can stream them (nearly all of the
+    encoder's bytes) when it is larger than free memory (aura_flow.weights.linear)."""
     from transformers import UMT5EncoderModel
 
-    return _materialize(lambda: UMT5EncoderModel(config), sd, "text encoder", source)
+    from .linear import make_patchable
+
+    def build():
+        model = UMT5EncoderModel(config)
+        make_patchable(model)
+        return model
+
+    return _materialize(build, sd, "text encoder", source)
 
 
 def build_vae(sd: dict, config: dict, source):

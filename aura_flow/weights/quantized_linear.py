@@ -31,6 +31,8 @@ def _bit_exact(fn, t: torch.Tensor) -> torch.Tensor:
 class _StoredLinear(PatchableLinear):
     """A `PatchableLinear` whose weight is a stored buffer (not a parameter) that `compute_weight` decodes."""
 
+    stored_as_compute = False
+
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         nn.Module.__init__(self)
         self.in_features = in_features

@@ -112,14 +112,6 @@ def patcher_class():
     return _CLASSES["patcher"]
 
 
-def _streamable_text_encoder(text_encoder) -> None:
-    """The text encoder's linear layers become `PatchableLinear`s holding the same parameters, so a text encoder
-    larger than free memory can stream too (they are nearly all of its bytes). Same numbers: same forward."""
-    from ...aura_flow.weights.linear import PatchableLinear, make_patchable
-
-    make_patchable(text_encoder, PatchableLinear.adopt)
-
-
 def part_module(obj, part: str):
     """The module of ``part`` that ``obj`` (a pipeline, a view of one, or an output object) hands over."""
     if part not in PARTS:
@@ -147,8 +139,6 @@ def patcher(obj, part: str):
         import torch
 
         compute = torch.float32  # the engine's VAE always runs in fp32
-    if part == "text_encoder":
-        _streamable_text_encoder(part_mod)
     try:
         first = next(part_mod.parameters())
     except StopIteration:
