@@ -19,7 +19,7 @@ mid-body), ``garbage`` (a 200 with non-image bytes), ``huge`` (announce 2 GB), `
 without a length), ``size`` (a correct image of ``width``x``height``), ``media_redirect``. v2 only: ``failed``
 (FAILED with ``error``, as HTTP 422), ``expire`` (the status answers 404), ``queued`` (never leaves the queue),
 ``unknown`` (status ``status``), ``poll_drop`` / ``poll_hangup`` / ``poll_status`` (the first ``times`` polls
-drop mid-body / close unanswered / answer ``status``), ``offsite`` (status_url on the media host), ``no_id``,
+drop mid-body / close unanswered / answer ``status``, with ``headers``), ``offsite`` (status_url on the media host), ``no_id``,
 ``bare`` (no status/response URLs), ``relative`` (URLs without a host),
 ``output`` (the result's output is ``make(media_url, image_bytes)``).
 """
@@ -361,7 +361,7 @@ class FakeService(_Base):
                     h.close_connection = True
                     return
                 if kind == "poll_status":
-                    return h._json(fault["status"], {"error": "scripted poll failure"})
+                    return h._json(fault["status"], {"error": "scripted poll failure"}, headers=fault.get("headers"))
                 h._send(200, b'{"status": "PROCE', length=200)
                 h.wfile.flush()
                 h.close_connection = True
