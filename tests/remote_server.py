@@ -19,8 +19,8 @@ mid-body), ``garbage`` (a 200 with non-image bytes), ``huge`` (announce 2 GB), `
 without a length), ``size`` (a correct image of ``width``x``height``), ``media_redirect``. v2 only: ``failed``
 (FAILED with ``error``, as HTTP 422), ``expire`` (the status answers 404), ``queued`` (never leaves the queue),
 ``unknown`` (status ``status``), ``poll_drop`` / ``poll_hangup`` / ``poll_status`` (the first ``times`` polls
-drop mid-body / close unanswered / answer ``status``, with ``headers``), ``offsite`` (status_url on the media host), ``no_id``,
-``bare`` (no status/response URLs), ``relative`` (URLs without a host),
+drop mid-body / close unanswered / answer ``status``, with ``headers``), ``offsite`` (status_url on the media host),
+``no_id``, ``bare`` (no status/response URLs), ``relative`` (URLs without a host),
 ``output`` (the result's output is ``make(media_url, image_bytes)``).
 """
 from __future__ import annotations

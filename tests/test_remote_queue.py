@@ -128,7 +128,6 @@ def test_a_dropped_poll_is_asked_again_never_submitted_again(svc, caplog, kind):
     assert svc.credits == 99.5
 
 
-
 def test_a_rate_limited_poll_waits_for_the_reset_then_asks_again(svc, caplog):
     """A 429 on a status poll waits for the reset the service names and polls again: never a second submit."""
     svc.fail_next({"kind": "poll_status", "status": 429, "headers": {"x-ratelimit-reset": "0.5"}})
@@ -139,6 +138,7 @@ def test_a_rate_limited_poll_waits_for_the_reset_then_asks_again(svc, caplog):
     assert len(svc.submits) == 1 and len(svc.polls("rq-1")) == 1 + 3 and svc.credits == 99.5
     assert any("rate limited (429)" in r.getMessage() and "nothing is submitted again" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
+
 
 def test_failing_polls_are_bounded_and_name_the_request(svc):
     svc.fail_next({"kind": "poll_status", "status": 503, "times": 10})
