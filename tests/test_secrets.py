@@ -206,8 +206,8 @@ def test_the_cli_writes_no_file_holding_the_key(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMIND_API_VERSION", "v1")  # the sync API answers with the image bytes themselves
     with FakeService() as svc:
         monkeypatch.setenv("SEGMIND_API_URL", svc.url)
-        svc.fail_next({"status": 200, "body": b"garbage " + KEY.encode(), "type": "image/png"},
-                      {"status": 200, "body": png(KEY, 512), "type": "image/png"})
+        svc.fail_seed(3, {"status": 200, "body": b"garbage " + KEY.encode(), "type": "image/png"})
+        svc.fail_seed(4, {"status": 200, "body": png(KEY, 512), "type": "image/png"})  # the two run concurrently
         code = main(["remote", "--width", "512", "--height", "512", "--number-of-images", "2",
                      "--output-format", "png", "--out", str(out), "--seed", "3"])
     assert code == 1
