@@ -2,7 +2,8 @@
 
 Same flags as ``generate``; the key comes from ``SEGMIND_API_KEY`` or the key file (``--key-file``, default
 ``~/.config/auraflow/segmind_api_key``), never from the command line, where it would land in shell history.
-Each request id goes to stderr as soon as the service names it, so a billed result can be found again.
+Each request id goes to stderr as soon as the service names it, so a billed result can be found again; when
+some may still complete, the ``fetch`` command that gets them is printed too.
 """
 from __future__ import annotations
 
@@ -53,12 +54,27 @@ def run(args) -> int:
         sys.stderr.write(f"error: {exc}\n")
         if exc.result is not None:
             _write(exc.result, args.out, report_failures=False)
+        _fetch_hint(exc, exc.result, args.out, args.api_version)
         return 130 if isinstance(exc, remote_api.RemoteInterrupted) else 1
     _write(result, args.out, report_failures=True)
     sys.stderr.write(f"seed: {result.seed}\n")
     if result.remaining_credits is not None:
         sys.stderr.write(f"remaining credits: {result.remaining_credits}\n")
+    _fetch_hint(None, result, args.out, args.api_version)
     return 1 if result.failures else 0
+
+
+def _fetch_hint(exc, result, out, api_version) -> None:
+    """Name the command that fetches, within the hour, what may still complete or was billed and never received
+    (v2 only: v1 keeps nothing to fetch)."""
+    ids = list(getattr(exc, "request_ids", None) or ())
+    for err in ([exc] if exc is not None else []) + ([] if result is None else result.failures):
+        if err.request_id and err.billed is not False and err.data is None and err.status != 404 \
+                and err.request_id not in ids:
+            ids.append(err.request_id)
+    if ids and remote_api.resolve_api_version(api_version) == "v2":
+        sys.stderr.write(f"to fetch what may still arrive, within an hour of the submit: python -m aura_flow fetch "
+                         f"{' '.join(ids[:remote_api.MAX_FETCH])} --out {out}\n")
 
 
 def _write(result, out, *, report_failures: bool) -> None:

@@ -113,7 +113,8 @@ class Answers:
             return None, " (its bytes hold the API key, so they are not kept)"
         return body, ""
 
-    def decode(self, resp: Response, params: dict, index: int, seed: int) -> RemoteImage:
+    def decode(self, resp: Response, params: dict, index: int, seed: int | None) -> RemoteImage:
+        """The image in ``resp``, checked against ``params``' size and format (those that are not None)."""
         from PIL import Image, UnidentifiedImageError
 
         ctype = resp.headers.get("content-type", "")
@@ -130,7 +131,7 @@ class Answers:
                               f"{self.scrub(ctype) or 'none'}, {len(resp.body):,} bytes, starting "
                               f"{self.scrub(repr(resp.body[:16]))}){billed_note}{kept_note}",
                               status=200, index=index, billed=True, data=kept, request_id=rid)
-        if img.size != (params["width"], params["height"]):
+        if params.get("width") is not None and img.size != (params["width"], params["height"]):
             raise RemoteError(f"the service returned a {img.size[0]}x{img.size[1]} {fmt} image, but "
                               f"{params['width']}x{params['height']} was asked "
                               + ("(a 200 is billed, so the bytes are kept apart" if kept is not None else
@@ -149,14 +150,14 @@ class Answers:
             from ..images import encode_image
 
             data = encode_image(rgb, fmt, params.get("output_quality", 80))
-        if fmt != params["output_format"]:
+        if params.get("output_format") is not None and fmt != params["output_format"]:
             log.warning("image %d: asked for %s, the service sent %s; kept as sent", index + 1,
                         params["output_format"], fmt)
         accounting = {k: self.scrub(v) for k, v in resp.headers.items()
                       if k in ("x-remaining-credits", "x-seed-value", "x-generation-time", "x-cost",
                                "x-request-id")}
         try:
-            used_seed = int(accounting.get("x-seed-value", seed))
+            used_seed = int(accounting["x-seed-value"]) if "x-seed-value" in accounting else seed
         except ValueError:
             used_seed = seed
         return RemoteImage(index, used_seed, data, fmt, img.size[0], img.size[1], rgb, accounting)

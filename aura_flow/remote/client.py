@@ -28,13 +28,14 @@ import json
 import logging
 import math
 import os
+import re
 import ssl
 import time
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
-from ..errors import ParameterError
+from ..errors import ParameterError, shown
 from ..plan import plan_generation
 from .answers import Answers
 from .calls import Call, RetryPolicy
@@ -64,12 +65,33 @@ def positive_seconds(value, name: str = "timeout") -> float:
     return seconds
 
 
+MAX_FETCH = 10  # request ids a `RemoteClient.fetch` call takes (as many as one generate call makes)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+def check_request_ids(values, name: str = "request_ids") -> list[str]:
+    """``values`` (one id or several) as a list of 1..MAX_FETCH distinct request ids of the form the service gives
+    (letters, digits, ``-``, ``_``, ``.``), else a ParameterError naming ``name``."""
+    ids = [values] if isinstance(values, str) else list(values) if isinstance(values, (list, tuple)) else None
+    if not ids or len(ids) > MAX_FETCH:
+        raise ParameterError(f"{name}: give 1 to {MAX_FETCH} request ids, got "
+                             f"{len(ids) if ids is not None else shown(values)}")
+    for rid in ids:
+        if not isinstance(rid, str) or not _REQUEST_ID.fullmatch(rid):
+            raise ParameterError(f"{name}: {shown(rid)} is not a request id as the service gives them (letters, "
+                                 "digits, '-', '_' and '.', up to 200; e.g. the id printed or stored with an image)")
+    if len(set(ids)) != len(ids):
+        raise ParameterError(f"{name}: {next(r for r in ids if ids.count(r) > 1)!r} is given twice")
+    return ids
+
+
 class RemoteClient:
     """Talks to the hosted Aura Flow API. Build it with `from_environment`, call `generate`.
 
     ``api_version``: "v2" (the queue), "v1" (sync), or None/"auto" for ``$SEGMIND_API_VERSION`` else v2.
-    ``names`` maps option names (``timeout``, ``api_version``, ``number_of_images``) to how the caller's user
-    spells them, so messages speak the words of the place (``{"timeout": "--timeout"}`` on the command line).
+    ``names`` maps option names (``timeout``, ``api_version``, ``number_of_images``, ``request_ids``) to how the
+    caller's user spells them, so messages speak the words of the place (``{"timeout": "--timeout"}`` on the command
+    line).
     """
 
     def __init__(self, api_key: str, *, url: str = DEFAULT_API_URL, api_version: str | None = None,
@@ -78,6 +100,7 @@ class RemoteClient:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, poll_interval: float = 0.1,
                  ssl_context: ssl.SSLContext | None = None, names: dict | None = None):
         names = dict(names or {})
+        self.names = names
         self.timeout = positive_seconds(timeout, names.get("timeout", "timeout"))  # per image, all stages
         self.api_version = resolve_api_version(api_version, names.get("api_version", "api_version"))
         self.endpoint = parse_endpoint(url)
@@ -141,17 +164,38 @@ class RemoteClient:
                                  "plan_generation(params, remote=True) (the service's sizes and names differ)")
         params = plan.params()
         n = params["number_of_images"]
-        ctx = Call(params, n)
-        result = RemoteResult(params, api_version=self.api_version)
         log.info("AuraFlow remote: %d image(s) %dx%d, %d steps, from %s (%s)", n, params["width"], params["height"],
                  params["steps"], self.submit_endpoint.display, self.api_version)
+        return self._gather(Call(params, n), self._one_image, should_stop, on_progress, on_request)
+
+    def fetch(self, request_ids, *, should_stop: Callable[[], bool] | None = None,
+              on_progress: Callable[[int, int, str], None] | None = None) -> RemoteResult:
+        """The images of requests submitted before, by their request ids (v2 keeps a result for an hour after the
+        submit): each is polled until it completes and its image fetched; nothing is submitted, so nothing is
+        billed again. Returns and raises as `generate`; an image's seed is the one the service reports, else None,
+        and its size and format are as sent. Up to ``MAX_FETCH`` ids a call."""
+        if self.api_version != "v2":
+            raise ParameterError(f"{self.names.get('api_version', 'api_version')}={self.api_version!r}: only the v2 "
+                                 "API keeps results to fetch by request id; use v2")
+        ids = check_request_ids(request_ids, self.names.get("request_ids", "request_ids"))
+        params = {"request_ids": ids, "number_of_images": len(ids), "seed": None, "width": None, "height": None,
+                  "output_format": None, "output_quality": 80}
+        log.info("AuraFlow remote: fetching %d earlier request(s) from %s", len(ids), self.submit_endpoint.display)
+        return self._gather(Call(params, len(ids)), lambda ctx, i: self.requests.fetch_image(ctx, i, ids[i]),
+                            should_stop, on_progress, None)
+
+    def _gather(self, ctx: Call, work: Callable[[Call, int], RemoteImage], should_stop, on_progress,
+                on_request) -> RemoteResult:
+        """Run ``work(ctx, i)`` for every image of ``ctx`` on the pool; keep what arrives, say what failed."""
+        n = ctx.total
+        result = RemoteResult(ctx.params, api_version=self.api_version)
         pool = ThreadPoolExecutor(max_workers=min(n, self.max_concurrency), thread_name_prefix="auraflow-remote")
         start = last_note = time.monotonic()
         arrived: dict[int, RemoteImage] = {}
         failed: dict[int, RemoteError] = {}
         announced = 0
         try:
-            futures = {pool.submit(self._one_image, ctx, i): i for i in range(n)}
+            futures = {pool.submit(work, ctx, i): i for i in range(n)}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=self.poll_interval, return_when=FIRST_COMPLETED)
@@ -168,7 +212,7 @@ class RemoteClient:
                         continue
                     arrived[i] = img
                     result.remaining_credits = _lower_credits(result.remaining_credits, img.remaining_credits)
-                    log.info("AuraFlow remote: image %d/%d arrived (seed %d, request id %s, %s s, cost %s, credits "
+                    log.info("AuraFlow remote: image %d/%d arrived (seed %s, request id %s, %s s, cost %s, credits "
                              "left %s)", i + 1, n, img.seed, img.request_id or "?",
                              img.headers.get("x-generation-time", "?"), img.headers.get("x-cost", "?"),
                              img.remaining_credits or "?")

@@ -67,9 +67,25 @@ class QueueRequests(Sender):
 
     def one_image(self, ctx: Call, index: int, seed: int, body: bytes) -> RemoteImage:
         job = self.with_retries(ctx, index, lambda: self._submit(ctx, index, body))
+        return self._collect(ctx, job, seed, self.poll.first)
+
+    def fetch_image(self, ctx: Call, index: int, request_id: str) -> RemoteImage:
+        """The image of a request submitted before (by this client or another run, within the hour its result is
+        kept): polled at once, nothing submitted. Its seed is the one the service reports, else None."""
+        status_path, response_path = v2_request_paths(self.submit_ep, request_id)
+        api = self.transport.endpoint
+        status_ep = on_api_host(api, status_path, "status_url", self.answers.scrub)
+        response_ep = on_api_host(api, response_path, "response_url", self.answers.scrub)
+        job = Ticket(index, request_id, response_ep.display, status_ep=status_ep, response_ep=response_ep)
+        ctx.name(job)
+        return self._collect(ctx, job, None, 0.0)
+
+    def _collect(self, ctx: Call, job: Ticket, seed: int | None, first_poll: float) -> RemoteImage:
+        """Poll the named request until it completes, then fetch its image."""
+        index = job.index
         deadline = time.monotonic() + self.timeout
         try:
-            result = self._wait(ctx, job, deadline)
+            result = self._wait(ctx, job, deadline, first_poll)
             image = self._image(ctx, job, result, seed, deadline)
         except RemoteError as err:  # every error after the submit names the request, to find it again
             err.request_id = err.request_id or job.request_id
@@ -124,11 +140,12 @@ class QueueRequests(Sender):
 
     # ------------------------------------------------------------------------------------------- poll, fetch
 
-    def _wait(self, ctx: Call, job: Ticket, deadline: float) -> dict:
-        """Poll until COMPLETED; returns the result document (its metrics merged with the status's)."""
-        delay = self.poll.first
+    def _wait(self, ctx: Call, job: Ticket, deadline: float, first_poll: float) -> dict:
+        """Poll (the first time after ``first_poll`` seconds) until COMPLETED; returns the result document (its
+        metrics merged with the status's)."""
+        wait = first_poll
         while True:
-            if ctx.cancelled.wait(max(0.0, min(delay, deadline - time.monotonic()))):
+            if ctx.cancelled.wait(max(0.0, min(wait, deadline - time.monotonic()))):
                 raise Cancelled()
             if time.monotonic() >= deadline:
                 raise self._timeout(ctx, job)
@@ -138,7 +155,7 @@ class QueueRequests(Sender):
             state, ok = doc.get("status"), 200 <= resp.status < 300
             if ok and state in WAITING:
                 job.state = state
-                delay = self.poll.next(delay)
+                wait = self.poll.next(wait) if wait >= self.poll.first else self.poll.first
                 continue
             if ok and state == "COMPLETED":
                 job.state = state
@@ -237,7 +254,7 @@ class QueueRequests(Sender):
 
     # ------------------------------------------------------------------------------------------- the image
 
-    def _image(self, ctx: Call, job: Ticket, result: dict, seed: int, deadline: float) -> RemoteImage:
+    def _image(self, ctx: Call, job: Ticket, result: dict, seed: int | None, deadline: float) -> RemoteImage:
         i, n, rid = job.index + 1, ctx.total, job.request_id
         billed = (f"; it was billed: its result stays at {job.response_url} for an hour, and Segmind support can "
                   f"look it up by request id {rid}")

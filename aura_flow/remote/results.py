@@ -15,7 +15,7 @@ def batch_seed(seed: int, index: int) -> int:
 @dataclass
 class RemoteImage:
     index: int  # position in the batch
-    seed: int  # the seed used (the service's x-seed-value when it reports one)
+    seed: int | None  # the seed used (the service's x-seed-value when it reports one; None: fetched, not said)
     data: bytes  # the body exactly as received (no metadata added)
     format: str  # webp | jpg | png, from the bytes
     width: int
