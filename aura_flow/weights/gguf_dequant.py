@@ -158,6 +158,8 @@ FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat1
 
 # ---------------------------------------------------------------- public
 CHUNK_VALUES = 1 << 20  # values dequantized at a time into a result of another dtype than float32
+
+
 @lru_cache(maxsize=None)
 def can_dequantize(qtype: Q) -> bool:
     """Whether this module can unpack ``qtype``: a torch kernel, a float type, or gguf-py's numpy fallback."""
