@@ -167,7 +167,6 @@ def check_noise_device(value) -> str:
         raise ParameterError(f"noise_device={shown(value)} is not known; valid: cpu (ComfyUI's start noise, the same "
                              f"on every machine) or gpu (drawn on the compute device, as diffusers does on CUDA)")
     return value
-    return value
 
 
 def validate_generation(params: dict, *, remote: bool = False) -> dict:

@@ -176,9 +176,6 @@ class FullPatch(_Tensors):
     def delta_weight(self, dtype, device):
         return self.diff.to(device=device, dtype=dtype)
 
-    def delta_bias(self, dtype, device):
-        return None if self.diff_b is None else self.diff_b.to(device=device, dtype=dtype)
-
     def delta_output(self, x):
         if self.diff_b is None:
             return None

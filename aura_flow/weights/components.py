@@ -38,7 +38,6 @@ class Components:
     vae: object = None
     sources: dict = field(default_factory=dict)  # part -> the file or folder it came from
     device: object = None  # the torch device the pipeline runs on
-    storage_dtype: object = None  # the transformer's weights as stored (fp8 when asked)
     compute_dtype: object = None  # the transformer's and text encoder's compute dtype (the VAE runs in fp32)
 
 
@@ -238,7 +237,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         raise LoadError("checkpoint is required: a diffusers folder, an all-in-one .safetensors or a transformer file")
     where = _locate(ckpt, _check_path("tokenizer", tokenizer), _check_path("text_encoder", text_encoder),
                     _check_path("vae", vae))
-    c = Components(device=dev, storage_dtype=storage, compute_dtype=compute)
+    c = Components(device=dev, compute_dtype=compute)
     c.tokenizer = _read_tokenizer(where.tokenizer)  # the small parts first: a broken one fails before the big one
     c.vae = _read_vae(where.vae)
     c.text_encoder = _read_text_encoder(where.text_encoder, compute)
