@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -185,10 +186,10 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
     be = make_backend(backend, **backend_options) if isinstance(backend, str) else backend
     name = getattr(be, "name", str(backend))
 
-    def jobs():
+    def jobs(first=True):  # the second pass reads no LoRA header again: a file gone since fails its job alone
         return read_jobs(jobs_file, defaults=defaults, seeds=seeds, grid=grid,
                          remote=getattr(be, "remote", False), accepts_sets=getattr(be, "accepts_sets", False),
-                         check_lora_files=getattr(be, "checks_lora_files", True))
+                         check_lora_files=first and getattr(be, "checks_lora_files", True))
 
     manifest = Manifest.open(folder)
     summary = Summary()
@@ -221,7 +222,7 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
         progress.start(summary.to_run)
 
         def to_run():
-            for job, what in _classified(jobs(), manifest, retry_failed):
+            for job, what in _classified(jobs(first=False), manifest, retry_failed):
                 if stop.is_set():
                     return
                 if what == "run" and manifest.status(job.key) != DONE:
@@ -237,29 +238,31 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
 
 
 def _drive(be, jobs, sink: ManifestSink, stop: threading.Event, summary: Summary) -> None:
-    """``be.run`` in a thread, so that Ctrl-C in the main thread sets ``stop`` and waits for the backend."""
-    errors: list = []
+    """``be.run`` here; the first Ctrl-C (SIGINT, in the main thread) sets ``stop`` and the backend returns after
+    its jobs in flight are abandoned; a second one raises KeyboardInterrupt (each manifest line is whole anyway)."""
 
-    def body():
-        try:
-            be.run(jobs, sink, stop)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=body, name=f"batch-{getattr(be, 'name', 'backend')}", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.2)
-    except KeyboardInterrupt:
-        stop.set()
-        with sink.lock:
-            summary.in_flight = [(j.line, j.key) for j in sink.in_flight.values()]
+    def interrupted():
         summary.interrupted = True
-        log.warning("interrupted: finishing the jobs in flight is abandoned; waiting for the backend to stop")
-        worker.join()
-    if errors:
-        raise errors[0]
+        stop.set()
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        interrupted()
+        log.warning("interrupted: the jobs in flight are abandoned (Ctrl-C again to stop at once)")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        be.run(jobs, sink, stop)
+    except KeyboardInterrupt:
+        interrupted()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        if summary.interrupted:  # started, and neither done nor failed
+            with sink.lock:
+                summary.in_flight = [(j.line, j.key) for j in sink.in_flight.values()]
 
 
 __all__ = ["run", "Summary", "ManifestSink", "BACKENDS", "make_backend"]
