@@ -42,7 +42,7 @@ def test_csv_and_text_formats(tmp_path):
 
 
 def test_seeds_expand_from_the_jobs_seed_and_wrap(tmp_path):
-    f = _jsonl(tmp_path / "j.jsonl", {"prompt": "a", "seed": 2**64 - 2}, {"prompt": "b", "seed": 10})
+    f = _jsonl(tmp_path / "j.jsonl", {"prompt": "a", "seed": 2**64 - 2}, {"prompt": "b", "seed": 10.0})
     jobs = list(read_jobs(f, defaults=SMALL, seeds=3))
     assert [j.seed for j in jobs] == [2**64 - 2, 2**64 - 1, 0, 10, 11, 12]
     assert [j.index for j in jobs] == [0, 1, 2, 0, 1, 2] and all(j.expands for j in jobs)

@@ -32,8 +32,8 @@ def _records(out):
     return [r for _, r in read_records(Path(out) / "manifest.jsonl")]
 
 
-def _run(tiny_pipe, jobs, out, **kw):
-    return run(jobs, out, backend=LocalBackend(pipe=tiny_pipe), defaults=SMALL, progress=False, **kw)
+def _run(tiny_pipe, jobs, out, progress=False, **kw):
+    return run(jobs, out, backend=LocalBackend(pipe=tiny_pipe), defaults=SMALL, progress=progress, **kw)
 
 
 def _state(folder):
@@ -72,10 +72,11 @@ def test_a_batch_image_is_byte_identical_to_generates(tiny_models, tiny_pipe, tm
     assert hashlib.sha256(Path(gen).read_bytes()).hexdigest() == rec["sha256"][0]
 
 
-def test_two_lines_times_three_seeds_make_six_distinct_images(tiny_pipe, tmp_path):
+def test_two_lines_times_three_seeds_make_six_distinct_images(tiny_pipe, tmp_path, capsys):
     jobs = tmp_path / "prompts.txt"
     jobs.write_text("a fox\na cat\n", encoding="utf-8")
-    s = _run(tiny_pipe, jobs, tmp_path / "out", seeds=3)
+    s = _run(tiny_pipe, jobs, tmp_path / "out", seeds=3, progress="bar")
+    assert "6/6" in capsys.readouterr().err  # the bar counted every job
     recs = _records(tmp_path / "out")
     assert s.done == 6 and len({r["job"] for r in recs}) == 6
     assert [r["seed"] - recs[0]["seed"] for r in recs[:3]] == [0, 1, 2]

@@ -95,8 +95,8 @@ class ManifestSink:
     def _record(self, job, status, where, **more) -> dict:
         record = {"job": job.key, "line": job.line, "index": job.index, "name": job.name, "status": status,
                   "seed": job.seed, "backend": self.backend}
-        record.update({k: v for k, v in dict(where or {}).items() if v is not None})
         record.update(more)
+        record.update({k: v for k, v in dict(where or {}).items() if v is not None and k not in record})
         return self.manifest.append(record)
 
     def started(self, job, where) -> None:
@@ -132,6 +132,9 @@ class ManifestSink:
             hashes = [hashlib.sha256(data).hexdigest() for data in images]
         else:
             paths = [Path(f).as_posix() for f in files or ()]
+            for p in paths:
+                if Path(p).is_absolute() or ".." in Path(p).parts:
+                    raise ValueError(f"done(files=...): {p!r} is not a path inside the output folder")
             hashes = [_file_sha256(self.folder / p) for p in paths]
         self._record(job, DONE, where, files=paths, sha256=hashes, seconds=round(float(seconds), 3),
                      **dict(extra or {}))
