@@ -143,6 +143,21 @@ def test_a_job_that_raises_fails_alone(tiny_pipe, tmp_path):
     assert "LoRA file not found" in recs[0]["error"] and s.errors[0][0] == 1
 
 
+def test_a_backends_own_job_check_names_the_line(tiny_pipe, tmp_path):
+    from aura_flow.batch.jobs import JobFileError
+    from aura_flow.errors import ParameterError
+
+    class NoCats(LocalBackend):
+        def check_job(self, job):
+            if "cat" in job.params["prompt"]:
+                raise ParameterError(f"prompt={job.params['prompt']!r}: no cats on this backend")
+
+    jobs = _jsonl(tmp_path / "jobs.jsonl", {"prompt": "a fox"}, {"prompt": "a cat"})
+    with pytest.raises(JobFileError, match=r"jobs.jsonl line 2: prompt='a cat': no cats"):
+        run(jobs, tmp_path / "out", backend=NoCats(pipe=tiny_pipe), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_steps_on_line_5_exits_2_naming_the_line_and_key(tmp_path, capsys):
     jobs = _jsonl(tmp_path / "jobs.jsonl", *[{"prompt": f"p{i}"} for i in range(4)], {"prompt": "x", "steps": 500})
     code = main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none")])

@@ -9,13 +9,15 @@ line. Ctrl-C sets ``stop``; the backend returns, the jobs in flight are named, a
 Backends: `BACKENDS` maps a name to the module that makes it; the module has ``make(**options) -> Backend``. A
 backend object may say (class attributes, default False/False/True): ``remote`` (jobs checked with the hosted API's
 ranges), ``accepts_sets`` (``NODE.INPUT`` keys allowed) and ``checks_lora_files`` (each LoRA file's header read
-while checking).
+while checking); and may have ``check_job(job)``, called for every job in the first pass (a ParameterError there
+is reported with the job's file and line: e.g. LoRAs a hosted service cannot take).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ParameterError
 from ..images import check_output_folder, image_extension, write_first_free
-from .jobs import read_jobs
+from .jobs import JobFileError, read_jobs
 from .manifest import DONE, FAILED, SUBMITTED, Manifest
 from .progress import make_progress
 
@@ -197,8 +199,14 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
     manifest = Manifest.open(folder)
     summary = Summary()
     stream = stream or sys.stdout
+    check_job = getattr(be, "check_job", None)
     for job, what in _classified(jobs(), manifest, retry_failed):  # pass 1: everything checked, counted
         summary.total += 1
+        if check_job is not None:
+            try:
+                check_job(job)
+            except ParameterError as exc:
+                raise JobFileError(f"{os.fspath(jobs_file)} line {job.line}: {exc}") from None
         if what == "run":
             summary.to_run += 1
         else:
