@@ -2,7 +2,8 @@
 
 A line: ``job`` (`Job.key`), ``line``, ``index``, ``name``, ``status`` (``done`` | ``failed`` | ``submitted``),
 ``files`` (paths relative to DIR), ``sha256`` (one per file), ``seed``, ``backend``, where it ran (``server`` /
-``request_id`` / ``worker``), ``seconds``, ``error``, ``time``. Each line is written with one ``write()`` on a file
+``request_id`` / ``worker``), ``seconds``, ``error``, ``time``; a ``submitted`` line may name the ``image`` of the job
+its request makes. Each line is written with one ``write()`` on a file
 opened ``O_APPEND``, then flushed and fsynced, so lines of concurrent writers never interleave and a crash tears at
 most the last line. Reading skips a torn last line (no newline and no valid JSON; the next append first ends it
 with a newline) and warns about a bad line in the middle.
@@ -60,6 +61,10 @@ def read_records(path):
         return bool(n) and torn
 
 
+def _rid(entry) -> str:
+    return entry[0] if isinstance(entry, tuple) else entry
+
+
 class Manifest:
     """The manifest of one output folder: its index in memory and appends to its file (thread-safe)."""
 
@@ -93,10 +98,11 @@ class Manifest:
         if old == _CODES[DONE]:
             return  # done is final: its files exist
         if status == SUBMITTED:
-            rid = record.get("request_id")
+            rid, image = record.get("request_id"), record.get("image")
             ids = old[1:] if isinstance(old, tuple) else ()
-            if isinstance(rid, str) and rid not in ids and len(ids) < MAX_IDS:
-                ids += (rid,)
+            if isinstance(rid, str) and rid not in map(_rid, ids) and len(ids) < MAX_IDS:
+                # with the image of the job the request makes, when the line says it (hosted: one per image)
+                ids += ((rid, image) if type(image) is int else rid,)
             self._index[key] = (_CODES[SUBMITTED],) + ids
         else:
             self._index[key] = _CODES[status]
@@ -109,7 +115,12 @@ class Manifest:
     def pending_ids(self, key: str) -> list[str]:
         """Request ids submitted for the job and never finished."""
         v = self._index.get(key)
-        return list(v[1:]) if isinstance(v, tuple) else []
+        return [_rid(e) for e in v[1:]] if isinstance(v, tuple) else []
+
+    def pending_images(self, key: str) -> list[tuple[str, int | None]]:
+        """(request id, the job's image it makes, or None when its line did not say) of `pending_ids`."""
+        v = self._index.get(key)
+        return [e if isinstance(e, tuple) else (e, None) for e in v[1:]] if isinstance(v, tuple) else []
 
     def __len__(self):
         return len(self._index)

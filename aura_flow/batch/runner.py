@@ -34,6 +34,7 @@ log = logging.getLogger("aura_flow.batch")
 
 # backend name -> module with make(**options) -> Backend (imported when chosen)
 BACKENDS = {"local": "aura_flow.batch.local"}
+BACKENDS["hosted"] = "aura_flow.batch.hosted"
 MAX_ERRORS = 5  # failures kept in the summary
 
 
@@ -111,6 +112,10 @@ class ManifestSink:
 
     def resume_ids(self, job) -> list[str]:
         return self.manifest.pending_ids(job.key)
+
+    def resume_images(self, job) -> list[tuple]:
+        """(request id, image index or None) of `resume_ids`: the ``image`` its ``submitted`` line named."""
+        return self.manifest.pending_images(job.key)
 
     def postfix(self, values) -> None:
         self.progress.postfix(values)

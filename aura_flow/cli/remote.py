@@ -3,11 +3,14 @@
 Same flags as ``generate``; the key comes from ``SEGMIND_API_KEY`` or the key file (``--key-file``, default
 ``~/.config/auraflow/segmind_api_key``), never from the command line, where it would land in shell history.
 Each request id goes to stderr as soon as the service names it, so a billed result can be found again; when
-some may still complete, the ``fetch`` command that gets them is printed too.
+some may still complete, the ``fetch`` command that gets them is printed too. The request ids are also recorded in
+``--out``'s ``manifest.jsonl`` (the batch manifest's record shape), each as soon as the service names it.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
+import time
 
 from .. import remote as remote_api
 from ..images import write_new_file
@@ -24,15 +27,24 @@ def register(subparsers) -> None:
                               "images to --out and print their paths. The key comes from SEGMIND_API_KEY or the key "
                               "file, never from the command line.", formatter_class=HelpFormatter)
     add_generation_flags(p, remote=True)
-    p.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
+    add_service_flags(p)
+    p.set_defaults(func=run, parser=p)
+
+
+def add_service_flags(g, *, timeout: float | None = 180.0) -> None:
+    """The hosted service's flags (``remote``, and ``batch --backend hosted`` in its own group ``g``):
+    ``--key-file``, ``--timeout``, ``--concurrency``, ``--api-version``. ``--timeout`` is added only when the parser
+    has none yet (another backend's group may have one: the flag is then shared)."""
+    g.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
                                                     "or ~/.config/auraflow/segmind_api_key)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image, queue and generation "
-                                                                "included")
-    p.add_argument("--concurrency", type=int, default=2, help="requests at a time")
-    p.add_argument("--api-version", choices=remote_api.API_VERSIONS, default=None,
+    if "--timeout" not in g._option_string_actions:
+        g.add_argument("--timeout", type=float, default=timeout,
+                       help="seconds to wait for one image, queue and generation included"
+                            + ("" if timeout else " (hosted: 180)"))
+    g.add_argument("--concurrency", type=int, default=2, help="requests at a time")
+    g.add_argument("--api-version", choices=remote_api.API_VERSIONS, default=None,
                    help="v2: the async queue (submit, then poll; the default, or $SEGMIND_API_VERSION); v1: the sync "
                         "API, one connection held for the whole generation")
-    p.set_defaults(func=run, parser=p)
 
 
 def run(args) -> int:
@@ -41,9 +53,11 @@ def run(args) -> int:
     timeout = remote_api.positive_seconds(args.timeout, "--timeout")
     check_output_folder(args.out)
     n = plan.number_of_images
+    record = Record(args.out, plan.params())
 
     def on_request(index, request_id):
         sys.stderr.write(f"image {index + 1}/{n}: request id {request_id}\n")
+        record.submitted(index, request_id)  # on disk before the image arrives: a crash leaves the id
 
     try:
         client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=timeout,
@@ -52,11 +66,12 @@ def run(args) -> int:
         result = client.generate(plan, on_request=on_request)
     except remote_api.RemoteError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        if exc.result is not None:
-            _write(exc.result, args.out, report_failures=False)
+        written = _write(exc.result, args.out, report_failures=False) if exc.result is not None else []
+        record.finished(written, str(exc))
         _fetch_hint(exc, exc.result, args.out, args.api_version)
         return 130 if isinstance(exc, remote_api.RemoteInterrupted) else 1
-    _write(result, args.out, report_failures=True)
+    written = _write(result, args.out, report_failures=True)
+    record.finished(written, result.failure_summary() if result.failures else None)
     sys.stderr.write(f"seed: {result.seed}\n")
     if result.remaining_credits is not None:
         sys.stderr.write(f"remaining credits: {result.remaining_credits}\n")
@@ -77,11 +92,40 @@ def _fetch_hint(exc, result, out, api_version) -> None:
                          f"{' '.join(ids[:remote_api.MAX_FETCH])} --out {out}\n")
 
 
-def _write(result, out, *, report_failures: bool) -> None:
-    """Write every image that arrived and print its path; bytes billed but rejected (wrong size) are kept too."""
+class Record:
+    """The run in ``OUT/manifest.jsonl``, in the batch manifest's record shape (``backend`` ``remote``; ``job`` the
+    key a batch job with these parameters has): a ``submitted`` line per request id as the service names it, then
+    one ``done`` line (or ``failed``, with the error) with the files, their sha256 and request ids."""
+
+    def __init__(self, out, params: dict):
+        from ..batch.manifest import Manifest
+        from ..batch.model import job_key
+
+        self.manifest, self.params, self.t0 = Manifest.open(out), params, time.perf_counter()
+        self.base = {"job": job_key(params), "line": None, "index": 0, "name": None, "backend": "remote"}
+
+    def submitted(self, index: int, request_id: str) -> None:
+        self.manifest.append({**self.base, "status": "submitted", "seed": remote_api.batch_seed(
+            self.params["seed"], index), "request_id": request_id, "image": index})
+
+    def finished(self, written: list, error: str | None) -> None:
+        ids = [rid for _, _, rid in written]
+        self.manifest.append({**self.base, "status": "failed" if error else "done", "seed": self.params["seed"],
+                              "files": [path.name for path, _, _ in written],
+                              "sha256": [hashlib.sha256(data).hexdigest() for _, data, _ in written],
+                              "request_id": ids[0] if ids else None, "request_ids": ids,
+                              "seconds": round(time.perf_counter() - self.t0, 3), "error": error})
+        self.manifest.close()
+
+
+def _write(result, out, *, report_failures: bool) -> list:
+    """Write every image that arrived and print its path; bytes billed but rejected (wrong size) are kept too.
+    (path, bytes, request id) of each image written."""
     n = result.params["number_of_images"]
+    written = []
     for im in result.images:
         path = write_new_file(out, f"auraflow_{im.seed}", im.data)
+        written.append((path, im.data, im.request_id))
         sys.stdout.write(f"{path}\n")
         sys.stderr.write(f"image {im.index + 1}/{n}: {path} (seed {im.seed}, request id {im.request_id or 'none'})\n")
     sys.stdout.flush()
@@ -93,3 +137,4 @@ def _write(result, out, *, report_failures: bool) -> None:
             kept = f"; its bytes are kept as {path}"
         if report_failures or kept:
             sys.stderr.write(f"image {failure.index + 1}/{n}: {failure if report_failures else 'rejected'}{kept}\n")
+    return written
