@@ -83,6 +83,7 @@ class HostedBackend:
         self.key_file, self.poll, self.retry = key_file, poll, retry
         self.client = None
         self._fatal: str | None = None
+        self._abandoned = False  # run() left early (an exception, a second Ctrl-C): the workers stop too
 
     def check_job(self, job) -> None:
         if job.loras:
@@ -110,7 +111,7 @@ class HostedBackend:
     # ------------------------------------------------------------------------------------------- one image
 
     def _halted(self, stop) -> bool:
-        return stop.is_set() or self._fatal is not None
+        return stop.is_set() or self._fatal is not None or self._abandoned
 
     def _failure(self, i: int, exc, rid=None) -> _Outcome:
         if exc.status in FATAL_STATUSES:
@@ -176,7 +177,7 @@ class HostedBackend:
         queue: deque = deque()  # (running, image index, request ids to fetch first)
         futures: dict = {}  # future -> running
         named: dict = {}  # (job key, image) -> request id, while in flight
-        exhausted = False
+        exhausted = self._abandoned = False
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="auraflow-hosted")
         try:
             while True:
@@ -201,6 +202,7 @@ class HostedBackend:
                         named.pop((running.job.key, outcome.index), None)
                     self._note(running, outcome, sink)
         finally:
+            self._abandoned = True
             pool.shutdown(wait=False, cancel_futures=True)
         if named:
             log.warning("stopped: %d request(s) in flight are left to finish at the service; their request ids (%s) "
