@@ -247,6 +247,8 @@ def test_loras_node_inputs_v1_and_a_missing_key_are_refused_before_anything_is_s
     assert "--checkpoint is a flag of --backend local" in capsys.readouterr().err
     assert main(base) == 2  # no key anywhere
     assert "SEGMIND_API_KEY" in capsys.readouterr().err
+    assert main(["remote", "--out", str(tmp_path / "out")]) == 1  # nothing named: no manifest line either
+    assert "SEGMIND_API_KEY" in capsys.readouterr().err
     assert svc.requests == [] and not (tmp_path / "out" / "manifest.jsonl").exists()
 
 

@@ -95,7 +95,8 @@ def _fetch_hint(exc, result, out, api_version) -> None:
 class Record:
     """The run in ``OUT/manifest.jsonl``, in the batch manifest's record shape (``backend`` ``remote``; ``job`` the
     key a batch job with these parameters has): a ``submitted`` line per request id as the service names it, then
-    one ``done`` line (or ``failed``, with the error) with the files, their sha256 and request ids."""
+    one ``done`` line (or ``failed``, with the error) with the files, their sha256 and request ids (none when
+    nothing was named nor arrived: no key, a submit refused)."""
 
     def __init__(self, out, params: dict):
         from ..batch.manifest import Manifest
@@ -103,13 +104,17 @@ class Record:
 
         self.manifest, self.params, self.t0 = Manifest.open(out), params, time.perf_counter()
         self.base = {"job": job_key(params), "line": None, "index": 0, "name": None, "backend": "remote"}
+        self.named = 0
 
     def submitted(self, index: int, request_id: str) -> None:
+        self.named += 1
         self.manifest.append({**self.base, "status": "submitted", "seed": remote_api.batch_seed(
             self.params["seed"], index), "request_id": request_id, "image": index})
 
     def finished(self, written: list, error: str | None) -> None:
         ids = [rid for _, _, rid in written]
+        if not written and not self.named:  # nothing was sent that the service named (no key, refused at once)
+            return self.manifest.close()
         self.manifest.append({**self.base, "status": "failed" if error else "done", "seed": self.params["seed"],
                               "files": [path.name for path, _, _ in written],
                               "sha256": [hashlib.sha256(data).hexdigest() for _, data, _ in written],
