@@ -20,8 +20,8 @@ without a length), ``size`` (a correct image of ``width``x``height``), ``media_r
 (FAILED with ``error``, as HTTP 422), ``expire`` (the status answers 404), ``queued`` (never leaves the queue),
 ``unknown`` (status ``status``), ``poll_drop`` / ``poll_hangup`` / ``poll_status`` (the first ``times`` polls
 drop mid-body / close unanswered / answer ``status``, with ``headers``), ``offsite`` (status_url on the media host),
-``no_id``, ``bare`` (no status/response URLs), ``relative`` (URLs without a host),
-``output`` (the result's output is ``make(media_url, image_bytes)``).
+``no_id``, ``id`` (the request id is ``fault["id"]``), ``bare`` (no status/response URLs), ``relative`` (URLs
+without a host), ``output`` (the result's output is ``make(media_url, image_bytes)``).
 """
 from __future__ import annotations
 
@@ -336,6 +336,8 @@ class FakeService(_Base):
         kind = (fault or {}).get("kind")
         if kind == "no_id":
             return h._json(200, {"status": "QUEUED"})
+        if kind == "id":  # a request id the client must refuse to put in a path ('..', 'a/b')
+            return h._json(200, {"request_id": fault["id"], "status": "QUEUED"})
         if kind == "bare":  # the client derives the documented paths
             return h._json(200, {"request_id": rid, "status": "QUEUED"})
         base = {"offsite": self.media.origin, "relative": ""}.get(kind, self.origin)
