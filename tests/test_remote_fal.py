@@ -128,6 +128,28 @@ def test_cancel_puts_cancel_url_for_unfinished_requests_and_names_them(fal):
     assert fal.jobs["fq-1"]["cancelled"] and fal.jobs["fq-2"]["cancelled"]
 
 
+def test_ctrl_c_cancels_the_unfinished_requests_and_names_them(fal, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    monkeypatch.setenv("FAL_QUEUE_URL", fal.url)
+    fal.fail_next({"kind": "never"})
+
+    def ctrl_c(index, request_id):
+        raise KeyboardInterrupt()
+
+    cli_remote = sys.modules["aura_flow.cli.remote"]
+    monkeypatch.setattr(cli_remote.remote_api.RemoteClient, "generate",
+                        lambda self, plan, on_request=None, **kw: R_generate(self, plan, on_request=ctrl_c, **kw))
+    assert main(["remote", "--provider", "fal", "--seed", "1", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "request id(s) fq-1 were submitted" in err and "asked fal to cancel request id(s) fq-1 (cancellation " \
+                                                          "requested)" in err
+    (put,) = [r for r in fal.requests if r["method"] == "PUT"]
+    assert put["path"] == "/fal-ai/aura-flow/requests/fq-1/cancel" and fal.jobs["fq-1"]["cancelled"]
+
+
+R_generate = sys.modules["aura_flow.remote.client"].RemoteClient.generate
+
+
 def test_a_status_url_on_another_port_is_refused(fal):
     fal.fail_next({"kind": "offsite"})
     err = refused(lambda: fal_client(fal).generate({"seed": 2}))

@@ -83,8 +83,9 @@ def run(args) -> int:
             _write(exc.result, args.out, report_failures=False)
         _fetch_hint(exc, exc.result, args.out, args)
         return 130 if isinstance(exc, remote_api.RemoteInterrupted) else 1
-    except KeyboardInterrupt:  # the client has asked fal to cancel what was unfinished, and said so
-        sys.stderr.write("interrupted\n")
+    except KeyboardInterrupt as exc:  # the client has asked fal to cancel what was unfinished; its note says so
+        notes = getattr(exc, "__notes__", None) or ["remote generation interrupted"]
+        sys.stderr.write("".join(f"error: {note}\n" for note in notes))
         return 130
     _write(result, args.out, report_failures=True)
     sys.stderr.write(f"seed: {result.seed}\n")

@@ -280,13 +280,10 @@ class RemoteClient:
                 if on_progress is not None and (done or named or now - last_note >= 1.0):
                     last_note = now
                     on_progress(len(arrived) + len(failed), n, _progress_text(ctx, arrived, failed, now - start))
-        except KeyboardInterrupt:  # Ctrl-C: the unfinished requests are dropped where the service allows it
+        except KeyboardInterrupt as exc:  # Ctrl-C: the unfinished requests are dropped where the service allows it
             ctx.cancel()
-            said = self.requests.cancel_open(ctx)
-            if said:
-                import sys
-
-                sys.stderr.write(f"{said}\n")
+            result.images = [arrived[i] for i in sorted(arrived)]
+            exc.add_note(str(_interrupted(ctx, result, n, self.requests.cancel_open(ctx))))  # the CLI shows it
             raise
         finally:
             ctx.cancel()
