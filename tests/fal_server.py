@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 
-from remote_server import CONTENT_TYPES, MediaServer, _Base, _Handler, make_image
+from remote_server import CONTENT_TYPES, MediaServer, WithMedia, _Base, _Handler, make_image
 
 FAL_KEY = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0:0123456789abcdef0123456789abcdef"
 MODELS = {"aura-flow": {"prompt", "num_images", "seed", "guidance_scale", "num_inference_steps", "expand_prompt"},
@@ -59,7 +59,7 @@ def _problem(model: str, body: dict) -> list:
     return out
 
 
-class FakeFal(_Base):
+class FakeFal(WithMedia, _Base):
     """``with FakeFal() as fal: fal.url ...``; ``fal.requests`` lists what arrived, ``fal.submits`` the POSTs,
     ``fal.media`` is the CDN, ``fal.states`` the statuses each request was answered."""
 
@@ -90,20 +90,8 @@ class FakeFal(_Base):
     def url(self) -> str:
         return self.origin
 
-    @property
-    def submits(self) -> list[dict]:
-        return [r for r in self.requests if r["method"] == "POST"]
-
     def fail_next(self, *faults):
         self._next.extend(faults)
-
-    def __enter__(self):
-        self.media.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self.media.__exit__(*exc)
 
     def _authorized(self, h) -> bool:
         if h.headers.get("Authorization") != f"Key {self.key}":

@@ -195,7 +195,23 @@ class MediaServer(_Base):
         return f"{self.origin}/media/{name}"
 
 
-class FakeService(_Base):
+class WithMedia:
+    """A service whose results point at its own `MediaServer` (``self.media``), started and stopped with it."""
+
+    @property
+    def submits(self) -> list[dict]:
+        return [r for r in self.requests if r["method"] == "POST"]
+
+    def __enter__(self):
+        self.media.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.media.__exit__(*exc)
+
+
+class FakeService(WithMedia, _Base):
     """``with FakeService() as svc: svc.url ...``; ``svc.requests`` lists what arrived (method, path, headers,
     body), ``svc.submits`` the POSTs, ``svc.media`` is the media host."""
 
@@ -228,21 +244,9 @@ class FakeService(_Base):
     def url(self) -> str:
         return f"{self.origin}/v1/aura-flow"
 
-    @property
-    def submits(self) -> list[dict]:
-        return [r for r in self.requests if r["method"] == "POST"]
-
     def polls(self, request_id: str | None = None) -> list[dict]:
         return [r for r in self.requests if r["method"] == "GET" and r["path"].endswith("/status")
                 and (request_id is None or f"/{request_id}/" in r["path"])]
-
-    def __enter__(self):
-        self.media.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self.media.__exit__(*exc)
 
     def _close_job(self, job):
         with self._lock:

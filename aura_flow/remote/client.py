@@ -276,6 +276,7 @@ class RemoteClient:
                 if should_stop is not None and should_stop():
                     result.images = [arrived[i] for i in sorted(arrived)]
                     result.failures = [failed[i] for i in sorted(failed)]
+                    ctx.cancel()  # no worker sends anything more; then the service is asked to drop what is open
                     raise _interrupted(ctx, result, n, self.requests.cancel_open(ctx))
                 if on_progress is not None and (done or named or now - last_note >= 1.0):
                     last_note = now

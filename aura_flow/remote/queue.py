@@ -193,7 +193,8 @@ class QueueRequests(Sender):
             doc = _json(resp) or {}
             state, ok = doc.get("status"), 200 <= resp.status < 300
             if ok and state in self.WAITING:
-                job.state = state
+                position = doc.get("queue_position")  # fal's: shown in the progress text and a timeout's message
+                job.state = state + (f" at queue position {position}" if type(position) is int else "")
                 wait = self.poll.next(wait) if wait >= self.poll.first else self.poll.first
                 continue
             if ok and state == "COMPLETED" and self.failure(doc) is None:
