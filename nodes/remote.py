@@ -16,7 +16,6 @@ cancelled, stops the client within its poll interval, and the client asks fal to
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 
@@ -109,6 +108,8 @@ class AuraFlowRemoteGenerate:
                   unique_id=None, extra_pnginfo=None, client=None):
         """The node's function in ComfyUI: `generate`'s work on a worker thread, awaited without holding the
         event loop; ComfyUI's Cancel and a cancelled task both stop the client (fal's requests are cancelled)."""
+        import asyncio  # here: the pack's import stays light (ComfyUI has it loaded anyway)
+
         job = self._prepare(locals())  # parameter and key errors here, before any request
         stop = threading.Event()
         comfy_stop = progress.should_stop()
@@ -119,6 +120,8 @@ class AuraFlowRemoteGenerate:
         except asyncio.CancelledError:
             stop.set()  # the client sees it within its poll interval, cancels fal's requests and returns
             await asyncio.wait({work})
+            if work.exception() is not None:  # the interrupt it raised (which requests it cancelled, logged)
+                log.info("AuraFlow Remote Generate: cancelled: %s", work.exception())
             raise
         return self._finish(result, job, extra_pnginfo)
 

@@ -344,6 +344,33 @@ def test_node_provider_inputs_and_metadata(fal, monkeypatch):
     assert "negative_prompt='x' cannot be honoured by provider=fal" in str(err) and len(fal.submits) == 1
 
 
+def test_node_task_cancelled_stops_the_client_and_cancels_fal_requests(monkeypatch):
+    import asyncio
+
+    node = pack_module("nodes.remote").AuraFlowRemoteGenerate
+    with FakeFal() as service:
+        service.fail_next({"kind": "never"})
+        monkeypatch.setenv("FAL_KEY", FAL_KEY)
+        monkeypatch.setenv("FAL_QUEUE_URL", service.url)
+
+        async def scenario():
+            task = asyncio.create_task(node().run(**_node_defaults(), seed=1, provider="fal"))
+            for _ in range(200):  # until fal has been polled a few times
+                if len(service.states.get("fq-1", [])) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            task.cancel()
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.monotonic() - t0
+
+        waited = asyncio.run(scenario())
+    assert waited < 1.0  # within the client's poll interval and one cancel request
+    (put,) = [r for r in service.requests if r["method"] == "PUT"]
+    assert put["path"] == "/fal-ai/aura-flow/requests/fq-1/cancel" and service.jobs["fq-1"]["cancelled"]
+
+
 def _node_defaults() -> dict:
     validate = pack_module("aura_flow.params").validate_generation
     values = dict(validate({}, remote=True))
@@ -363,6 +390,7 @@ def run_three_nodes(service_time: float) -> tuple[float, float]:
             def prompt(n):
                 return {str(i): {"class_type": "AuraFlowRemoteGenerate",
                                  "inputs": {**_node_defaults(), "seed": i, "provider": "fal"}} for i in range(1, n + 1)}
+            wx.execute(prompt(1), classes)  # warm-up: imports, the first tensor, the first connection
             start = time.monotonic()
             wx.execute(prompt(1), classes)
             one = time.monotonic() - start
@@ -372,7 +400,7 @@ def run_three_nodes(service_time: float) -> tuple[float, float]:
         finally:
             mp.undo()
     assert [outputs[str(i)][1] for i in (1, 2, 3)] == [1, 2, 3]
-    assert len(service.submits) == 4
+    assert len(service.submits) == 5
     for i in (1, 2, 3):
         top = np.asarray(outputs[str(i)][0][0, 5, 5].numpy() * 255).round()
         assert np.abs(top - np.array(pack_seed_colour(i))).max() <= 1

@@ -13,10 +13,8 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
 """
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -302,10 +300,15 @@ def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tup
     ``{"workflow": workflow}`` when one is given (one dict for the whole prompt, as ComfyUI passes its
     ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
     """
+    import asyncio  # here, not at import: load_pack's import time is measured (test_nodes)
+
     return asyncio.run(_execute(prompt, classes, workflow))
 
 
 async def _execute(prompt: dict, classes: dict, workflow: dict | None) -> tuple[dict, dict]:
+    import asyncio
+    import inspect
+
     outputs, ui, pending = {}, {}, {}  # pending: node id -> the task of an async node still running
     extra_pnginfo = {"workflow": workflow} if workflow else None
     order = topological_order(prompt)
