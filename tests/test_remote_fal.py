@@ -98,6 +98,12 @@ def test_validation_error_422_is_explained_and_stops_the_batch(fal):
     assert len(fal.submits) == 1  # the same parameters would fail alike: nothing else is sent
 
 
+def test_a_key_the_service_echoes_is_scrubbed(fal):
+    fal.fail_next({"status": 401, "body": json.dumps({"detail": f"invalid key Key {FAL_KEY}"}).encode()})
+    err = refused(lambda: fal_client(fal).generate({"seed": 1}))  # refused() checks the whole error for the key
+    assert err.status == 401 and "invalid key Key ***" in str(err) and "FAL_KEY" in str(err)
+
+
 def test_failed_request_names_its_id_and_the_error(fal):
     fal.fail_next({"kind": "failed", "error": "CUDA out of memory"})
     err = refused(lambda: fal_client(fal).generate({"seed": 3}))
