@@ -13,7 +13,10 @@ const ROUTE = "/auraflow/remote/key";
 const NODE_ID = "AuraFlowRemoteGenerate";
 const COMMAND_ID = "AuraFlow.SetSegmindApiKey";  // the id kept, so keybindings made before still work
 const LABEL = "Set remote API key (Segmind, fal)…";
-const PROVIDERS = { segmind: { label: "Segmind", placeholder: "SG_…" }, fal: { label: "fal", placeholder: "key id:secret" } };
+const PROVIDERS = {
+  segmind: { label: "Segmind", placeholder: "SG_…" },
+  fal: { label: "fal", placeholder: "key id:secret" },
+};
 
 async function keyStatus() {
   const resp = await api.fetchApi(ROUTE);
