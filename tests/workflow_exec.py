@@ -7,7 +7,9 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
   ComfyUI 0.29's (nodes.py), and plain implementations good enough to run a workflow without ComfyUI.
 - `check_api(prompt, classes)` / `check_editor(workflow, classes)` return a list of problems ([] when sound).
 - `execute(prompt, classes, ...)` runs an API-format prompt in topological order and returns every node's outputs
-  and the ``ui`` dicts of output nodes.
+  and the ``ui`` dicts of output nodes. A node whose function is a coroutine function runs as an asyncio task, as
+  ComfyUI's execution.py (``_async_map_node_over_list``) runs it: the executor goes on with the nodes that do not
+  need its outputs, so several async nodes wait together; a plain function blocks the loop while it runs, as there.
 """
 from __future__ import annotations
 
@@ -298,10 +300,33 @@ def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tup
     ``{"workflow": workflow}`` when one is given (one dict for the whole prompt, as ComfyUI passes its
     ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
     """
-    outputs, ui = {}, {}
+    import asyncio  # here, not at import: load_pack's import time is measured (test_nodes)
+
+    return asyncio.run(_execute(prompt, classes, workflow))
+
+
+async def _execute(prompt: dict, classes: dict, workflow: dict | None) -> tuple[dict, dict]:
+    import asyncio
+    import inspect
+
+    outputs, ui, pending = {}, {}, {}  # pending: node id -> the task of an async node still running
     extra_pnginfo = {"workflow": workflow} if workflow else None
-    for node_id in topological_order(prompt):
+    order = topological_order(prompt)
+
+    def store(node_id, result):
+        if isinstance(result, dict):
+            if "ui" in result:
+                ui[node_id] = result["ui"]
+            result = result.get("result", ())
+        outputs[node_id] = tuple(result)
+
+    for node_id in order:
         node = prompt[node_id]
+        links = [v[0] for v in node.get("inputs", {}).values()
+                 if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
+        for src in links:  # wait only for the async nodes this one needs
+            if src in pending:
+                store(src, await pending.pop(src))
         cls = classes[node["class_type"]]
         kwargs = {}
         for name, value in node.get("inputs", {}).items():
@@ -310,10 +335,17 @@ def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tup
             kwargs[name] = value
         for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
             kwargs[name] = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)
-        result = getattr(cls(), cls.FUNCTION)(**kwargs)
-        if isinstance(result, dict):
-            if "ui" in result:
-                ui[node_id] = result["ui"]
-            result = result.get("result", ())
-        outputs[node_id] = tuple(result)
+        function = getattr(cls(), cls.FUNCTION)
+        if inspect.iscoroutinefunction(function):
+            pending[node_id] = asyncio.create_task(function(**kwargs))
+            await asyncio.sleep(0)  # let it start, as ComfyUI does
+        else:
+            store(node_id, function(**kwargs))
+    try:
+        for node_id in order:
+            if node_id in pending:
+                store(node_id, await pending[node_id])
+    finally:
+        for task in pending.values():
+            task.cancel()
     return outputs, ui
