@@ -194,7 +194,7 @@ def test_ctrl_c_leaves_the_ids_and_a_rerun_fetches_them_without_submitting_again
     out = tmp_path / "out"
     ids = _interrupted_submits(env, jobs, out, 3)
     assert len(ids) == 3 and list(out.glob("*.png")) == []
-    assert "left to finish at the service" in caplog.text and "fetches them" in caplog.text
+    assert "left to finish at the service" in caplog.text and "fetches what finished" in caplog.text
     s = _run(jobs, out)
     assert (s.done, s.failed, s.images) == (2, 0, 3)
     assert _submits_per_seed(env) == {10: 1, 11: 1, 30: 1}  # nothing submitted again
@@ -326,3 +326,37 @@ def test_the_manifest_keeps_each_pending_ids_image_until_the_job_is_done(tmp_pat
     again.append({"job": "k1", "status": "done", "files": []})
     assert again.pending_images("k1") == [] and again.pending_ids("k1") == [] and again.status("k1") == "done"
     again.close()
+
+
+def test_fal_pony_v7_jobs_from_the_cli_and_a_value_fal_aura_flow_cannot_honour_refused(tmp_path, monkeypatch, caplog,
+                                                                                       capsys):
+    from fal_server import FAL_KEY, FakeFal
+
+    jobs = _jsonl(tmp_path / "jobs.jsonl", {"prompt": "a fox", "seed": 3, "width": 768, "height": 1024},
+                  {"prompt": "a cat", "seed": 4, "number_of_images": 2})
+    out = tmp_path / "out"
+    cmd = ["batch", str(jobs), "--out", str(out), "--backend", "hosted", "--provider", "fal", "--model", "pony-v7",
+           "--output-format", "png"]
+    with FakeFal() as fal:
+        monkeypatch.setenv("FAL_KEY", FAL_KEY)
+        monkeypatch.setenv("FAL_QUEUE_URL", fal.url)
+        assert main(cmd) == 0, capsys.readouterr().err
+        assert sorted((r["body"]["seed"], r["path"]) for r in fal.submits) == [(s, "/fal-ai/pony-v7") for s in (3, 4, 5)]
+        assert all(r["body"]["num_images"] == 1 and r["body"]["output_format"] == "png" for r in fal.submits)
+        done = {r["line"]: r for r in _records(out) if r["status"] == "done"}
+        assert len(done) == 2 and all(r["provider"] == "fal" and r["model"] == "pony-v7" for r in done.values())
+        for r in done.values():
+            for name, sha, rid in zip(r["files"], r["sha256"], r["request_ids"]):
+                assert rid.startswith("fq-") and hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
+                assert_bands(_png(out / name), fal.jobs[rid]["body"]["seed"], tol=0)
+        assert _png(out / done[1]["files"][0]).shape == (1024, 768, 3)  # {width, height} honoured
+        assert main(cmd) == 0 and len(fal.submits) == 3  # the rerun sends nothing
+        bad = _jsonl(tmp_path / "bad.jsonl", {"prompt": "a"}, {"prompt": "b", "negative_prompt": "blur"})
+        assert main(["batch", str(bad), "--out", str(tmp_path / "bad"), "--backend", "hosted", "--provider", "fal"]) == 2
+        err = capsys.readouterr().err
+        assert "line 2: negative_prompt='blur' cannot be honoured by provider=fal with model=aura-flow" in err, err
+        assert len(fal.submits) == 3 and not (tmp_path / "bad").exists()
+        for r in fal.media.requests:
+            assert "authorization" not in {k.lower() for k in r["headers"]}
+    _key_nowhere(out, texts=(caplog.text,))
+    assert FAL_KEY.split(":")[1] not in caplog.text + (out / "manifest.jsonl").read_text()

@@ -1,4 +1,5 @@
-"""The ``hosted`` batch backend: the hosted Aura Flow API's v2 queue (Segmind), ``concurrency`` requests at a time.
+"""The ``hosted`` batch backend: a hosted queue (Segmind's v2, or fal's with ``provider="fal"`` and ``model``
+``aura-flow`` or ``pony-v7``), ``concurrency`` requests at a time.
 
 A job of ``number_of_images`` N is N requests of one image each, seeds ``seed, seed+1, ...``, exactly as
 `aura_flow.remote.RemoteClient` splits it (so image i is the same as ``remote``'s image i). ``concurrency`` counts
@@ -9,13 +10,15 @@ makes) as soon as the service names it, before its image arrives; the ``done`` l
 Resume: a job that an earlier run submitted and never finished (a crash, Ctrl-C, a refused key) has its request
 ids in the manifest; the rerun FETCHES those (the service keeps a result for an hour after the submit), and only
 the images that cannot be had that way (the service no longer knows the id, or it failed) are submitted anew, said
-in the log. v1 names no id before its image arrives, so it is refused here.
+in the log. Segmind's v1 names no id before its image arrives, so it is refused here. On fal, a value the model
+cannot honour is refused per line before anything is sent (as ``remote --provider fal`` refuses it).
 
 A request the service fails fails its job alone. A refused key or an empty account (HTTP 401, 402, 403, 406) stops
 the whole run: nothing more is sent, the requests in flight stay with the service (their ids are in the manifest)
 and a ParameterError says so; the same command resumes. ``stop`` (Ctrl-C): no new submit; the requests in flight
 are left to finish service-side and a rerun fetches them. The key is read as the ``remote`` command reads it
-(``SEGMIND_API_KEY`` or the key file) and is never logged nor written.
+(``SEGMIND_API_KEY`` / ``FAL_KEY`` or the key file) and is never logged nor written. On fal, ``stop`` asks fal to
+cancel the requests not yet started (the client does); a rerun fetches what finished and submits the rest.
 """
 from __future__ import annotations
 
@@ -58,8 +61,8 @@ class _Running:
 
 
 class HostedBackend:
-    """Jobs through the hosted API (v2 only). ``concurrency``: requests in flight at a time; ``key_file``,
-    ``timeout`` (seconds per image, queue included), ``api_version``: as the ``remote`` command takes them.
+    """Jobs through a hosted queue. ``concurrency``: requests in flight at a time; ``key_file``, ``timeout`` (seconds
+    per image, queue included), ``api_version`` (Segmind: v2 only), ``provider``, ``model``: as ``remote`` takes them.
     ``poll``/``retry``: the client's `PollPolicy`/`RetryPolicy` (tests shrink them)."""
 
     name = "hosted"
@@ -67,16 +70,22 @@ class HostedBackend:
     accepts_sets = False
     checks_lora_files = False
 
-    def __init__(self, *, concurrency: int = 2, key_file=None, timeout=None, api_version=None, poll=None,
-                 retry=None):
-        from ..remote import positive_seconds, resolve_api_version
+    def __init__(self, *, concurrency: int = 2, key_file=None, timeout=None, api_version=None, provider=None,
+                 model=None, poll=None, retry=None):
+        from ..remote import SEGMIND, check_model, get_provider, positive_seconds, resolve_api_version
 
         if type(concurrency) is not int or not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ParameterError(f"concurrency={concurrency!r} is out of range; give requests at a time, 1 to "
                                  f"{MAX_CONCURRENCY} (the free tier allows 5 requests a minute)")
         self.concurrency = concurrency
         self.timeout = positive_seconds(180.0 if timeout is None else timeout, "timeout")
-        if resolve_api_version(api_version) != "v2":
+        self.provider = get_provider(provider)
+        self.model = check_model(self.provider, model)
+        if self.provider is not SEGMIND:
+            if api_version not in (None, "", "auto"):
+                raise ParameterError(f"api_version={api_version!r} applies to the segmind provider only; fal has one "
+                                     "queue API (leave it out)")
+        elif resolve_api_version(api_version) != "v2":
             raise ParameterError("api_version=v1 cannot run a batch: the sync API names no request id before the "
                                  "image arrives, so a crash would lose what was billed and a rerun would pay again; "
                                  "use v2 (the default; unset SEGMIND_API_VERSION)")
@@ -92,6 +101,10 @@ class HostedBackend:
         if job.sets:
             raise ParameterError(f"{job.sets[0][0]}: NODE.INPUT keys fill a ComfyUI workflow; the hosted API takes "
                                  "only the generation keys (use --backend comfyui)")
+        if self.provider.name == "fal":  # what the model cannot honour, in the line's words
+            from ..remote.fal_params import check_options, fal_body
+
+            fal_body(dict(job.params), self.model, check_options({}))
 
     def check(self) -> None:
         """Read the key (environment or key file) and make the client; nothing is sent."""
@@ -103,8 +116,9 @@ class HostedBackend:
         if self.retry is not None:
             options["retry"] = self.retry
         try:
-            self.client = RemoteClient.from_environment(key_file=self.key_file, timeout=self.timeout,
-                                                        max_concurrency=1, api_version="v2", **options)
+            self.client = RemoteClient.from_environment(
+                key_file=self.key_file, timeout=self.timeout, max_concurrency=1, provider=self.provider.name,
+                model=self.model, api_version="v2" if self.provider.name == "segmind" else None, **options)
         except MissingKeyError as exc:
             raise ParameterError(str(exc)) from None
 
@@ -128,7 +142,7 @@ class HostedBackend:
         except RemoteInterrupted:
             return _Outcome(i, stopped=True, request_id=rid)
         except RemoteError as exc:
-            if exc.status == 404 or exc.billed is False:  # expired or failed: nothing to fetch, nothing billed
+            if exc.status == 404 or exc.billed is False or _failed_there(exc, rid):  # expired, failed, cancelled
                 log.warning("line %d: image %d: request id %s cannot be fetched (%s); it is submitted anew",
                             job.line, i + 1, rid, exc)
                 return None
@@ -157,7 +171,7 @@ class HostedBackend:
         def on_request(_index, rid):  # before the image arrives: a crash from here on costs a fetch, not a submit
             rids.append(rid)
             named[(job.key, i)] = rid
-            sink.submitted(job, {"request_id": rid, "image": i})
+            sink.submitted(job, {"request_id": rid, "image": i, **self._where})
 
         try:
             result = self.client.generate(plan, should_stop=lambda: self._halted(stop), on_request=on_request)
@@ -205,9 +219,11 @@ class HostedBackend:
             self._abandoned = True
             pool.shutdown(wait=False, cancel_futures=True)
         if named:
-            log.warning("stopped: %d request(s) in flight are left to finish at the service; their request ids (%s) "
-                        "are in the manifest, and running the same command again within the hour fetches them "
-                        "instead of paying again", len(named), ", ".join(sorted(named.values())))
+            left = ("fal was asked to cancel those not yet started" if self.provider.name == "fal" else
+                    "they are left to finish at the service")
+            log.warning("stopped: %d request(s) were in flight, %s; their request ids (%s) are in the manifest, and "
+                        "running the same command again within the hour fetches what finished instead of paying "
+                        "again", len(named), left, ", ".join(sorted(named.values())))
         if self._fatal is not None:
             raise ParameterError(f"the hosted API refused the run: {self._fatal}. Nothing more was sent; the "
                                  "manifest records every request id named so far. Fix the key or the account and run "
@@ -244,7 +260,7 @@ class HostedBackend:
         job, seconds = running.job, time.perf_counter() - running.t0
         every = {**running.done, **running.errors}
         ids = [every[i].request_id for i in sorted(every)]
-        where = {"request_id": next((r for r in ids if r), None)}
+        where = {"request_id": next((r for r in ids if r), None), **self._where}
         if running.errors:
             got = [o.request_id for _, o in sorted(running.done.items())]
             kept = (f"; the images that arrived (request ids {', '.join(got)}) can be fetched within the hour with "
@@ -258,8 +274,19 @@ class HostedBackend:
             extra["fetched"] = [o.request_id for o in images if o.fetched]
         sink.done(job, [o.data for o in images], where=where, seconds=seconds, extra=extra)
 
+    @property
+    def _where(self) -> dict:
+        return {"provider": self.provider.name, "model": self.model}
+
     def close(self) -> None:
         self.client = None
+
+
+def _failed_there(exc, rid: str) -> bool:
+    """The service itself reports the request FAILED (or, on fal, cancelled): no image will come from it."""
+    from ..remote import RemoteTimeout
+
+    return not isinstance(exc, RemoteTimeout) and f"request id {rid} FAILED" in str(exc)
 
 
 def make(**options) -> HostedBackend:
