@@ -162,11 +162,11 @@ def test_a_bad_key_stops_the_cli_with_a_clear_message(env, tmp_path, monkeypatch
     assert len(env.submits) == 1 and "SG_ffffffffffffffff" not in err
 
 
-def _interrupted_submits(svc, jobs_file, out, n_ids):
+def _interrupted_submits(svc, jobs_file, out, n_ids, **options):
     """Run the backend with a stop set as soon as ``n_ids`` request ids are in the manifest (Ctrl-C): returns the
     ids; nothing was fetched."""
     svc.queue_polls = 50
-    backend = HostedBackend(concurrency=4, poll=FAST_POLL, retry=FAST)
+    backend = HostedBackend(concurrency=4, poll=FAST_POLL, retry=FAST, **options)
     manifest = Manifest.open(out)
     sink = ManifestSink(manifest, "hosted")
     stop = threading.Event()
@@ -360,3 +360,22 @@ def test_fal_pony_v7_jobs_from_the_cli_and_a_value_fal_aura_flow_cannot_honour_r
             assert "authorization" not in {k.lower() for k in r["headers"]}
     _key_nowhere(out, texts=(caplog.text,))
     assert FAL_KEY.split(":")[1] not in caplog.text + (out / "manifest.jsonl").read_text()
+
+
+def test_on_fal_ctrl_c_cancels_what_had_not_started_and_the_rerun_submits_it_anew(tmp_path, monkeypatch, caplog):
+    from fal_server import FAL_KEY, FakeFal
+
+    jobs = _jsonl(tmp_path / "jobs.jsonl", {"prompt": "a", "seed": 10, "number_of_images": 2})
+    out = tmp_path / "out"
+    with FakeFal() as fal:
+        monkeypatch.setenv("FAL_KEY", FAL_KEY)
+        monkeypatch.setenv("FAL_QUEUE_URL", fal.url)
+        ids = _interrupted_submits(fal, jobs, out, 2, provider="fal", model="pony-v7")
+        assert all(fal.jobs[rid]["cancelled"] for rid in ids)  # asked to cancel: neither had started
+        assert "fal was asked to cancel those not yet started" in caplog.text
+        s = _run(jobs, out, provider="fal", model="pony-v7")
+        assert (s.done, s.images) == (1, 2)
+        assert sorted(r["body"]["seed"] for r in fal.submits) == [10, 10, 11, 11]  # cancelled: submitted anew
+        assert all(f"request id {rid} cannot be fetched" in caplog.text for rid in ids)
+        (done,) = [r for r in _records(out) if r["status"] == "done"]
+        assert "fetched" not in done and not set(ids) & set(done["request_ids"])
