@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 
-from ..aura_flow.errors import LoadError, NumericError, ParameterError, reword
+from ..aura_flow.errors import LoadError, NumericError, ParameterError, reword, shown
 
 LOADER = "AuraFlow Loader"
 # a file parameter of the engine -> the loader input that gives it and where ComfyUI keeps such files
@@ -52,3 +52,32 @@ def node_words(renames: dict | None = None):
     except (ParameterError, LoadError, NumericError) as exc:
         exc.args = (in_node_words(str(exc), renames, getattr(exc, "found", None)),) + exc.args[1:]
         raise
+
+
+# ------------------------------------------------------------------------------------------ inputs of the wrong type
+# An API prompt (or another pack's node) can hand a node anything: None, a number for text, a string for a model.
+# Each is refused naming the node's input and what it takes, before any work.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set)
+
+
+def check_text(name: str, value, fix: str) -> str:
+    """``value`` when it is text (a STRING input or a file name from a list), else ParameterError naming ``name``."""
+    if not isinstance(value, str):
+        raise ParameterError(f"{name}={shown(value)} is not text ({type(value).__name__}); {fix}")
+    return value
+
+
+def check_connected(name: str, value, method: str, wanted: str):
+    """``value`` when it is an object offering ``method`` (what the node that makes it gives), else ParameterError:
+    ``name: expected <wanted>, got <type>``."""
+    if isinstance(value, _PLAIN) or not callable(getattr(value, method, None)):
+        raise ParameterError(f"{name}: expected {wanted}, got {type(value).__name__}")
+    return value
+
+
+def check_given(**inputs) -> None:
+    """ParameterError for the first of ``inputs`` that is None: a widget always has a value (an API prompt's null
+    is none), and None would otherwise mean "pick one" (a random seed, an empty prompt)."""
+    for name, value in inputs.items():
+        if value is None:
+            raise ParameterError(f"{name}=None: this input needs a value")
