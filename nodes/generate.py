@@ -13,20 +13,9 @@ from ..aura_flow.plan import plan_generation
 from .comfyui import devices, memory, progress
 from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
-from .words import WEIGHT_DTYPE, check_connected, check_given, check_text, node_words
+from .words import MODEL, WEIGHT_DTYPE, check_connected, check_prompts, node_words
 
 log = logging.getLogger(__name__)
-
-MODEL_WANTED = "AuraFlow Loader's model output (AURAFLOW_MODEL); connect it, or an AuraFlow LoRA Loader's"
-
-
-def check_prompts(params: dict) -> None:
-    """The one-node generators' text and seed widgets: text (not None, not a number), a seed given."""
-    for name in ("prompt", "negative_prompt"):
-        if name in params:
-            check_text(name, params[name], "give the prompt as text ('' for none)")
-    if "seed" in params:
-        check_given(seed=params["seed"])
 
 
 class AuraFlowGenerate:
@@ -49,7 +38,7 @@ class AuraFlowGenerate:
     SEARCH_ALIASES = ["aura flow", "pony", "text to image", "txt2img"]
 
     def generate(self, model, speed="auto", noise_device="cpu", **params):
-        check_connected("model", model, "generate", MODEL_WANTED)
+        check_connected("model", model, "generate", MODEL)
         check_prompts(params)
         with node_words({"dtype": WEIGHT_DTYPE}):
             return self._generate(model, speed, noise_device, params)

@@ -5,8 +5,7 @@ import logging
 
 from ..aura_flow.params import LORA_STRENGTH, check_range
 from .comfyui import folders
-from .generate import MODEL_WANTED
-from .words import check_connected, check_text
+from .words import MODEL, check_connected, check_text
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class AuraFlowLoraLoader:
 
     def load(self, model, lora_name, strength=1.0):
         strength = check_range("strength", strength, LORA_STRENGTH)
-        with_loras = check_connected("model", model, "with_loras", MODEL_WANTED).with_loras
+        with_loras = check_connected("model", model, "with_loras", MODEL).with_loras
         check_text("lora_name", lora_name, "pick a LoRA in the list (press R in the editor to refresh it)")
         path = folders.resolve_model(lora_name, (folders.LORA_FOLDER,), what="LoRA")
         # the file is checked and matched onto the transformer now (cached per file version); nothing is applied

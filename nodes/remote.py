@@ -14,8 +14,8 @@ from ..aura_flow.images import write_new_file
 from ..aura_flow.plan import plan_generation
 from .comfyui import devices, folders, progress
 from .routes import key_file_path
-from .generate import check_prompts
 from .widgets import generation_inputs
+from .words import check_prompts
 
 log = logging.getLogger(__name__)
 

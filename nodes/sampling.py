@@ -10,8 +10,7 @@ from .comfyui import devices, memory, native, progress
 from .conditioning import conds_from_conditioning
 from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
-from .generate import MODEL_WANTED
-from .words import WEIGHT_DTYPE, check_connected, check_given, node_words
+from .words import SAMPLER_MODEL, WEIGHT_DTYPE, check_connected, check_given, node_words
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class AuraFlowSampler:
             native.check_auraflow(model)
             width_ctx = native.context_width(model)
         else:
-            check_connected("model", model, "sample", MODEL_WANTED + ", or a ComfyUI MODEL holding AuraFlow")
+            check_connected("model", model, "sample", SAMPLER_MODEL)
             width_ctx = getattr(model, "context_dim", None)
         check_given(seed=seed)
         pos = conds_from_conditioning(positive, "positive", width_ctx)

@@ -14,13 +14,12 @@ from ..aura_flow.errors import ParameterError
 from ..aura_flow.weights.devices import module_bytes
 from .comfyui import devices, memory
 from .records import attach, record_of
-from .words import check_connected
+from .words import VAE, check_connected
 
 log = logging.getLogger(__name__)
 
 SCALE = 8  # the SDXL VAE's spatial compression
 DEFAULT_TILE, DEFAULT_OVERLAP = 512, 64  # pixels, for tiled runs without sizes (as ComfyUI's fallback)
-VAE_WANTED = "a VAE (AuraFlow Loader's vae output, or Load VAE's); connect it"
 
 
 class AuraFlowVAE:
@@ -173,7 +172,7 @@ class AuraFlowVAEDecode:
     SEARCH_ALIASES = ["aura flow", "pony", "vae decode"]
 
     def decode(self, samples, vae):
-        check_connected("vae", vae, "decode", VAE_WANTED)
+        check_connected("vae", vae, "decode", VAE)
         if not isinstance(samples, dict):
             raise ParameterError("samples: expected a LATENT (from AuraFlow Sampler or VAE Encode)")
         if samples.get("noise_mask") is not None:
@@ -198,5 +197,5 @@ class AuraFlowVAEEncode:
     SEARCH_ALIASES = ["aura flow", "pony", "vae encode", "img2img"]
 
     def encode(self, pixels, vae):
-        check_connected("vae", vae, "encode", VAE_WANTED)
+        check_connected("vae", vae, "encode", VAE)
         return ({"samples": vae.encode(pixels)},)

@@ -67,12 +67,30 @@ def check_text(name: str, value, fix: str) -> str:
     return value
 
 
-def check_connected(name: str, value, method: str, wanted: str):
+# what a socket takes -> (its type in words, the output to connect)
+MODEL = ("an AURAFLOW_MODEL", f"{LOADER}'s model output (or an AuraFlow LoRA Loader's)")
+SAMPLER_MODEL = ("an AURAFLOW_MODEL or a ComfyUI MODEL holding AuraFlow",
+                 f"{LOADER}'s model output, or Load Checkpoint's / Load Diffusion Model's with an AuraFlow file")
+TEXT_ENCODER = ("an AURAFLOW_TEXT_ENCODER", f"{LOADER}'s text_encoder output")
+VAE = ("a VAE", f"{LOADER}'s vae output (or Load VAE's)")
+
+
+def check_connected(name: str, value, method: str, socket: tuple[str, str]):
     """``value`` when it is an object offering ``method`` (what the node that makes it gives), else ParameterError:
-    ``name: expected <wanted>, got <type>``."""
+    ``name: expected <type>, got <what came>; connect <output>``."""
     if isinstance(value, _PLAIN) or not callable(getattr(value, method, None)):
-        raise ParameterError(f"{name}: expected {wanted}, got {type(value).__name__}")
+        wanted, connect = socket
+        raise ParameterError(f"{name}: expected {wanted}, got {type(value).__name__}; connect {connect}")
     return value
+
+
+def check_prompts(params: dict) -> None:
+    """The one-node generators' text and seed widgets: text (not None, not a number), a seed given."""
+    for name in ("prompt", "negative_prompt"):
+        if name in params:
+            check_text(name, params[name], "give the prompt as text ('' for none)")
+    if "seed" in params:
+        check_given(seed=params["seed"])
 
 
 def check_given(**inputs) -> None:

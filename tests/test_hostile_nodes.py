@@ -87,28 +87,29 @@ WRONG = [
     ("AuraFlowTextEncode", "text", None, r"text=None is not text \(NoneType\); give the prompt as text \(''"),
     ("AuraFlowTextEncode", "text", 5, r"text=5 is not text \(int\)"),
     ("AuraFlowTextEncode", "text", ["a"], r"text=\['a'\] is not text \(list\)"),
-    ("AuraFlowTextEncode", "text_encoder", None, "text_encoder: expected AuraFlow Loader's text_encoder output "
-                                                 r"\(AURAFLOW_TEXT_ENCODER\); connect it, got NoneType"),
-    ("AuraFlowTextEncode", "text_encoder", "a cat", "text_encoder: expected .* got str"),
-    ("AuraFlowSampler", "model", None, "model: expected AuraFlow Loader's model output .* or a ComfyUI MODEL holding "
-                                       "AuraFlow, got NoneType"),
+    ("AuraFlowTextEncode", "text_encoder", None, "text_encoder: expected an AURAFLOW_TEXT_ENCODER, got NoneType; "
+                                                 "connect AuraFlow Loader's text_encoder output"),
+    ("AuraFlowTextEncode", "text_encoder", "a cat", "text_encoder: expected an AURAFLOW_TEXT_ENCODER, got str"),
+    ("AuraFlowSampler", "model", None, "model: expected an AURAFLOW_MODEL or a ComfyUI MODEL holding AuraFlow, got "
+                                       "NoneType; connect AuraFlow Loader's model output, or Load Checkpoint's"),
     ("AuraFlowSampler", "model", 3, "model: expected .* got int"),
     ("AuraFlowSampler", "seed", None, "seed=None: this input needs a value"),
-    ("AuraFlowGenerate", "model", "model.safetensors", "model: expected AuraFlow Loader's model output .* got str"),
+    ("AuraFlowGenerate", "model", "model.safetensors", r"model: expected an AURAFLOW_MODEL, got str; connect AuraFlow "
+                                                       r"Loader's model output \(or an AuraFlow LoRA Loader's\)"),
     ("AuraFlowGenerate", "prompt", None, "prompt=None is not text"),
     ("AuraFlowGenerate", "negative_prompt", 1.5, r"negative_prompt=1.5 is not text \(float\)"),
     ("AuraFlowGenerate", "seed", None, "seed=None: this input needs a value"),
     ("AuraFlowRemoteGenerate", "prompt", None, "prompt=None is not text"),  # before any key is looked up
     ("AuraFlowRemoteGenerate", "seed", None, "seed=None: this input needs a value"),
-    ("AuraFlowVAEDecode", "vae", None, r"vae: expected a VAE \(AuraFlow Loader's vae output, or Load VAE's\); "
-                                       "connect it, got NoneType"),
-    ("AuraFlowVAEDecode", "vae", b"x", "vae: expected a VAE .* got bytes"),  # bytes have a .decode of their own
-    ("AuraFlowVAEEncode", "vae", "x", "vae: expected a VAE .* got str"),
+    ("AuraFlowVAEDecode", "vae", None, r"vae: expected a VAE, got NoneType; connect AuraFlow Loader's vae output "
+                                       r"\(or Load VAE's\)"),
+    ("AuraFlowVAEDecode", "vae", b"x", "vae: expected a VAE, got bytes"),  # bytes have a .decode of their own
+    ("AuraFlowVAEEncode", "vae", "x", "vae: expected a VAE, got str"),
     ("AuraFlowLoader", "checkpoint", None, r"checkpoint=None is not text \(NoneType\); pick a file in the list"),
     ("AuraFlowLoader", "checkpoint", b"x.safetensors", r"checkpoint=b'x.safetensors' is not text \(bytes\)"),
     ("AuraFlowLoader", "vae", 1, r"vae=1 is not text \(int\); pick a file in the list .* or '\(from checkpoint\)'"),
     ("AuraFlowLoraLoader", "lora_name", None, "lora_name=None is not text .* pick a LoRA in the list"),
-    ("AuraFlowLoraLoader", "model", None, "model: expected AuraFlow Loader's model output .* got NoneType"),
+    ("AuraFlowLoraLoader", "model", None, "model: expected an AURAFLOW_MODEL, got NoneType"),
     ("AuraFlowSaveImage", "filename_prefix", None, "filename_prefix=None: give a file name"),
     ("AuraFlowSaveImage", "embed_workflow", "yes", "embed_workflow='yes' is not true or false"),
     ("AuraFlowSaveImage", "extra_pnginfo", "x", r"extra_pnginfo: expected ComfyUI's EXTRA_PNGINFO \(a dict\), got "

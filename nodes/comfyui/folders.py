@@ -179,4 +179,4 @@ def metadata_disabled() -> bool:
         import comfy.cli_args as cli_args
     except ImportError:
         return False
-    return bool(getattr(cli_args.args, "disable_metadata", False))
+    return bool(getattr(getattr(cli_args, "args", None), "disable_metadata", False))

@@ -6,7 +6,7 @@
 //        vue: {nodeType} }
 // For each editor-format workflow: load it with app.loadGraphData and report the node types the editor does not
 // know, nodes it flags with errors, any missing-node message on screen, and which of the files its loaders name in
-// properties.models the editor's missing-models dialog lists (none is installed there). Then the sigma plot in the classic
+// properties.models the missing-models dialog lists. Then the sigma plot in the classic
 // canvas renderer: put a plot node on the canvas, change its widgets through their callbacks, wait for the plot
 // to redraw with the new schedule, screenshot it, and check that a 400 from the route shows its message. Then the
 // same node in the Vue renderer ("Nodes 2.0"), changed with a real click on a widget button. Then (hooks) a
