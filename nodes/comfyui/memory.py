@@ -24,12 +24,23 @@ log = logging.getLogger(__name__)
 
 PATCHER_ATTR = "_comfyui_patcher"  # on the part's own module: one patcher per loaded pipeline, shared by its views
 
-# part -> (container class name, child name inside it, ComfyUI's load-device and offload-device functions)
+# part -> (container class name, child name inside it)
 PARTS = {
-    "transformer": ("AuraFlowTransformer", "diffusion_model", "get_torch_device", "unet_offload_device"),
-    "text_encoder": ("AuraFlowTextEncoder", "transformer", "text_encoder_device", "text_encoder_offload_device"),
-    "vae": ("AuraFlowAutoencoder", "first_stage_model", "vae_device", "vae_offload_device"),
+    "transformer": ("AuraFlowTransformer", "diffusion_model"),
+    "text_encoder": ("AuraFlowTextEncoder", "transformer"),
+    "vae": ("AuraFlowAutoencoder", "first_stage_model"),
 }
+
+
+def part_devices(part: str) -> tuple:
+    """(load device, offload device) ComfyUI gives ``part``, as for its own models of that kind."""
+    import comfy.model_management as mm  # inside ComfyUI only (managed())
+
+    if part == "transformer":
+        return mm.get_torch_device(), mm.unet_offload_device()
+    if part == "text_encoder":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    return mm.vae_device(), mm.vae_offload_device()
 
 _CLASSES: dict = {}
 
@@ -134,10 +145,8 @@ def patcher(obj, part: str):
     found = part_mod.__dict__.get(PATCHER_ATTR)
     if found is not None:
         return found
-    import comfy.model_management as mm  # there: managed()
-
-    name, child, load_fn, offload_fn = PARTS[part]
-    load_device, offload_device = getattr(mm, load_fn)(), getattr(mm, offload_fn)()
+    name, child = PARTS[part]
+    load_device, offload_device = part_devices(part)
     compute = getattr(obj, "dtype", None)
     if part == "vae":
         import torch
