@@ -15,6 +15,7 @@ from ..aura_flow.plan import plan_generation
 from .comfyui import devices, folders, progress
 from .routes import key_file_path
 from .widgets import generation_inputs
+from .words import check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class AuraFlowRemoteGenerate:
                       width=width, height=height, sampler=sampler, scheduler=scheduler,
                       number_of_images=number_of_images, output_format=output_format,
                       output_quality=output_quality)
+        check_prompts(params)
         plan = plan_generation(params, remote=True)  # parameter errors before the key is looked up
         client = client or remote_api.RemoteClient.from_environment(key_file=key_file_path(), api_version=api_version)
         bar = progress.Progress(plan.number_of_images)  # a ProgressBar in ComfyUI; it also raises on Cancel

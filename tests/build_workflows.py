@@ -18,14 +18,42 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "example_workflows"
 sys.path.insert(0, str(HERE))
-from workflow_exec import all_classes, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
+from workflow_exec import CORE_NODES, all_classes, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
 
 PROMPT = ("A mesmerizing 3D render of the words 'Happy birthday' in a dreamy, pastel-coloured cursive script, "
           "floating above a gradient from deep purple to soft pink, with a rainbow, hearts and twinkling stars, "
           "ukiyo-e and graffiti, vibrant, dark fantasy, typography")
 SEED = 2425367  # the hosted API's example seed
 FROM = "(from checkpoint)"
+# Each file a loader node of a bundled workflow names, with where it comes from and the ComfyUI folder it goes in:
+# written into the node's properties.models, as ComfyUI's own templates do, so the editor offers the downloads when
+# the files are missing (instead of red nodes). The registry id (pyproject's project name) goes in cnr_id.
+CNR_ID = "comfyui-auraflow"
+CORE_ID = "comfy-core"
+HF = "https://huggingface.co"
+MODEL_FILES = {
+    # fal's all-in-one AuraFlow v0.3 (transformer, Pile-T5-XL text encoder, SDXL VAE in one file)
+    "aura_flow_0.3.safetensors": (f"{HF}/fal/AuraFlow-v0.3/resolve/main/aura_flow_0.3.safetensors", "checkpoints"),
+    # city96's GGUF of the transformer, with the text encoder and VAE from fal's repository
+    "aura_flow_0.3-Q8_0.gguf": (f"{HF}/city96/AuraFlow-v0.3-gguf/resolve/main/aura_flow_0.3-Q8_0.gguf",
+                                "diffusion_models"),
+    "auraflow_v0.3_text_encoder.fp16.safetensors": (
+        f"{HF}/fal/AuraFlow-v0.3/resolve/main/text_encoder/model.fp16.safetensors", "text_encoders"),
+    "auraflow_v0.3_vae.fp16.safetensors": (
+        f"{HF}/fal/AuraFlow-v0.3/resolve/main/vae/diffusion_pytorch_model.fp16.safetensors", "vae"),
+    # Pony V7 (README, "Pony V7")
+    "pony-v7-base.safetensors": (f"{HF}/purplesmartai/pony-v7-base/resolve/main/safetensor/pony-v7-base.safetensors",
+                                 "diffusion_models"),
+    "pony_v7_text_encoder.fp16.safetensors": (
+        f"{HF}/purplesmartai/pony-v7-base/resolve/main/text_encoder/model.fp16.safetensors", "text_encoders"),
+    "pony_v7_vae.fp16.safetensors": (
+        f"{HF}/purplesmartai/pony-v7-base/resolve/main/vae/diffusion_pytorch_model.fp16.safetensors", "vae"),
+}
+FILE_WIDGETS = ("checkpoint", "text_encoder", "vae", "tokenizer")  # AuraFlow Loader's file inputs
 LOADER = ("AuraFlowLoader", {"checkpoint": "aura_flow_0.3.safetensors"}, {})
+GGUF_LOADER = ("AuraFlowLoader", {"checkpoint": "aura_flow_0.3-Q8_0.gguf",
+                                  "text_encoder": "auraflow_v0.3_text_encoder.fp16.safetensors",
+                                  "vae": "auraflow_v0.3_vae.fp16.safetensors"}, {})
 # Pony V7 (purplesmartai/pony-v7-base): the transformer-only file in models/diffusion_models, its text encoder
 # (text_encoder/model.fp16.safetensors) and VAE (vae/diffusion_pytorch_model.fp16.safetensors) saved under these
 # names; the tokenizer is ComfyUI's own Pile-T5 one (the same vocabulary). Settings: README, "Pony V7".
@@ -69,6 +97,11 @@ WORKFLOWS = {
         ("AuraFlowVAEDecode", {}, {"samples": (5, 0), "vae": (0, 2)}),
         ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/img2img"}, {"images": (6, 0)}),
     ]),
+    "auraflow_gguf": ("AuraFlow GGUF: text to image with a quantized transformer", [
+        GGUF_LOADER,
+        ("AuraFlowGenerate", {"prompt": PROMPT, "seed": SEED}, {"model": (0, 0)}),
+        ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/gguf"}, {"images": (1, 0)}),
+    ]),
     "auraflow_pony_v7": ("Pony V7: text to image with its recommended settings", [
         PONY_LOADER,
         ("AuraFlowTextEncode", {"text": PONY_PROMPT}, {"text_encoder": (0, 1)}),
@@ -91,6 +124,16 @@ def _widget_values(cls, given: dict) -> dict:
     if unknown:
         raise ValueError(f"{cls.__name__}: no widget(s) {sorted(unknown)}")
     return values
+
+
+def properties(kind: str, values: dict) -> dict:
+    """A node's editor properties: the pack that provides it, and for AuraFlow Loader the files it names (which
+    every file of a bundled loader must have: an entry in MODEL_FILES)."""
+    props = {"cnr_id": CORE_ID if kind in CORE_NODES else CNR_ID, "Node name for S&R": kind}
+    if kind == "AuraFlowLoader":
+        names = [values[w] for w in FILE_WIDGETS if values.get(w) not in (None, "", FROM)]
+        props["models"] = [{"name": n, "url": MODEL_FILES[n][0], "directory": MODEL_FILES[n][1]} for n in names]
+    return props
 
 
 def build(name: str, classes: dict) -> tuple[dict, dict]:
@@ -124,7 +167,8 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
                 widgets.append(values[slot[0]])
         nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * _depth(spec, index), 0],
                       "size": [340, 0], "flags": {}, "order": index, "mode": 0,
-                      "inputs": sockets, "outputs": [], "properties": {"Node name for S&R": kind},
+                      "inputs": sockets, "outputs": [],
+                      "properties": properties(kind, values),
                       "widgets_values": widgets})
     for node, (kind, _g, _w) in zip(nodes, spec):
         cls = classes[kind]
