@@ -1,0 +1,474 @@
+"""The ``comfyui`` batch backend: a job list spread over several running ComfyUI servers (one per GPU or machine).
+
+- The workflow (API format, default the bundled ``auraflow_generate`` twin) is read once; each job fills it
+  (`comfyui_workflow.WorkflowPlan`), and every job is checked against it before any is sent (`check_job`).
+- A pull scheduler: a thread per slot, ``per_server`` slots per server, each taking the next job when its last one
+  is finished, so at most ``per_server`` jobs are in flight on a server and the next job goes to whichever server
+  frees first. Jobs are pulled from the iterator one at a time.
+- Each job's ComfyUI ``prompt_id`` is a uuid5 of its key and attempt number. Before a job is submitted, the servers
+  are asked for that id (``GET /history/<id>``, and the queues as they were when the run began): a job an earlier
+  run (or an answer lost on the way) already finished is collected, one still queued is waited for, one that failed
+  or was interrupted is run again under the next attempt's id. A lost connection on submit or poll is retried on the
+  same server, asking for the id first, so a prompt that arrived is never queued twice.
+- A server that stops answering (or makes no progress for ``timeout`` s) is marked down: its unfinished jobs go
+  back to the queue for the other servers, and it is tried again with exponential backoff; when it answers again,
+  the jobs taken away from it are deleted from its queue first (best effort). When every server has been down for
+  ``wait_down`` s the run ends with `ServerUnavailable`; the jobs not done stay unfinished in the manifest.
+- A job ComfyUI rejects (400 with node_errors) or fails (execution_error) fails alone, with ComfyUI's error text.
+- Images are downloaded as each job finishes and handed to the sink as bytes (it names them after the job).
+- ``stop``: nothing new is submitted, the queued prompts are deleted from their servers (a running one is left to
+  finish: a rerun collects it from ``/history``), and `run` returns.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import deque
+from pathlib import Path
+
+from ..errors import ParameterError, shown
+from ..headless import ComfyClient, QueueError, ServerUnavailable, check_server, check_timeout, output_items
+from ..headless.answers import _dict, format_execution_error
+from ..headless.client import DEFAULT_TIMEOUT
+from .comfyui_workflow import WorkflowPlan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "api" / "auraflow_generate.json"
+DEFAULT_PER_SERVER = 2
+MAX_PER_SERVER = 64
+MAX_ATTEMPTS = 50  # prompt ids tried per job (a failed or interrupted earlier attempt moves to the next id)
+MAX_LOSSES = 3  # a prompt that vanished from a server's queue (restart, deleted by hand) is sent again this often
+_NAMESPACE = uuid.UUID("6f1d3c2e-4b0a-5c7e-9a41-a7f10aa5b0c9")
+
+
+def prompt_id(job, attempt: int = 0) -> str:
+    """The ComfyUI prompt id of ``job``'s ``attempt``: the same in every run and process."""
+    return str(uuid.uuid5(_NAMESPACE, f"{job.key}/{attempt}"))
+
+
+class _Requeue(Exception):
+    """The job's server stopped answering: the job goes back to the queue."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Server:
+    """One ComfyUI server and what the scheduler knows of it."""
+
+    def __init__(self, url: str, request_timeout: float):
+        self.url = url
+        self.client = ComfyClient(url, request_timeout)
+        self.label = urllib.parse.urlsplit(url).netloc or url
+        self.up, self.fails, self.retry_at, self.probing = True, 0, 0.0, False
+        self.inflight = self.done = 0
+        self.queued_at_start: set[str] = set()
+        self.orphans: set[str] = set()  # prompt ids taken away while it was down: deleted from its queue on return
+        self.lock = threading.Lock()
+
+
+class Ticket:
+    """A job on its way: its attempt, and the server that may hold its prompt."""
+
+    def __init__(self, job):
+        self.job, self.attempt, self.looked, self.losses = job, 0, False, 0
+        self.server, self.held = None, None  # the server that may hold its prompt, under that prompt id
+
+    @property
+    def prompt_id(self) -> str:
+        return prompt_id(self.job, self.attempt)
+
+
+class ComfyUIBackend:
+    """`aura_flow.batch.model.Backend` over ComfyUI servers. ``servers``: addresses (``host:port`` or URLs);
+    ``workflow``: a path or an API-format dict; ``timeout``: seconds a job may take on its server before the server
+    counts as stuck (0: no limit); ``wait_down``: seconds every server may be down before the run gives up."""
+
+    name = "comfyui"
+    accepts_sets = True  # jobs may carry NODE.INPUT keys
+    check_lora_files = False  # LoRA names are the servers' (models/loras), not files here
+
+    def __init__(self, servers, workflow=None, *, per_server: int = DEFAULT_PER_SERVER,
+                 timeout: float = DEFAULT_TIMEOUT, wait_down: float = 600.0, request_timeout: float = 30.0,
+                 poll: float = 0.5, check_every: float = 5.0, backoff: float = 1.0, backoff_max: float = 60.0):
+        self.server_args, self.workflow = list(servers or ()), workflow or DEFAULT_WORKFLOW
+        self.per_server, self.timeout, self.wait_down = per_server, timeout, wait_down
+        self.request_timeout, self.poll, self.check_every = request_timeout, poll, check_every
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self.servers: list[Server] = []
+        self.plan: WorkflowPlan | None = None
+        self.sink, self.abort, self.all_down_since = None, None, None
+
+    # ------------------------------------------------------------------------------------------- checks
+    def check(self) -> None:
+        """The options, the workflow, and which servers answer (at least one must): before any job is sent."""
+        if not self.server_args:
+            raise ParameterError("--server: give at least one ComfyUI address, e.g. --server 127.0.0.1:8188 "
+                                 "(repeat it for more servers)")
+        urls = []
+        for arg in self.server_args:
+            url = check_server(arg).rstrip("/")
+            if url in urls:
+                raise ParameterError(f"--server {shown(arg)}: given twice")
+            urls.append(url)
+        k = self.per_server
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_PER_SERVER:
+            raise ParameterError(f"--per-server {shown(k)}: give the jobs in flight per server, 1 to "
+                                 f"{MAX_PER_SERVER} (2 keeps a GPU busy between jobs)")
+        self.timeout = check_timeout(self.timeout)
+        self.plan = WorkflowPlan(self.workflow)
+        self.servers = [Server(url, self.request_timeout) for url in urls]
+        answering = 0
+        for server in self.servers:
+            try:
+                server.client.json("GET", "/prompt")
+                answering += 1
+            except ServerUnavailable as exc:
+                log.warning("%s; the batch starts without it and tries it again later", exc)
+                self._down(server, "not answering at the start")
+        if not answering:
+            raise ServerUnavailable(f"no ComfyUI server answers ({', '.join(urls)}); start them or check --server")
+
+    def check_job(self, job) -> None:
+        """ParameterError naming the job's line when its LoRAs or NODE.INPUT keys do not fit the workflow."""
+        if self.plan is None:
+            self.plan = WorkflowPlan(self.workflow)
+        self.plan.check_job(job)
+
+    def status(self) -> dict:
+        """Per server (``host:port``): ``"in flight/done"``, or ``"down"``."""
+        return {s.label: (f"{s.inflight}/{s.done}" if s.up else "down") for s in self.servers}
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------------- the run
+    def run(self, jobs, sink, stop: threading.Event) -> None:
+        if self.plan is None or not self.servers:
+            self.check()
+        self.sink, self.stop = sink, stop
+        self.feed, self.again, self.active, self.exhausted = iter(jobs), deque(), 0, False
+        self.cond = threading.Condition()
+        self.abort: BaseException | None = None
+        self.all_down_since = None
+        for server in self.servers:  # prompts still queued from an earlier run are waited for, not sent again
+            try:
+                server.queued_at_start = _queue_ids(server.client)
+            except ServerUnavailable:
+                pass
+        threads = [threading.Thread(target=self._slot, args=(s,), name=f"comfyui-{s.label}-{i}", daemon=True)
+                   for s in self.servers for i in range(self.per_server)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            stop.set()
+            for t in threads:
+                t.join()
+            raise
+        if self.abort is not None:
+            raise self.abort
+
+    def _take(self):
+        with self.cond:
+            while True:
+                if self.stop.is_set() or self.abort is not None:
+                    return None
+                if self.again:
+                    self.active += 1
+                    return self.again.popleft()
+                if not self.exhausted:
+                    try:
+                        job = next(self.feed)
+                    except StopIteration:
+                        self.exhausted = True
+                        self.cond.notify_all()
+                        continue
+                    self.active += 1
+                    return Ticket(job)
+                if self.active == 0:
+                    return None
+                self.cond.wait(0.5)
+
+    def _release(self, ticket, again: bool) -> None:
+        with self.cond:
+            self.active -= 1
+            if again:
+                self.again.append(ticket)
+            self.cond.notify_all()
+
+    def _finished(self) -> bool:
+        with self.cond:
+            return self.exhausted and not self.again and self.active == 0
+
+    def _slot(self, server: Server) -> None:
+        try:
+            while not self.stop.is_set() and self.abort is None:
+                if not server.up:
+                    if not self._wait_up(server):
+                        return
+                    continue
+                ticket = self._take()
+                if ticket is None:
+                    return
+                if not server.up:
+                    self._release(ticket, True)
+                    continue
+                again = False
+                try:
+                    self._work(server, ticket)
+                except _Requeue:
+                    again = True
+                except _Stopped:
+                    pass
+                finally:
+                    self._release(ticket, again)
+        except BaseException as exc:  # a sink that cannot write, a bug: the run ends, what is not done stays so
+            log.debug("slot of %s failed", server.url, exc_info=True)
+            with self.cond:
+                self.abort = self.abort or exc
+                self.cond.notify_all()
+
+    def _progress(self) -> None:
+        postfix = getattr(self.sink, "postfix", None)
+        if postfix is not None:
+            postfix(self.status())
+
+    def _work(self, server: Server, ticket: Ticket) -> None:
+        job, t0 = ticket.job, time.monotonic()
+        self.sink.started(job, {"server": server.url})
+        with server.lock:
+            server.inflight += 1
+        self._progress()
+        try:
+            self._run_job(server, ticket, t0)
+        except (QueueError, ParameterError) as exc:
+            self.sink.failed(job, str(exc), where={"server": server.url, "prompt_id": ticket.prompt_id},
+                             seconds=time.monotonic() - t0)
+        finally:
+            with server.lock:
+                server.inflight -= 1
+            self._progress()
+
+    def _run_job(self, server: Server, ticket: Ticket, t0: float) -> None:
+        job = ticket.job
+        holder = self._lookup(server, ticket)
+        if holder is None:
+            holder = server
+            if not self._submit(server, ticket):
+                return
+        entry = self._wait(holder, ticket)
+        where = {"server": holder.url, "prompt_id": ticket.prompt_id}
+        status = _dict(entry.get("status"))
+        if status.get("status_str") == "error":
+            self.sink.failed(job, format_execution_error(status.get("messages")), where=where,
+                             seconds=time.monotonic() - t0)
+            return
+        images = self._download(holder, entry)
+        if not images:
+            self.sink.failed(job, "ComfyUI finished the prompt but it saved no image (does the workflow end in "
+                                  "a Save Image node?)", where=where, seconds=time.monotonic() - t0)
+            return
+        self.sink.done(job, images=images, where=where, seconds=time.monotonic() - t0)
+        with holder.lock:
+            holder.done += 1
+
+    def _lookup(self, server: Server, ticket: Ticket):
+        """The server that holds the job's current prompt id (finished or queued), or None: submit it."""
+        while ticket.attempt < MAX_ATTEMPTS:
+            first = not ticket.looked
+            ticket.looked = True
+            places = [ticket.server] if ticket.server else []
+            places += [s for s in self.servers if s.up] if first else [server]
+            retry = False
+            for s in dict.fromkeys(places):
+                if not s.up:
+                    continue
+                try:
+                    entry = self._call(s, lambda: s.client.history(ticket.prompt_id))
+                    if entry is not None:
+                        if _dict(entry.get("status")).get("status_str") == "error":
+                            ticket.attempt, retry = ticket.attempt + 1, True  # failed or interrupted: run it anew
+                            break
+                        return s
+                    if (ticket.prompt_id in s.queued_at_start or s is ticket.server) and \
+                            self._call(s, lambda: s.client.queue_state(ticket.prompt_id)):
+                        return s
+                except _Requeue:
+                    if s is server:
+                        raise
+            if not retry:
+                return None
+        raise QueueError(f"ComfyUI failed this job {MAX_ATTEMPTS} times")
+
+    def _submit(self, server: Server, ticket: Ticket) -> bool:
+        """POST /prompt under the job's id; after a lost answer, ask whether it arrived before sending it again.
+        False when ComfyUI rejected it (reported)."""
+        prompt, pid, last = self.plan.fill(ticket.job), ticket.prompt_id, None
+        for i in range(4):
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                if i and (server.client.history(pid) is not None or server.client.queue_state(pid)):
+                    break
+                server.client.submit(prompt, pid)
+                break
+            except QueueError as exc:
+                self.sink.failed(ticket.job, str(exc), where={"server": server.url, "prompt_id": pid}, seconds=0.0)
+                return False
+            except ServerUnavailable as exc:
+                last = exc
+                if not server.up:
+                    break
+                self.stop.wait(min(self.backoff * 0.25 * 2 ** i, 2.0))
+        else:
+            self._down(server, str(last))
+        if not server.up:
+            ticket.server, ticket.held = server, pid
+            raise _Requeue
+        old = ticket.server
+        if old is not None and old is not server and not old.up:  # it may still sit in the dead server's queue
+            with old.lock:
+                old.orphans.add(ticket.held)
+        ticket.server, ticket.held = server, pid
+        return True
+
+    def _call(self, server: Server, fn):
+        """``fn()`` (a request to ``server``), tried again a few times after a lost connection; _Requeue once the
+        server counts as down."""
+        for i in range(4):
+            if self.stop.is_set():
+                raise _Stopped
+            if not server.up:
+                raise _Requeue
+            try:
+                return fn()
+            except ServerUnavailable as exc:
+                last = exc
+                self.stop.wait(min(self.backoff * 0.25 * 2 ** i, 2.0))
+        self._down(server, str(last))
+        raise _Requeue
+
+    def _wait(self, server: Server, ticket: Ticket) -> dict:
+        """Poll the job's prompt on ``server`` until it has finished; its history entry."""
+        pid, start = ticket.prompt_id, time.monotonic()
+        next_check = start + self.check_every
+        while True:
+            if self.stop.is_set():
+                self._delete(server, [pid])  # a queued prompt goes; a running one finishes and a rerun collects it
+                raise _Stopped
+            try:
+                entry = self._call(server, lambda: server.client.history(pid))
+                if entry is None and time.monotonic() >= next_check:
+                    state = self._call(server, lambda: server.client.queue_state(pid))
+                    entry = self._call(server, lambda: server.client.history(pid))
+                    if entry is None and state is None:
+                        ticket.losses += 1
+                        if ticket.losses > MAX_LOSSES:
+                            raise QueueError(f"prompt {pid} vanished from {server.url} {ticket.losses} times")
+                        log.warning("prompt %s vanished from %s (restarted?); sending it again", pid, server.url)
+                        raise _Requeue
+                    next_check = time.monotonic() + self.check_every
+            except _Requeue:
+                ticket.server, ticket.held = server, pid
+                raise
+            if entry is not None:
+                return entry
+            now = time.monotonic()
+            if self.timeout and now - start > self.timeout:
+                server.client.cancel(pid)
+                self._down(server, f"job {pid} made no progress for {self.timeout:g} s")
+                ticket.server, ticket.held = server, pid
+                raise _Requeue
+            self.stop.wait(min(self.poll, max(0.02, (now - start) / 4)))
+
+    def _download(self, server: Server, entry: dict) -> list[bytes]:
+        items = [item for _, item in output_items(entry.get("outputs") or {})]
+        saved = [item for item in items if (item.get("type") or "output") == "output"]
+        return [self._call(server, lambda item=item: server.client.fetch(item)) for item in saved or items]
+
+    # ------------------------------------------------------------------------------------------- server health
+    def _down(self, server: Server, reason: str) -> None:
+        with server.lock:
+            if not server.up:
+                return
+            server.up, server.fails = False, server.fails + 1
+            delay = min(self.backoff * 2 ** (server.fails - 1), self.backoff_max)
+            server.retry_at = time.monotonic() + delay
+        log.warning("ComfyUI %s stopped answering (%s); its jobs go to the other servers, it is tried again in "
+                    "%.1f s", server.url, reason, delay)
+        if all(not s.up for s in self.servers) and self.all_down_since is None:
+            self.all_down_since = time.monotonic()
+        self._progress()
+
+    def _wait_up(self, server: Server) -> bool:
+        """Sleep until ``server`` answers again (probing it with backoff); False when the run is over."""
+        while not self.stop.is_set() and self.abort is None and not self._finished():
+            now, probe = time.monotonic(), False
+            with server.lock:
+                if server.up:
+                    return True
+                if server.retry_at <= now and not server.probing:
+                    server.probing = probe = True
+            if probe:
+                self._probe(server)
+                continue
+            since = self.all_down_since
+            if since is not None and now - since > self.wait_down:
+                with self.cond:
+                    self.abort = self.abort or ServerUnavailable(
+                        f"no ComfyUI server answered for {self.wait_down:g} s ({', '.join(s.url for s in self.servers)})"
+                        "; the jobs not done stay unfinished in the manifest: run the same command again to resume")
+                    self.cond.notify_all()
+                return False
+            self.stop.wait(min(max(server.retry_at - now, 0.02), 0.5))
+        return False
+
+    def _probe(self, server: Server) -> None:
+        try:
+            server.client.json("GET", "/prompt")
+            ok = True
+        except ServerUnavailable:
+            ok = False
+        if ok:
+            self._delete(server, sorted(server.orphans))
+        with server.lock:
+            server.probing = False
+            if ok:
+                server.up, server.orphans = True, set()
+            else:
+                server.fails += 1
+                server.retry_at = time.monotonic() + min(self.backoff * 2 ** (server.fails - 1), self.backoff_max)
+        if ok:
+            self.all_down_since = None
+            log.warning("ComfyUI %s answers again; it takes jobs again", server.url)
+            self._progress()
+
+    def _delete(self, server: Server, ids) -> None:
+        """Remove prompts from ``server``'s queue, best effort."""
+        if ids:
+            try:
+                server.client.request("POST", "/queue", {"delete": list(ids)})
+            except ServerUnavailable:
+                pass
+
+
+def _queue_ids(client: ComfyClient) -> set[str]:
+    _, data = client.json("GET", "/queue")
+    ids = set()
+    for key in ("queue_running", "queue_pending"):
+        for item in data.get(key) or ():
+            if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
+                ids.add(item[1])
+    return ids
+
+
+__all__ = ["ComfyUIBackend", "prompt_id", "DEFAULT_WORKFLOW", "DEFAULT_PER_SERVER"]
