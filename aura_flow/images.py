@@ -19,7 +19,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .params import OUTPUT_FORMATS, check_choice, check_range
+from .params import OUTPUT_FORMATS, ParameterError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,21 @@ def write_new_file(directory, stem: str, data: bytes) -> Path:
     ext = image_extension(data)
     return write_first_free(directory, data, (f"{stem}.{ext}" if n == 0 else f"{stem}_{n}.{ext}"
                                               for n in range(100000)))
+
+
+def check_output_folder(path, flag: str = "--out") -> Path:
+    """The folder images will be written to, checked before any heavy work: not an existing file, and writable
+    (or creatable) by this user. Nothing is created yet."""
+    folder = Path(os.fspath(path)).expanduser()
+    if "\0" in str(folder):
+        raise ParameterError(f"{flag} {str(folder)!r}: a path cannot hold a NUL character")
+    if folder.exists() and not folder.is_dir():
+        raise ParameterError(f"{flag} {folder}: is a file, not a folder; give a folder to write the images into")
+    probe = folder
+    while not probe.exists():  # the nearest existing parent decides whether the folder can be made
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ParameterError(f"{flag} {folder}: {probe} is not a writable folder; give a folder you can write to")
+    return folder

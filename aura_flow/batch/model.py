@@ -102,6 +102,9 @@ class Sink(Protocol):
     def failed(self, job: Job, error: str, *, where: Mapping, seconds: float) -> None:
         """The job failed (ComfyUI rejected it, the service failed it, the engine raised): a ``failed`` line."""
 
+    def postfix(self, values: Mapping) -> None:
+        """Extra progress shown beside the bar, e.g. ``{"a:8188": 3, "b:8188": 2}`` (per-server counts)."""
+
 
 class Backend(Protocol):
     """What the runner drives. ``name`` goes into every manifest line as ``backend``."""

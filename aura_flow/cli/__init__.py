@@ -10,10 +10,10 @@ import logging
 import sys
 
 from ..errors import LoadError, NumericError, ParameterError
-from . import fetch, generate, queue, remote
+from . import batch, fetch, generate, queue, remote
 from .flags import HelpFormatter, in_flag_words
 
-COMMANDS = (generate, remote, fetch, queue)  # in help order
+COMMANDS = (generate, remote, fetch, queue, batch)  # in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

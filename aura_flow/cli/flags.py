@@ -3,10 +3,10 @@ parameter table so ranges and defaults are written once, and the wording of erro
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..errors import LoadError, ParameterError, reword
+from ..images import check_output_folder  # noqa: F401  (re-exported: the commands check --out with it)
 from ..params import DEFAULTS, LORA_STRENGTH, MAX_SEED, MIN_SHIFT, NOISE_DEVICES, OUTPUT_FORMATS, RANGES
 from ..pipeline.modes import SPEED_NAMES
 
@@ -107,24 +107,6 @@ def check_lora_flags(values) -> tuple:
 
 def generation_params(args) -> dict:
     return {k: getattr(args, k) for k in DEFAULTS}
-
-
-def check_output_folder(path, flag: str = "--out") -> Path:
-    """The folder images will be written to, checked before any heavy work: not an existing file, and writable
-    (or creatable) by this user. Nothing is created yet."""
-    folder = Path(os.fspath(path)).expanduser()
-    if "\0" in str(folder):
-        raise ParameterError(f"{flag} {str(folder)!r}: a path cannot hold a NUL character")
-    if folder.exists() and not folder.is_dir():
-        raise ParameterError(f"{flag} {folder}: is a file, not a folder; give a folder to write the images into")
-    probe = folder
-    while not probe.exists():  # the nearest existing parent decides whether the folder can be made
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ParameterError(f"{flag} {folder}: {probe} is not a writable folder; give a folder you can write to")
-    return folder
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
