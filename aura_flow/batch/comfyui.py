@@ -91,7 +91,7 @@ class ComfyUIBackend:
 
     name = "comfyui"
     accepts_sets = True  # jobs may carry NODE.INPUT keys
-    check_lora_files = False  # LoRA names are the servers' (models/loras), not files here
+    checks_lora_files = False  # LoRA names are the servers' (models/loras), not files here
 
     def __init__(self, servers, workflow=None, *, per_server: int = DEFAULT_PER_SERVER,
                  timeout: float = DEFAULT_TIMEOUT, wait_down: float = 600.0, request_timeout: float = 30.0,
@@ -123,16 +123,17 @@ class ComfyUIBackend:
         self.timeout = check_timeout(self.timeout)
         self.plan = WorkflowPlan(self.workflow)
         self.servers = [Server(url, self.request_timeout) for url in urls]
-        answering = 0
+        silent = []
         for server in self.servers:
             try:
                 server.client.json("GET", "/prompt")
-                answering += 1
             except ServerUnavailable as exc:
-                log.warning("%s; the batch starts without it and tries it again later", exc)
-                self._down(server, "not answering at the start")
-        if not answering:
-            raise ServerUnavailable(f"no ComfyUI server answers ({', '.join(urls)}); start them or check --server")
+                silent.append((server, exc))
+        if len(silent) == len(self.servers):
+            raise ServerUnavailable(f"no ComfyUI server answers ({silent[0][1]})")
+        for server, exc in silent:
+            log.warning("%s; the batch starts without it and tries it again later", exc)
+            self._down(server, "not answering at the start")
 
     def check_job(self, job) -> None:
         """ParameterError naming the job's line when its LoRAs or NODE.INPUT keys do not fit the workflow."""
@@ -471,4 +472,12 @@ def _queue_ids(client: ComfyClient) -> set[str]:
     return ids
 
 
-__all__ = ["ComfyUIBackend", "prompt_id", "DEFAULT_WORKFLOW", "DEFAULT_PER_SERVER"]
+def make(server=(), workflow=None, per_server: int = DEFAULT_PER_SERVER, timeout: float = DEFAULT_TIMEOUT,
+         **options) -> ComfyUIBackend:
+    """The backend from the ``batch`` command's flags (``--server``, ``--workflow``, ``--per-server``,
+    ``--timeout``); nothing is contacted before ``check``."""
+    return ComfyUIBackend(options.pop("servers", server), workflow, per_server=per_server, timeout=timeout,
+                          **options)
+
+
+__all__ = ["ComfyUIBackend", "make", "prompt_id", "DEFAULT_WORKFLOW", "DEFAULT_PER_SERVER"]

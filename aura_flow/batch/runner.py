@@ -23,14 +23,14 @@ from pathlib import Path
 
 from ..errors import ParameterError
 from ..images import check_output_folder, image_extension, write_first_free
-from .jobs import read_jobs
+from .jobs import JobFileError, read_jobs
 from .manifest import DONE, FAILED, SUBMITTED, Manifest
 from .progress import make_progress
 
 log = logging.getLogger("aura_flow.batch")
 
 # backend name -> module with make(**options) -> Backend (imported when chosen)
-BACKENDS = {"local": "aura_flow.batch.local"}
+BACKENDS = {"local": "aura_flow.batch.local", "comfyui": "aura_flow.batch.comfyui"}
 MAX_ERRORS = 5  # failures kept in the summary
 
 
@@ -193,10 +193,16 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
     manifest = Manifest.open(folder)
     summary = Summary()
     stream = stream or sys.stdout
+    check_job = getattr(be, "check_job", None)  # a backend's own check of a job (comfyui: it fits the workflow)
     for job, what in _classified(jobs(), manifest, retry_failed):  # pass 1: everything checked, counted
         summary.total += 1
         if what == "run":
             summary.to_run += 1
+            if check_job is not None:
+                try:
+                    check_job(job)
+                except ParameterError as exc:  # "line N: KEY: why", said with the file's name
+                    raise JobFileError(f"{jobs_file} {exc}") from None
         else:
             counter = {"done": "skipped_done", "failed": "skipped_failed", "duplicate": "duplicates"}[what]
             setattr(summary, counter, getattr(summary, counter) + 1)
