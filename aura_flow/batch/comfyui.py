@@ -24,15 +24,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import urllib.parse
 import uuid
 from collections import deque
 from pathlib import Path
 
 from ..errors import ParameterError, shown
-from ..headless import ComfyClient, QueueError, ServerUnavailable, check_server, check_timeout, output_items
+from ..headless import QueueError, ServerUnavailable, check_timeout, output_items
 from ..headless.answers import _dict, format_execution_error
 from ..headless.client import DEFAULT_TIMEOUT
+from .comfyui_servers import Pool, Server, delete
 from .comfyui_workflow import WorkflowPlan
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,6 @@ class _Requeue(Exception):
 
 class _Stopped(Exception):
     pass
-
-
-class Server:
-    """One ComfyUI server and what the scheduler knows of it."""
-
-    def __init__(self, url: str, request_timeout: float):
-        self.url = url
-        self.client = ComfyClient(url, request_timeout)
-        self.label = urllib.parse.urlsplit(url).netloc or url
-        self.up, self.fails, self.retry_at, self.probing = True, 0, 0.0, False
-        self.inflight = self.done = 0
-        self.queued_at_start: set[str] = set()
-        self.orphans: set[str] = set()  # prompt ids taken away while it was down: deleted from its queue on return
-        self.lock = threading.Lock()
 
 
 class Ticket:
@@ -100,40 +86,23 @@ class ComfyUIBackend:
         self.per_server, self.timeout, self.wait_down = per_server, timeout, wait_down
         self.request_timeout, self.poll, self.check_every = request_timeout, poll, check_every
         self.backoff, self.backoff_max = backoff, backoff_max
-        self.servers: list[Server] = []
+        self.pool: Pool | None = None
         self.plan: WorkflowPlan | None = None
-        self.sink, self.abort, self.all_down_since = None, None, None
+        self.sink, self.abort = None, None
 
     # ------------------------------------------------------------------------------------------- checks
     def check(self) -> None:
         """The options, the workflow, and which servers answer (at least one must): before any job is sent."""
-        if not self.server_args:
-            raise ParameterError("--server: give at least one ComfyUI address, e.g. --server 127.0.0.1:8188 "
-                                 "(repeat it for more servers)")
-        urls = []
-        for arg in self.server_args:
-            url = check_server(arg).rstrip("/")
-            if url in urls:
-                raise ParameterError(f"--server {shown(arg)}: given twice")
-            urls.append(url)
+        pool = Pool(self.server_args, request_timeout=self.request_timeout, backoff=self.backoff,
+                    backoff_max=self.backoff_max, wait_down=self.wait_down, on_change=self._progress)
         k = self.per_server
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_PER_SERVER:
             raise ParameterError(f"--per-server {shown(k)}: give the jobs in flight per server, 1 to "
                                  f"{MAX_PER_SERVER} (2 keeps a GPU busy between jobs)")
         self.timeout = check_timeout(self.timeout)
         self.plan = WorkflowPlan(self.workflow)
-        self.servers = [Server(url, self.request_timeout) for url in urls]
-        silent = []
-        for server in self.servers:
-            try:
-                server.client.json("GET", "/prompt")
-            except ServerUnavailable as exc:
-                silent.append((server, exc))
-        if len(silent) == len(self.servers):
-            raise ServerUnavailable(f"no ComfyUI server answers ({silent[0][1]})")
-        for server, exc in silent:
-            log.warning("%s; the batch starts without it and tries it again later", exc)
-            self._down(server, "not answering at the start")
+        pool.check()
+        self.pool = pool
 
     def check_job(self, job) -> None:
         """ParameterError naming the job's line when its LoRAs or NODE.INPUT keys do not fit the workflow."""
@@ -142,28 +111,23 @@ class ComfyUIBackend:
         self.plan.check_job(job)
 
     def status(self) -> dict:
-        """Per server (``host:port``): ``"in flight/done"``, or ``"down"``."""
-        return {s.label: (f"{s.inflight}/{s.done}" if s.up else "down") for s in self.servers}
+        """Per server (``host:port``): ``"in flight/done"``, or ``"down"`` (the progress bar's postfix)."""
+        return self.pool.status() if self.pool else {}
 
     def close(self) -> None:
         pass
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self, jobs, sink, stop: threading.Event) -> None:
-        if self.plan is None or not self.servers:
+        if self.pool is None:
             self.check()
         self.sink, self.stop = sink, stop
         self.feed, self.again, self.active, self.exhausted = iter(jobs), deque(), 0, False
         self.cond = threading.Condition()
         self.abort: BaseException | None = None
-        self.all_down_since = None
-        for server in self.servers:  # prompts still queued from an earlier run are waited for, not sent again
-            try:
-                server.queued_at_start = _queue_ids(server.client)
-            except ServerUnavailable:
-                pass
+        self.pool.read_queues()  # prompts still queued from an earlier run are waited for, not sent again
         threads = [threading.Thread(target=self._slot, args=(s,), name=f"comfyui-{s.label}-{i}", daemon=True)
-                   for s in self.servers for i in range(self.per_server)]
+                   for s in self.pool.servers for i in range(self.per_server)]
         for t in threads:
             t.start()
         try:
@@ -206,15 +170,16 @@ class ComfyUIBackend:
                 self.again.append(ticket)
             self.cond.notify_all()
 
-    def _finished(self) -> bool:
+    def _going_on(self) -> bool:
         with self.cond:
-            return self.exhausted and not self.again and self.active == 0
+            finished = self.exhausted and not self.again and self.active == 0
+        return not (finished or self.stop.is_set() or self.abort is not None)
 
     def _slot(self, server: Server) -> None:
         try:
             while not self.stop.is_set() and self.abort is None:
                 if not server.up:
-                    if not self._wait_up(server):
+                    if not self.pool.wait_up(server, self._going_on, self.stop.wait):
                         return
                     continue
                 ticket = self._take()
@@ -264,8 +229,7 @@ class ComfyUIBackend:
         holder = self._lookup(server, ticket)
         if holder is None:
             holder = server
-            if not self._submit(server, ticket):
-                return
+            self._submit(server, ticket)
         entry = self._wait(holder, ticket)
         where = {"server": holder.url, "prompt_id": ticket.prompt_id}
         status = _dict(entry.get("status"))
@@ -288,7 +252,7 @@ class ComfyUIBackend:
             first = not ticket.looked
             ticket.looked = True
             places = [ticket.server] if ticket.server else []
-            places += [s for s in self.servers if s.up] if first else [server]
+            places += [s for s in self.pool.servers if s.up] if first else [server]
             retry = False
             for s in dict.fromkeys(places):
                 if not s.up:
@@ -310,9 +274,9 @@ class ComfyUIBackend:
                 return None
         raise QueueError(f"ComfyUI failed this job {MAX_ATTEMPTS} times")
 
-    def _submit(self, server: Server, ticket: Ticket) -> bool:
+    def _submit(self, server: Server, ticket: Ticket) -> None:
         """POST /prompt under the job's id; after a lost answer, ask whether it arrived before sending it again.
-        False when ComfyUI rejected it (reported)."""
+        QueueError when ComfyUI rejects it."""
         prompt, pid, last = self.plan.fill(ticket.job), ticket.prompt_id, None
         for i in range(4):
             if self.stop.is_set():
@@ -322,16 +286,13 @@ class ComfyUIBackend:
                     break
                 server.client.submit(prompt, pid)
                 break
-            except QueueError as exc:
-                self.sink.failed(ticket.job, str(exc), where={"server": server.url, "prompt_id": pid}, seconds=0.0)
-                return False
             except ServerUnavailable as exc:
                 last = exc
                 if not server.up:
                     break
                 self.stop.wait(min(self.backoff * 0.25 * 2 ** i, 2.0))
         else:
-            self._down(server, str(last))
+            self.pool.down(server, str(last))
         if not server.up:
             ticket.server, ticket.held = server, pid
             raise _Requeue
@@ -340,7 +301,6 @@ class ComfyUIBackend:
             with old.lock:
                 old.orphans.add(ticket.held)
         ticket.server, ticket.held = server, pid
-        return True
 
     def _call(self, server: Server, fn):
         """``fn()`` (a request to ``server``), tried again a few times after a lost connection; _Requeue once the
@@ -355,7 +315,7 @@ class ComfyUIBackend:
             except ServerUnavailable as exc:
                 last = exc
                 self.stop.wait(min(self.backoff * 0.25 * 2 ** i, 2.0))
-        self._down(server, str(last))
+        self.pool.down(server, str(last))
         raise _Requeue
 
     def _wait(self, server: Server, ticket: Ticket) -> dict:
@@ -364,7 +324,7 @@ class ComfyUIBackend:
         next_check = start + self.check_every
         while True:
             if self.stop.is_set():
-                self._delete(server, [pid])  # a queued prompt goes; a running one finishes and a rerun collects it
+                delete(server, [pid])  # a queued prompt goes; a running one finishes and a rerun collects it
                 raise _Stopped
             try:
                 entry = self._call(server, lambda: server.client.history(pid))
@@ -386,7 +346,7 @@ class ComfyUIBackend:
             now = time.monotonic()
             if self.timeout and now - start > self.timeout:
                 server.client.cancel(pid)
-                self._down(server, f"job {pid} made no progress for {self.timeout:g} s")
+                self.pool.down(server, f"job {pid} made no progress for {self.timeout:g} s")
                 ticket.server, ticket.held = server, pid
                 raise _Requeue
             self.stop.wait(min(self.poll, max(0.02, (now - start) / 4)))
@@ -395,81 +355,6 @@ class ComfyUIBackend:
         items = [item for _, item in output_items(entry.get("outputs") or {})]
         saved = [item for item in items if (item.get("type") or "output") == "output"]
         return [self._call(server, lambda item=item: server.client.fetch(item)) for item in saved or items]
-
-    # ------------------------------------------------------------------------------------------- server health
-    def _down(self, server: Server, reason: str) -> None:
-        with server.lock:
-            if not server.up:
-                return
-            server.up, server.fails = False, server.fails + 1
-            delay = min(self.backoff * 2 ** (server.fails - 1), self.backoff_max)
-            server.retry_at = time.monotonic() + delay
-        log.warning("ComfyUI %s stopped answering (%s); its jobs go to the other servers, it is tried again in "
-                    "%.1f s", server.url, reason, delay)
-        if all(not s.up for s in self.servers) and self.all_down_since is None:
-            self.all_down_since = time.monotonic()
-        self._progress()
-
-    def _wait_up(self, server: Server) -> bool:
-        """Sleep until ``server`` answers again (probing it with backoff); False when the run is over."""
-        while not self.stop.is_set() and self.abort is None and not self._finished():
-            now, probe = time.monotonic(), False
-            with server.lock:
-                if server.up:
-                    return True
-                if server.retry_at <= now and not server.probing:
-                    server.probing = probe = True
-            if probe:
-                self._probe(server)
-                continue
-            since = self.all_down_since
-            if since is not None and now - since > self.wait_down:
-                with self.cond:
-                    self.abort = self.abort or ServerUnavailable(
-                        f"no ComfyUI server answered for {self.wait_down:g} s ({', '.join(s.url for s in self.servers)})"
-                        "; the jobs not done stay unfinished in the manifest: run the same command again to resume")
-                    self.cond.notify_all()
-                return False
-            self.stop.wait(min(max(server.retry_at - now, 0.02), 0.5))
-        return False
-
-    def _probe(self, server: Server) -> None:
-        try:
-            server.client.json("GET", "/prompt")
-            ok = True
-        except ServerUnavailable:
-            ok = False
-        if ok:
-            self._delete(server, sorted(server.orphans))
-        with server.lock:
-            server.probing = False
-            if ok:
-                server.up, server.orphans = True, set()
-            else:
-                server.fails += 1
-                server.retry_at = time.monotonic() + min(self.backoff * 2 ** (server.fails - 1), self.backoff_max)
-        if ok:
-            self.all_down_since = None
-            log.warning("ComfyUI %s answers again; it takes jobs again", server.url)
-            self._progress()
-
-    def _delete(self, server: Server, ids) -> None:
-        """Remove prompts from ``server``'s queue, best effort."""
-        if ids:
-            try:
-                server.client.request("POST", "/queue", {"delete": list(ids)})
-            except ServerUnavailable:
-                pass
-
-
-def _queue_ids(client: ComfyClient) -> set[str]:
-    _, data = client.json("GET", "/queue")
-    ids = set()
-    for key in ("queue_running", "queue_pending"):
-        for item in data.get(key) or ():
-            if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
-                ids.add(item[1])
-    return ids
 
 
 def make(server=(), workflow=None, per_server: int = DEFAULT_PER_SERVER, timeout: float = DEFAULT_TIMEOUT,
