@@ -36,6 +36,19 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
+# backend options for tests: quick polls, retries and backoff
+FAST = dict(request_timeout=2.0, backoff=0.1, backoff_max=0.5, check_every=0.3, poll=0.05)
+
+
+def executions_per_job(*servers) -> Counter:
+    """(prompt, seed) -> how often the servers ran it to completion."""
+    runs = Counter()
+    for s in servers:
+        for _, text, seed in s.completed:
+            runs[(text, seed)] += 1
+    return runs
+
+
 def job_colour(prompt: str, seed: int) -> tuple[int, int, int]:
     digest = hashlib.sha256(f"{prompt}\0{seed}".encode()).digest()
     return digest[0], digest[1], digest[2]

@@ -17,10 +17,9 @@ from aura_flow.batch.model import Job
 from aura_flow.errors import ParameterError
 from aura_flow.headless import ServerUnavailable, load_workflow
 from aura_flow.params import DEFAULTS
-from tests.comfyui_standin import StandIn, image_tag
+from comfyui_standin import FAST, StandIn, executions_per_job, image_tag
 
 API = Path(__file__).resolve().parents[1] / "example_workflows" / "api"
-FAST = dict(request_timeout=2.0, backoff=0.1, backoff_max=0.5, check_every=0.3, poll=0.05)
 
 
 def make_job(line: int, prompt: str, seed: int | None = None, **params) -> Job:
@@ -88,14 +87,6 @@ def assert_own_images(sink: RecordingSink) -> None:
             tag = image_tag(data)
             assert (tag["prompt"], tag["seed"], tag["index"]) == (job.params["prompt"], job.seed, i)
             assert tag["prompt_id"] == where["prompt_id"]
-
-
-def executions_per_job(*servers) -> Counter:
-    runs = Counter()
-    for s in servers:
-        for _, text, seed in s.completed:
-            runs[(text, seed)] += 1
-    return runs
 
 
 # ------------------------------------------------------------------------------------------- the scheduler

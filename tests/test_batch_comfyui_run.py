@@ -16,8 +16,7 @@ from aura_flow import batch
 from aura_flow.batch.jobs import JobFileError
 from aura_flow.batch.manifest import read_records
 from aura_flow.cli import main
-from tests.comfyui_standin import StandIn, image_tag
-from tests.test_batch_comfyui import FAST, executions_per_job
+from comfyui_standin import FAST, StandIn, executions_per_job, image_tag
 
 PNG = {"output_format": "png"}
 
