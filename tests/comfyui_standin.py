@@ -18,7 +18,7 @@ Faults: ``hang_after=N``: once N prompts have finished and their images were dow
 listening socket is closed, queued prompts never run, a running one never finishes); with ``freeze=True`` the
 socket stays open instead and no request is answered any more. ``reject={text}``: 400 for a prompt with that text.
 ``fail={text}``: an execution_error for it. ``drop_submit=N``: the next N submits are queued but their connection
-is closed without an answer (a lost answer). `kill` closes the socket and forgets the queue and history (a crash);
+is closed without an answer (a lost answer). ``error500={text}``: HTTP 500 to the submit of that text. `kill` closes the socket and forgets the queue and history (a crash);
 `restart` listens again on the same port. Every server stops by itself (`stop`, or the ``with`` block's end).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import json
 import threading
 import time
 import urllib.parse
+import uuid
 from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -80,6 +81,13 @@ def _find(prompt: dict, *names):
     return None
 
 
+def _canonical_uuid(value) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 class _HTTP(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -88,10 +96,10 @@ class _HTTP(ThreadingHTTPServer):
 
 class StandIn:
     def __init__(self, service: float = 0.05, *, port: int = 0, hang_after: int | None = None,
-                 freeze: bool = False, reject=(), fail=(), drop_submit: int = 0):
+                 freeze: bool = False, reject=(), fail=(), drop_submit: int = 0, error500=()):
         self.service, self.port = service, port
         self.hang_after, self.freeze = hang_after, freeze
-        self.reject, self.fail, self.drop_submit = set(reject), set(fail), drop_submit
+        self.reject, self.fail, self.drop_submit, self.error500 = set(reject), set(fail), drop_submit, set(error500)
         self.executions, self.submits, self.completed = Counter(), Counter(), []
         self.views_left: dict[str, int] = {}
         self.finished_and_fetched = 0
@@ -280,13 +288,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         s, path, body = self.standin, self.path, self._body()
         if path == "/prompt":
-            prompt, pid = body.get("prompt"), body.get("prompt_id")
+            prompt, pid = body.get("prompt"), body.get("prompt_id") or str(uuid.uuid4())
+            if not _canonical_uuid(pid):  # as ComfyUI's validate_job_id
+                return self._json(400, {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a "
+                                                  "valid UUID"}, "node_errors": {}})
             text = _find(prompt, "prompt", "text") if isinstance(prompt, dict) else None
             if not isinstance(text, str) or text in s.reject:
                 return self._json(400, {"error": {"type": "prompt_outputs_failed_validation",
                                                   "message": "Prompt outputs failed validation", "details": ""},
                                         "node_errors": {"2": {"class_type": "AuraFlowGenerate", "errors": [
                                             {"message": "Value not allowed", "details": f"prompt: {text!r}"}]}}})
+            if text in s.error500:
+                return self._json(500, {"message": "Internal Server Error"})
             with s.lock:
                 s.number += 1
                 s.submits[pid] += 1

@@ -148,6 +148,15 @@ def test_rejected_and_failed_jobs_fail_alone_with_comfyuis_text():
     assert "ComfyUI failed the prompt in node 2 (AuraFlowGenerate): RuntimeError: boom: boom" in errors[3]
 
 
+def test_a_job_that_every_server_answers_500_fails_alone_after_some_requeues():
+    jobs = [make_job(1, "ok 1"), make_job(2, "poison"), make_job(3, "ok 2"), make_job(4, "ok 3")]
+    with StandIn(0.03, error500={"poison"}) as a, StandIn(0.03, error500={"poison"}) as b:
+        sink = run_backend([a, b], jobs)
+    assert sorted(j.line for j, _, _ in sink.done_jobs.values()) == [1, 3, 4]
+    (job, error, _), = sink.failed_jobs.values()
+    assert job.line == 2 and "stopped answering 6 times" in error
+
+
 def test_lost_submit_answer_asks_history_first_and_never_submits_twice():
     jobs = jobs_of(3)
     with StandIn(0.05, drop_submit=2) as a:

@@ -42,6 +42,7 @@ DEFAULT_PER_SERVER = 2
 MAX_PER_SERVER = 64
 MAX_ATTEMPTS = 50  # prompt ids tried per job (a failed or interrupted earlier attempt moves to the next id)
 MAX_LOSSES = 3  # a prompt that vanished from a server's queue (restart, deleted by hand) is sent again this often
+MAX_REQUEUES = 5  # a job whose servers stopped answering this often fails (does it crash ComfyUI?)
 _NAMESPACE = uuid.UUID("6f1d3c2e-4b0a-5c7e-9a41-a7f10aa5b0c9")
 
 
@@ -62,7 +63,7 @@ class Ticket:
     """A job on its way: its attempt, and the server that may hold its prompt."""
 
     def __init__(self, job):
-        self.job, self.attempt, self.looked, self.losses = job, 0, False, 0
+        self.job, self.attempt, self.looked, self.losses, self.requeues = job, 0, False, 0, 0
         self.server, self.held = None, None  # the server that may hold its prompt, under that prompt id
 
     @property
@@ -192,7 +193,12 @@ class ComfyUIBackend:
                 try:
                     self._work(server, ticket)
                 except _Requeue:
-                    again = True
+                    ticket.requeues += 1
+                    again = ticket.requeues <= MAX_REQUEUES
+                    if not again:
+                        self.sink.failed(ticket.job, f"the job's server stopped answering {ticket.requeues} times "
+                                         f"(last {server.url}); does the job crash ComfyUI? See its console",
+                                         where={"server": server.url}, seconds=0.0)
                 except _Stopped:
                     pass
                 finally:
