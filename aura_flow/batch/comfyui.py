@@ -106,7 +106,8 @@ class ComfyUIBackend:
         self.pool = pool
 
     def check_job(self, job) -> None:
-        """ParameterError naming the job's line when its LoRAs or NODE.INPUT keys do not fit the workflow."""
+        """ParameterError naming the key when the job's LoRAs or NODE.INPUT keys do not fit the workflow (the runner
+        adds the file and line)."""
         if self.plan is None:
             self.plan = WorkflowPlan(self.workflow)
         self.plan.check_job(job)

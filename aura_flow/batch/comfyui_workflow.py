@@ -90,7 +90,7 @@ class WorkflowPlan:
                         self.targets[key].append((node_id, name))
 
     def check_job(self, job) -> None:
-        """ParameterError naming the job's line when its LoRAs or ``NODE.INPUT`` keys do not fit the workflow."""
+        """ParameterError naming the key when the job's LoRAs or ``NODE.INPUT`` keys do not fit the workflow."""
         self.fill(job)
 
     def fill(self, job) -> dict:
@@ -103,7 +103,7 @@ class WorkflowPlan:
             if len(job.loras) > len(self.loras):
                 have = (f"only {len(self.loras)} LoRA loader node(s) ({', '.join(n for n, *_ in self.loras)})"
                         if self.loras else "no LoRA loader node (AuraFlow LoRA Loader, LoraLoader...)")
-                raise ParameterError(f"line {job.line}: loras: the job has {len(job.loras)} LoRA(s) but the workflow "
+                raise ParameterError(f"loras: the job has {len(job.loras)} LoRA(s) but the workflow "
                                      f"{self.where} has {have}; add loaders to the workflow or drop loras")
             for i, (node_id, name_input, strengths) in enumerate(self.loras):
                 inputs = prompt[node_id]["inputs"]
@@ -116,9 +116,9 @@ class WorkflowPlan:
                 prompt = apply_sets(prompt, [f"{key}={json.dumps(value)}"])
             except ParameterError as exc:  # "--set ITEM: why" said as "line N: KEY=VALUE: why"
                 why = str(exc).removeprefix("--set ").split(": ", 1)[-1]
-                raise ParameterError(f"line {job.line}: {key}={shown(value)}: {why}") from None
+                raise ParameterError(f"{key}={shown(value)}: {why}") from None
             except (TypeError, ValueError):
-                raise ParameterError(f"line {job.line}: {key}={shown(value)}: the value is not JSON") from None
+                raise ParameterError(f"{key}={shown(value)}: the value is not JSON") from None
         return prompt
 
 
