@@ -15,6 +15,7 @@ import pytest
 from aura_flow import batch
 from aura_flow.batch.jobs import JobFileError
 from aura_flow.batch.manifest import read_records
+from aura_flow.batch.progress import Progress
 from aura_flow.cli import main
 from comfyui_standin import FAST, StandIn, executions_per_job, image_tag
 
@@ -60,6 +61,32 @@ def test_run_over_two_servers_one_hanging_writes_one_done_line_per_job(tmp_path)
         assert (again.done, again.skipped_done) == (0, 8)
         assert sum(b.submits.values()) == submits
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+class PostfixLog(Progress):
+    """The runner's progress, keeping every postfix the backend set (its per-server counts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def postfix(self, values) -> None:
+        super().postfix(values)
+        self.seen.append(dict(values))
+
+
+def test_per_server_counts_reach_the_progress(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": f"cat {i}", "seed": i} for i in range(6)])
+    progress = PostfixLog()
+    with StandIn(0.05) as a, StandIn(0.05) as b:
+        batch.run(jobs, tmp_path / "out", backend="comfyui", defaults=PNG, progress=progress,
+                  servers=[a.url, b.url], per_server=2, **FAST)
+        labels = {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
+    assert all(set(seen) == labels for seen in progress.seen)
+    in_flight = [int(v.split("/")[0]) for seen in progress.seen for v in seen.values()]
+    assert max(in_flight) == 2  # per_server, never more
+    last = progress.seen[-1]
+    assert sum(int(v.split("/")[1]) for v in last.values()) == 6 and all(v.startswith("0/") for v in last.values())
 
 
 def test_node_input_keys_go_into_the_workflow_and_bad_ones_stop_the_run_before_sending(tmp_path):
