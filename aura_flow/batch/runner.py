@@ -33,7 +33,7 @@ from .progress import make_progress
 log = logging.getLogger("aura_flow.batch")
 
 # backend name -> module with make(**options) -> Backend (imported when chosen)
-BACKENDS = {"local": "aura_flow.batch.local"}
+BACKENDS = {"local": "aura_flow.batch.local", "comfyui": "aura_flow.batch.comfyui"}
 MAX_ERRORS = 5  # failures kept in the summary
 
 

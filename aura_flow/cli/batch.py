@@ -2,7 +2,8 @@
 
 The generation flags give the defaults for keys a line leaves out. Everything is checked before a model loads; the
 manifest ``DIR/manifest.jsonl`` records each job, so the same command run again resumes.
-Exit codes: 0 all done, 1 some failed, 2 bad flags or a bad job file, 130 interrupted.
+Exit codes: 0 all done, 1 some failed, 2 bad flags or a bad job file, 3 no ComfyUI server answers (comfyui),
+130 interrupted.
 
 Backends: each has an entry in `BACKEND_FLAGS`: a function adding its flags to the parser (in its own group) and
 the flags' dests that become its options (``aura_flow.batch.runner.BACKENDS[name]``'s ``make(**options)``).
@@ -13,6 +14,8 @@ import sys
 
 from ..errors import ParameterError
 from ..params import DTYPES
+from ..headless import ServerUnavailable
+from .batch_comfyui import COMFYUI_DESTS, comfyui_flags
 from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_output_folder,
                     generation_params, parse_lora_flag)
 
@@ -32,6 +35,7 @@ def _local_flags(p) -> None:
 BACKEND_FLAGS = {
     "local": (_local_flags, ("checkpoint", "tokenizer", "text_encoder", "vae", "dtype", "device", "speed",
                              "noise_device")),
+    "comfyui": (comfyui_flags, COMFYUI_DESTS),
 }
 
 
@@ -94,6 +98,9 @@ def run_batch(args) -> int:
     except JobFileError as exc:  # in the job file's words (file, line, key), not the flags'
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except ServerUnavailable as exc:  # comfyui: no server answers (the jobs not done stay to resume)
+        sys.stderr.write(f"error: {exc}\n")
+        return 3
     if args.dry_run:
         sys.stderr.write(f"would run {summary.to_run} of {summary.total} jobs; skipped {summary.skipped}\n")
         return 0
