@@ -62,7 +62,10 @@ def test_editor_and_api_formats_agree(name):
         assert twin["class_type"] == node["type"]
         slots = wx.widget_slots(classes[node["type"]])
         named = {slot[0]: value for slot, value in zip(slots, node["widgets_values"]) if slot is not None}
-        assert named == {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+        linked = {s["name"] for s in node["inputs"] if s["link"] is not None}  # a linked widget keeps its value
+        assert {k: v for k, v in named.items() if k not in linked} == \
+            {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+        assert linked == {k for k, v in twin["inputs"].items() if isinstance(v, list)}
     for link_id, src, src_slot, dst, dst_slot, _kind in wf["links"]:
         dst_node = next(n for n in wf["nodes"] if n["id"] == dst)
         assert prompt[str(dst)]["inputs"][dst_node["inputs"][dst_slot]["name"]] == [str(src), src_slot]
@@ -106,7 +109,7 @@ def shrink(prompt: dict, checkpoint: str) -> dict:
             inputs.update(checkpoint=checkpoint, weight_dtype="fp32")
         if node["class_type"] != "AuraFlowRemoteGenerate":
             for key, value in (("width", 64), ("height", 64), ("steps", 2)):
-                if key in inputs:
+                if key in inputs and not isinstance(inputs[key], list):  # a link stays
                     inputs[key] = value
     return prompt
 
@@ -131,6 +134,11 @@ def test_local_workflows_run_and_save_images_with_their_graph(env, name):
         "version": pack.aura_flow.__version__, "checkpoint": {"name": "diffusers", "hash": hash_of(checkpoint)},
         "dtype": "fp32", "compute_dtype": "float32", "device": "cpu", "speed": "auto", "noise_device": "cpu",
         "loras": []}
+    if name == "auraflow_generate":  # AuraFlow Generate also says its parameters, as the command line's images do
+        widgets = prompt["2"]["inputs"]
+        assert metadata.pop("parameters") == {k: widgets[k] for k in (
+            "prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height", "sampler", "scheduler",
+            "number_of_images", "output_format", "output_quality")}
     assert metadata == {"prompt": prompt, "workflow": workflow}
     images = outputs[next(k for k, v in prompt.items() if v["class_type"] == "AuraFlowSaveImage")][0]
     assert images.shape == (1, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
