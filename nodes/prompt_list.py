@@ -20,7 +20,6 @@ The lines are read by the batch command's reader (`aura_flow.batch.jobs.read_job
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
@@ -75,11 +74,16 @@ class _LiveTypes(type):
 
 def detect_format(text: str) -> str:
     """The ``auto`` format of typed text (see the module docstring)."""
+    import csv
+
+    from ..aura_flow.batch.jobs import KNOWN_KEYS  # the batch reader loads when the node first runs
+
     lines = io.StringIO(text)
     first = lines.readline().lstrip("\ufeff")
-    header = [c.strip() for c in next(csv.reader([first]), [])] if first.strip() else []
-    from ..aura_flow.batch.jobs import KNOWN_KEYS
-
+    try:
+        header = [c.strip() for c in next(csv.reader([first]), [])] if first.strip() else []
+    except csv.Error:  # not CSV; the reader says what is wrong if csv is forced
+        header = []
     if "prompt" in header and all(c in KNOWN_KEYS for c in header):
         return "csv"
     line = first
@@ -108,7 +112,7 @@ class AuraFlowPromptList(metaclass=_LiveTypes):
 
         files = folders.input_files(FILE_EXTENSIONS)
         return {"required": {
-            "text": ("STRING", {"multiline": True, "default": "",
+            "text": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
                                 "tooltip": "The jobs, one a line: plain prompts, JSONL objects ({\"prompt\": \"a fox\", "
                                            "\"seed\": 7, \"steps\": 30}) or CSV with a header row (prompt,seed,...). "
                                            "Blank lines and lines starting with # are skipped. Used when file is "
@@ -123,7 +127,7 @@ class AuraFlowPromptList(metaclass=_LiveTypes):
                                                   "line. text, jsonl, csv: force one."}),
             "seeds": ("INT", {"default": 1, "min": 1, "max": MAX_JOBS,
                               "tooltip": "Runs of every job: 1 = once; N = with seed, seed+1, ... seed+N-1."}),
-            "grid": ("STRING", {"multiline": True, "default": "",
+            "grid": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
                                 "tooltip": "Optional X/Y sweep, one KEY=V1,V2,... a line (steps=20,30 then "
                                            "cfg=3.5,5): every job runs with every combination."}),
             **{name: default(name) for name in DEFAULT_WIDGETS},
