@@ -6,7 +6,8 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
 - `CORE_NODES`: the few ComfyUI core nodes the bundled workflows use, with the same ids, inputs and outputs as
   ComfyUI 0.29's (nodes.py), and plain implementations good enough to run a workflow without ComfyUI.
 - `check_api(prompt, classes)` / `check_editor(workflow, classes)` return a list of problems ([] when sound).
-- `execute(prompt, classes, ...)` runs an API-format prompt in topological order and returns every node's outputs
+- `execute(prompt, classes, ...)` runs an API-format prompt in topological order, a node fed lists once per element
+  as ComfyUI does (`map_node_over_list`, `merge_result_data`), and returns every node's outputs
   and the ``ui`` dicts of output nodes.
 """
 from __future__ import annotations
