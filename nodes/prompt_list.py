@@ -113,9 +113,9 @@ class AuraFlowPromptList(metaclass=_LiveTypes):
         files = folders.input_files(FILE_EXTENSIONS)
         return {"required": {
             "text": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
-                                "tooltip": "The jobs, one a line: plain prompts, JSONL objects ({\"prompt\": \"a fox\", "
-                                           "\"seed\": 7, \"steps\": 30}) or CSV with a header row (prompt,seed,...). "
-                                           "Blank lines and lines starting with # are skipped. Used when file is "
+                                "tooltip": "The jobs, one a line: plain prompts, JSONL objects "
+                                           "({\"prompt\": \"a fox\", \"seed\": 7, \"steps\": 30}) or CSV with a "
+                                           "header row (prompt,seed,...). Blank lines and lines starting with # are skipped. Used when file is "
                                            f"{NO_FILE}."}),
             "file": ([NO_FILE] + files, {"default": NO_FILE,
                                          "tooltip": "A job file (.txt, .jsonl, .csv) from ComfyUI's input folder, "

@@ -161,7 +161,8 @@ def test_a_bad_line_is_named_as_the_batch_command_names_it(tmp_path):
     assert message(lambda: run('{"prompt": "a", "colour": "red"}')).startswith(
         "text line 1: colour: unknown key; known: prompt,")
     assert "--backend" not in message(lambda: run('{"prompt": "a", "3.text": "x"}'))
-    assert message(lambda: run("a", sampler="nope")).startswith("sampler='nope' is not known; valid names: euler,")  # a widget: no line
+    said = message(lambda: run("a", sampler="nope"))  # a bad widget: no line to name
+    assert said.startswith("sampler='nope' is not known; valid names: euler,")
 
 
 def test_grid_errors_in_the_nodes_words():

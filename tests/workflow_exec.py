@@ -254,8 +254,9 @@ def check_editor(workflow: dict, classes: dict) -> list[str]:
                     not any(s["name"] == name for s in node.get("inputs", [])):
                 problems.append(f"{where}: required input socket {name!r} missing")
         outs = [o["type"] for o in node.get("outputs", [])]
-        if outs != [editor_type(t) for t in cls.RETURN_TYPES]:
-            problems.append(f"{where}: outputs {outs} differ from the node's {[editor_type(t) for t in cls.RETURN_TYPES]}")
+        want = [editor_type(t) for t in cls.RETURN_TYPES]
+        if outs != want:
+            problems.append(f"{where}: outputs {outs} differ from the node's {want}")
         slots = widget_slots(cls)
         values = node.get("widgets_values", [])
         if len(values) != len(slots):
