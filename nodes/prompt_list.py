@@ -115,8 +115,8 @@ class AuraFlowPromptList(metaclass=_LiveTypes):
             "text": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
                                 "tooltip": "The jobs, one a line: plain prompts, JSONL objects "
                                            "({\"prompt\": \"a fox\", \"seed\": 7, \"steps\": 30}) or CSV with a "
-                                           "header row (prompt,seed,...). Blank lines and lines starting with # are skipped. Used when file is "
-                                           f"{NO_FILE}."}),
+                                           "header row (prompt,seed,...). Blank lines and lines starting with # "
+                                           f"are skipped. Used when file is {NO_FILE}."}),
             "file": ([NO_FILE] + files, {"default": NO_FILE,
                                          "tooltip": "A job file (.txt, .jsonl, .csv) from ComfyUI's input folder, "
                                                     f"read instead of text; {NO_FILE}: the text above. Press R to "
