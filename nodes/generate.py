@@ -61,4 +61,5 @@ class AuraFlowGenerate:
                 data = encode_image(pil, plan.output_format, plan.output_quality)
                 decoded.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0)
             images = torch.from_numpy(np.stack(decoded))
-        return (attach(images.to(devices.intermediate_device()), result.record or None), result.seed)
+        return (attach(images.to(devices.intermediate_device()), result.record or None, result.params or None),
+                result.seed)

@@ -8,7 +8,7 @@ from ..aura_flow import params as P
 from ..aura_flow.errors import ParameterError, shown
 from ..aura_flow.images import EXT, encode_image, write_first_free
 from .comfyui import folders
-from .records import record_of
+from .records import parameters_of, record_of
 from .words import node_words
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class AuraFlowSaveImage:
                 metadata[key] = value
             if record_of(images) is not None:  # from an AuraFlow run upstream (nodes/records.py)
                 metadata["auraflow"] = record_of(images)
+            if parameters_of(images) is not None:  # AuraFlow Generate's prompt, seed... (the CLI's entry too)
+                metadata["parameters"] = parameters_of(images)
         height, width = int(images.shape[1]), int(images.shape[2])
         folder, stem, counter, subfolder = folders.save_image_path(filename_prefix, self.output_dir, width, height)
         for batch_number in range(len(images)):  # the real names (ComfyUI's %date%-style variables may have made

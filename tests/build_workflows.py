@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "example_workflows"
 sys.path.insert(0, str(HERE))
-from workflow_exec import CORE_NODES, all_classes, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
+from workflow_exec import CORE_NODES, all_classes, editor_type, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
 
 PROMPT = ("A mesmerizing 3D render of the words 'Happy birthday' in a dreamy, pastel-coloured cursive script, "
           "floating above a gradient from deep purple to soft pink, with a rainbow, hearts and twinkling stars, "
@@ -67,7 +67,15 @@ PONY_PROMPT = ("score_9, A cheerful red fox sits on a mossy rock in a misty autu
 PONY_SAMPLER = {"seed": SEED, "steps": 40, "cfg": 3.5, "sampler_name": "euler", "scheduler": "normal",
                 "shift": 1.73, "width": 1024, "height": 1024}
 
-# name -> (title, [(node type, widget values that differ from the defaults, {input: (source index, output)})])
+LIST_PROMPTS = ("# one job a line: plain prompts, or JSONL objects such as {\"prompt\": \"a fox\", \"seed\": 7}\n"
+                "A red fox sitting in fresh snow at dawn, soft golden light, detailed fur\n"
+                "A lighthouse on a rocky coast during a storm, dramatic waves, oil painting\n"
+                "A cozy reading nook with a window seat, rain outside, warm lamp light, watercolor\n")
+LIST_WIRES = {key: (1, i) for i, key in enumerate(("prompt", "negative_prompt", "seed", "steps", "cfg", "width",
+                                                   "height", "sampler", "scheduler", "shift"))}
+
+# name -> (title, [(node type, widget values that differ from the defaults, {input: (source index, output)})]);
+# a wire into a widget input links it, as the editor does when a link is dropped on a widget
 WORKFLOWS = {
     "auraflow_generate": ("AuraFlow: text to image in one node", [
         LOADER,
@@ -110,6 +118,12 @@ WORKFLOWS = {
         ("VAEDecode", {}, {"samples": (3, 0), "vae": (0, 2)}),
         ("AuraFlowSaveImage", {"filename_prefix": "PonyV7"}, {"images": (4, 0)}),
     ]),
+    "auraflow_prompt_list": ("AuraFlow: one image per line of a prompt list", [
+        LOADER,
+        ("AuraFlowPromptList", {"text": LIST_PROMPTS, "seed": SEED}, {}),
+        ("AuraFlowGenerate", {}, {"model": (0, 0), **LIST_WIRES}),
+        ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/list"}, {"images": (2, 0)}),
+    ]),
 }
 EXTRA_SLOT_VALUE = {"control_after_generate": "randomize", "image_upload": "image"}
 
@@ -147,15 +161,17 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
         inputs = dict(values)
         sockets = []
         for input_name, (input_kind, _opts) in inputs_of(cls).items():
-            if is_widget(input_kind):
+            widget = is_widget(input_kind)
+            if widget and input_name not in wires:
                 continue
             link_id = None
             if input_name in wires:
                 src, out = wires[input_name]
                 link_id = len(links) + 1
-                links.append([link_id, src + 1, out, node_id, len(sockets), input_kind])
+                links.append([link_id, src + 1, out, node_id, len(sockets), editor_type(input_kind)])
                 inputs[input_name] = [str(src + 1), out]
-            sockets.append({"name": input_name, "type": input_kind, "link": link_id})
+            sockets.append({"name": input_name, "type": editor_type(input_kind), "link": link_id,
+                            **({"widget": {"name": input_name}} if widget else {})})
         api[str(node_id)] = {"class_type": kind, "inputs": inputs}
         slots = widget_slots(cls)
         widgets = []
@@ -173,7 +189,7 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
     for node, (kind, _g, _w) in zip(nodes, spec):
         cls = classes[kind]
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        node["outputs"] = [{"name": n, "type": t, "slot_index": i,
+        node["outputs"] = [{"name": n, "type": editor_type(t), "slot_index": i,
                             "links": [link[0] for link in links if link[1] == node["id"] and link[2] == i]}
                            for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
     column_bottom: dict[int, int] = {}  # stack each column by the nodes' real heights, so none hides another

@@ -62,7 +62,10 @@ def test_editor_and_api_formats_agree(name):
         assert twin["class_type"] == node["type"]
         slots = wx.widget_slots(classes[node["type"]])
         named = {slot[0]: value for slot, value in zip(slots, node["widgets_values"]) if slot is not None}
-        assert named == {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+        linked = {s["name"] for s in node["inputs"] if s["link"] is not None}  # a linked widget keeps its value
+        assert {k: v for k, v in named.items() if k not in linked} == \
+            {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+        assert linked == {k for k, v in twin["inputs"].items() if isinstance(v, list)}
     for link_id, src, src_slot, dst, dst_slot, _kind in wf["links"]:
         dst_node = next(n for n in wf["nodes"] if n["id"] == dst)
         assert prompt[str(dst)]["inputs"][dst_node["inputs"][dst_slot]["name"]] == [str(src), src_slot]
@@ -112,7 +115,7 @@ def test_every_loader_names_its_files_for_the_editors_downloads(name):
 
 def test_the_bundled_files_are_the_published_ones():
     loaders = [n for name in NAMES for n in editor(name)["nodes"] if n["type"] == "AuraFlowLoader"]
-    assert len(loaders) == 5  # generate, txt2img_nodes, img2img, gguf, pony_v7
+    assert len(loaders) == 6  # generate, txt2img_nodes, img2img, gguf, pony_v7, prompt_list
     urls = {m["name"]: m["url"] for n in loaders for m in n["properties"]["models"]}
     assert urls["aura_flow_0.3.safetensors"] == \
         "https://huggingface.co/fal/AuraFlow-v0.3/resolve/main/aura_flow_0.3.safetensors"
@@ -176,7 +179,7 @@ def shrink(prompt: dict, checkpoint: str) -> dict:
             inputs.update(checkpoint=checkpoint, weight_dtype="fp32", text_encoder=build.FROM, vae=build.FROM)
         if node["class_type"] != "AuraFlowRemoteGenerate":
             for key, value in (("width", 64), ("height", 64), ("steps", 2)):
-                if key in inputs:
+                if key in inputs and not isinstance(inputs[key], list):  # a link stays
                     inputs[key] = value
     return prompt
 
@@ -201,6 +204,12 @@ def test_local_workflows_run_and_save_images_with_their_graph(env, name):
         "version": pack.aura_flow.__version__, "checkpoint": {"name": "diffusers", "hash": hash_of(checkpoint)},
         "dtype": "fp32", "compute_dtype": "float32", "device": "cpu", "speed": "auto", "noise_device": "cpu",
         "loras": []}
+    generators = [v for v in prompt.values() if v["class_type"] == "AuraFlowGenerate"]
+    if generators:  # AuraFlow Generate also says its parameters, as the command line's images do
+        widgets = generators[0]["inputs"]
+        assert metadata.pop("parameters") == {k: widgets[k] for k in (
+            "prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height", "sampler", "scheduler",
+            "number_of_images", "output_format", "output_quality")}
     assert metadata == {"prompt": prompt, "workflow": workflow}
     images = outputs[next(k for k, v in prompt.items() if v["class_type"] == "AuraFlowSaveImage")][0]
     assert images.shape == (1, 64, 64, 3) and 0 <= images.min() and images.max() <= 1

@@ -6,7 +6,8 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
 - `CORE_NODES`: the few ComfyUI core nodes the bundled workflows use, with the same ids, inputs and outputs as
   ComfyUI 0.29's (nodes.py), and plain implementations good enough to run a workflow without ComfyUI.
 - `check_api(prompt, classes)` / `check_editor(workflow, classes)` return a list of problems ([] when sound).
-- `execute(prompt, classes, ...)` runs an API-format prompt in topological order and returns every node's outputs
+- `execute(prompt, classes, ...)` runs an API-format prompt in topological order, a node fed lists once per element
+  as ComfyUI does (`map_node_over_list`, `merge_result_data`), and returns every node's outputs
   and the ``ui`` dicts of output nodes.
 """
 from __future__ import annotations
@@ -137,6 +138,11 @@ def inputs_of(cls) -> dict:
     return out
 
 
+def editor_type(kind) -> str:
+    """An input's or output's type as the editor saves it: a combo (a list of names) is "COMBO"."""
+    return "COMBO" if isinstance(kind, (list, tuple)) else kind
+
+
 def is_widget(kind) -> bool:
     return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
 
@@ -212,7 +218,11 @@ def check_api(prompt: dict, classes: dict) -> list[str]:
                 if not 0 <= value[1] < len(out_types):
                     problems.append(f"{where}: input {name!r} links to output {value[1]} of {value[0]}, which has "
                                     f"{len(out_types)}")
-                elif not isinstance(kind, (list, tuple)) and out_types[value[1]] not in kind.split(","):
+                elif isinstance(kind, (list, tuple)):  # a combo takes an output typed as the same list of names
+                    if not isinstance(out_types[value[1]], (list, tuple)) or list(out_types[value[1]]) != list(kind):
+                        problems.append(f"{where}: combo {name!r} fed by {editor_type(out_types[value[1]])}, not by "
+                                        "an output typed as its own list of names")
+                elif out_types[value[1]] not in kind.split(","):
                     problems.append(f"{where}: {name!r} ({kind}) fed by {out_types[value[1]]}")
                 continue
             why = check_value(kind, opts, value, open_combo=name in _open_combos(cls))
@@ -234,16 +244,19 @@ def check_editor(workflow: dict, classes: dict) -> list[str]:
         for i, socket in enumerate(node.get("inputs", [])):
             if socket["name"] not in inputs:
                 problems.append(f"{where}: unknown input socket {socket['name']!r}")
-            elif inputs[socket["name"]][0] != socket["type"]:
+            elif editor_type(inputs[socket["name"]][0]) != socket["type"]:
                 problems.append(f"{where}: socket {socket['name']!r} typed {socket['type']}, node says "
-                                f"{inputs[socket['name']][0]}")
+                                f"{editor_type(inputs[socket['name']][0])}")
+            elif is_widget(inputs[socket["name"]][0]) and socket.get("widget") != {"name": socket["name"]}:
+                problems.append(f"{where}: widget socket {socket['name']!r} does not name its widget")
         for name, (kind, _o) in inputs.items():
             if not is_widget(kind) and name in cls.INPUT_TYPES().get("required", {}) and \
                     not any(s["name"] == name for s in node.get("inputs", [])):
                 problems.append(f"{where}: required input socket {name!r} missing")
         outs = [o["type"] for o in node.get("outputs", [])]
-        if outs != list(cls.RETURN_TYPES):
-            problems.append(f"{where}: outputs {outs} differ from the node's {list(cls.RETURN_TYPES)}")
+        want = [editor_type(t) for t in cls.RETURN_TYPES]
+        if outs != want:
+            problems.append(f"{where}: outputs {outs} differ from the node's {want}")
         slots = widget_slots(cls)
         values = node.get("widgets_values", [])
         if len(values) != len(slots):
@@ -291,29 +304,68 @@ def topological_order(prompt: dict) -> list[str]:
     return order
 
 
-def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tuple[dict, dict]:
-    """Run an API-format ``prompt``; returns ({node id: output tuple}, {node id: ui dict}).
+def map_node_over_list(cls, inputs: dict) -> tuple[list, list]:
+    """Run one node as ComfyUI's ``_map_node_over_list`` does: every input is a list (a widget's value a list of one,
+    a linked input its source's output list); a node without ``INPUT_IS_LIST`` runs once per element of the longest
+    list, a shorter list repeating its last element; one with it runs once on the lists. Returns (results, uis)."""
+    obj = cls()
+    func = getattr(obj, cls.FUNCTION)
+    if getattr(cls, "INPUT_IS_LIST", False):
+        calls = [inputs]
+    else:
+        longest = max((len(v) for v in inputs.values()), default=0)
+        calls = [{k: v[i if len(v) > i else -1] for k, v in inputs.items()} for i in range(longest)] or [{}]
+    results, uis = [], []
+    for kwargs in calls:
+        result = func(**kwargs)
+        if isinstance(result, dict):
+            if "ui" in result:
+                uis.append(result["ui"])
+            result = result.get("result", ())
+        results.append(tuple(result))
+    return results, uis
 
-    Hidden inputs are filled as ComfyUI fills them: PROMPT with the prompt, EXTRA_PNGINFO with
-    ``{"workflow": workflow}`` when one is given (one dict for the whole prompt, as ComfyUI passes its
-    ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
+
+def merge_result_data(results: list, cls) -> list:
+    """ComfyUI's merge: an ``OUTPUT_IS_LIST`` output concatenates the runs' lists, any other output lists each
+    run's value."""
+    is_list = getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(results[0])
+    return [[x for r in results for x in r[i]] if flag else [r[i] for r in results]
+            for i, flag in zip(range(len(results[0])), is_list)]
+
+
+def execute(prompt: dict, classes: dict, *, workflow: dict | None = None, lists: bool = False) -> tuple[dict, dict]:
+    """Run an API-format ``prompt``; returns ({node id: outputs}, {node id: ui dict}).
+
+    Nodes run as ComfyUI runs them, lists included (`map_node_over_list`, `merge_result_data`). With
+    ``lists=True`` each output is ComfyUI's list of values (one per run, or a list output's elements); by default
+    it is the one value of a node that ran once (a node that made a list raises: ask for lists). The ``ui`` dicts
+    of output nodes are merged over their runs as ComfyUI merges them. Hidden inputs are filled as ComfyUI fills
+    them: PROMPT with the prompt, EXTRA_PNGINFO with ``{"workflow": workflow}`` when one is given (one dict for the
+    whole prompt, as ComfyUI passes its ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
     """
     outputs, ui = {}, {}
     extra_pnginfo = {"workflow": workflow} if workflow else None
     for node_id in topological_order(prompt):
         node = prompt[node_id]
         cls = classes[node["class_type"]]
-        kwargs = {}
+        inputs = {}
         for name, value in node.get("inputs", {}).items():
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-                value = outputs[value[0]][value[1]]
-            kwargs[name] = value
+                inputs[name] = outputs[value[0]][value[1]]
+            else:
+                inputs[name] = [value]
         for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
-            kwargs[name] = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)
-        result = getattr(cls(), cls.FUNCTION)(**kwargs)
-        if isinstance(result, dict):
-            if "ui" in result:
-                ui[node_id] = result["ui"]
-            result = result.get("result", ())
-        outputs[node_id] = tuple(result)
-    return outputs, ui
+            inputs[name] = [{"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)]
+        results, uis = map_node_over_list(cls, inputs)
+        outputs[node_id] = merge_result_data(results, cls) if results and results[0] else []
+        if uis:
+            ui[node_id] = {k: [y for x in uis for y in x[k]] for k in uis[0]}
+    if lists:
+        return outputs, ui
+    single = {}
+    for node_id, outs in outputs.items():
+        if any(len(values) != 1 for values in outs):
+            raise ValueError(f"node {node_id} ({prompt[node_id]['class_type']}) made lists; run with lists=True")
+        single[node_id] = tuple(values[0] for values in outs)
+    return single, ui

@@ -1,5 +1,6 @@
 """ComfyUI's folders: model files the loaders list and resolve, the output folder and its save paths, the user
-folder. Outside ComfyUI: plain paths, ``$AURAFLOW_OUTPUT_DIR`` (default ``./output``), no lists."""
+folder, files of the input folder. Outside ComfyUI: plain paths, ``$AURAFLOW_OUTPUT_DIR`` (default ``./output``),
+``$AURAFLOW_INPUT_DIR`` (default ``./input``), no model lists."""
 from __future__ import annotations
 
 import os
@@ -131,6 +132,44 @@ def output_directory() -> str:
     if fp is not None:
         return fp.get_output_directory()
     return os.path.abspath(os.environ.get("AURAFLOW_OUTPUT_DIR") or "output")
+
+
+def input_directory() -> str:
+    fp = comfy_folder_paths()
+    if fp is not None:
+        return fp.get_input_directory()
+    return os.path.abspath(os.environ.get("AURAFLOW_INPUT_DIR") or "input")
+
+
+MAX_INPUT_LISTED = 20000  # entries of the input folder looked at for one list (it may hold many images)
+
+
+def input_files(extensions) -> list[str]:
+    """Files of the input folder (and its sub-folders, hidden ones left out) whose names end with one of
+    ``extensions``, as sorted '/'-separated relative paths; at most `MAX_INPUT_LISTED` entries are looked at."""
+    base = input_directory()
+    names, seen = [], 0
+    for root, dirs, files in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        seen += len(dirs) + len(files)
+        names += [os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/")
+                  for f in files if f.lower().endswith(tuple(extensions)) and not f.startswith(".")]
+        if seen > MAX_INPUT_LISTED:
+            break
+    return sorted(names)
+
+
+def input_file(name: str, what: str) -> str:
+    """The full path of ``name`` (a relative path from `input_files`) inside the input folder; a name that leads
+    out of it (``..``, an absolute path, a link) or names no file is refused naming ``what`` (the node input)."""
+    base = os.path.realpath(input_directory())
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.isabs(name) or os.path.commonpath((base, path)) != base:
+        raise ParameterError(f"{what}={name!r} is outside the input folder {base}; pick a file from the list")
+    if not os.path.isfile(path):
+        raise ParameterError(f"{what}={name!r} is not a file in the input folder {base}; put it there and press R "
+                             "in the editor to refresh the list")
+    return path
 
 
 def user_directory() -> str | None:
