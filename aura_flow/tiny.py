@@ -189,8 +189,9 @@ def build_tiny(dest, layout: str = "diffusers", *, preset: str = "tiny", seed: i
     transformer, text_encoder, vae = build_modules(preset, seed, vocab, device)
 
     def saved(module):  # on the CPU, in the dtype to write, one part at a time
-        return {k: v.to(device="cpu", dtype=dtype) for k, v in module.state_dict().items()} if device is not None or dtype else \
-            module.state_dict()
+        if device is None and dtype is None:
+            return module.state_dict()
+        return {k: v.to(device="cpu", dtype=dtype) for k, v in module.state_dict().items()}
 
     tsd = saved(transformer)
     esd = {k: v for k, v in saved(text_encoder).items() if k != "encoder.embed_tokens.weight"}

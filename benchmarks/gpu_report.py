@@ -96,7 +96,9 @@ def _row_lines(key: str, row: dict, settings: dict) -> list[str]:
             out.append(_line("2 PSNR pack vs diffusers", status, note=f"{ag['psnr_db']} dB (>= 40: "
                                                                       f"{'yes' if ag['passed'] else 'NO'}), max|diff| "
                                                                       f"{ag['max_abs_diff']}"))
-        if gn:
+        if gn and "skipped" in gn:
+            out.append(_line("2 gpu noise vs diffusers", "skipped", note=gn["skipped"]))
+        elif gn:
             out.append(_line("2 gpu noise vs diffusers", status, note=f"{gn.get('psnr_db')} dB (>= 40: "
                                                                       f"{'yes' if gn.get('passed') else 'NO'}), same "
                                                                       f"noise: {gn.get('noise_equal_after_rounding')}"))

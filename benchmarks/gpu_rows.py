@@ -228,6 +228,10 @@ def row_pack_vs_diffusers(ck, row) -> None:
     ck.save()
 
     # noise_device="gpu": the pack draws its start noise with the device's generator, as diffusers does
+    need = 2 * ck.state["image_seconds"] + estimate(ck, 3) + estimate(ck, 5)
+    if ck.left() < need:
+        row["gpu_noise"] = {"skipped": f"budget: {ck.left():.0f}s left, needs about {need:.0f}s with rows 3 and 5"}
+        return
     ck.log("  gpu noise: pack (noise_device='gpu') and diffusers (its own generator, same seed)")
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -252,8 +256,6 @@ def row_pack_vs_diffusers(ck, row) -> None:
 
 # ---------------------------------------------------------------- row 3: fp8 storage and GGUF Q8_0 against bf16
 def row_fp8_gguf(ck, row) -> None:
-    import torch
-
     import aura_flow
     from aura_flow.sampling.loop import prepare_noise
     from aura_flow.tiny import transformer_to_original

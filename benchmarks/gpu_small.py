@@ -3,7 +3,7 @@ CUDA allocator (`torch.cuda.set_per_process_memory_fraction`) at the spec's ``ca
 
 It tries what a user with such a card would: first the spec's dtype (bf16) the way `aura_flow.load` does it by
 default (offload_text_encoder "auto"), then, if that fails, fp8_e4m3fn storage with the text encoder waiting on the
-CPU. Each attempt: load, one warm-up image, one timed image, the allocator's peak; or the error it met (an
+CPU. Each attempt: load, one warm-up image (CUDA only), one timed image, the allocator's peak; or the error it met (an
 out-of-memory error is an answer here, not a crash). Prints one JSON line: ``{"attempts": [...]}``. Progress goes
 to stderr. With ``"all": true`` (the CPU dry run, where nothing caps the memory) every attempt runs.
 """
@@ -42,8 +42,9 @@ def attempt(spec: dict, dtype: str, offload) -> dict:
         params = dict(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], width=spec["size"],
                       height=spec["size"], steps=spec["steps"], cfg=spec["cfg"], seed=spec["seed"],
                       sampler=spec["sampler"])
-        _log(f"{dtype}: loaded in {out['load_seconds']}s; warm-up image")
-        pipe.generate(**params)
+        if cuda:  # the CPU dry run only shows that the code runs: no warm-up there
+            _log(f"{dtype}: loaded in {out['load_seconds']}s; warm-up image")
+            pipe.generate(**params)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

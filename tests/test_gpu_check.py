@@ -99,7 +99,7 @@ def test_the_table_shows_every_row_and_survives_missing_numbers():
     assert table({}).startswith("GPU check: None preset")  # nothing measured yet: still a table
 
 
-def test_row_5_finds_the_cuda_only_tests_and_reads_pytests_report(tmp_path):
+def test_row_5_finds_the_gpu_only_tests_and_reads_pytests_report(tmp_path):
     from benchmarks.gpu_rows import cuda_test_files, junit_counts
 
     names = {p.name for p in cuda_test_files()}
@@ -141,8 +141,13 @@ def test_cuda_gguf_dequantization_matches_the_cpu(qtype):
     n = 512 * gguf.GGML_QUANT_SIZES[Q[qtype]][0]
     cpu = dequantize(raw, Q[qtype], (n // 256, 256), torch.float32)
     gpu = dequantize(raw.cuda(), Q[qtype], (n // 256, 256), torch.float32)
-    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, rtol=1e-6, atol=0)
-    assert torch.equal(dequantize(raw.cuda(), Q[qtype], (n // 256, 256), torch.bfloat16).cpu(), cpu.bfloat16())
+    assert gpu.is_cuda and torch.isfinite(gpu).all()
+    if qtype in ("Q8_0", "Q4_0"):  # one multiplication a value: IEEE float32 gives the same bits everywhere
+        assert torch.equal(gpu.cpu(), cpu)
+    else:
+        assert torch.allclose(gpu.cpu(), cpu, rtol=1e-6, atol=1e-9)
+    half = dequantize(raw.cuda(), Q[qtype], (n // 256, 256), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.cpu().float(), cpu, rtol=8e-3, atol=1e-9)
 
 
 @CUDA
@@ -184,11 +189,12 @@ def test_cuda_pipeline_matches_the_cpu_and_offloading_changes_nothing(tmp_path):
 
 # ---------------------------------------------------------------- the CPU dry run (CI)
 @pytest.mark.heavy
-def test_the_cpu_dry_run_fills_every_row(tmp_path):
-    """The command CI runs (benchmarks/README.md, "GPU"): every row's code on the CPU, with numbers."""
+def test_the_cpu_dry_run_fills_every_row(tmp_path, capsys):
+    """The command CI runs (benchmarks/README.md, "GPU"): every row's code on the CPU, with numbers; its table goes
+    to the test run's own output, so CI's log shows it."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--preset", "wide", "--steps", "2",
-           "--size", "256", "--dtype", "fp32", "--repeats", "1", "--budget", "1500", "--out", str(out),
+           "--size", "128", "--dtype", "fp32", "--repeats", "1", "--budget", "1500", "--out", str(out),
            "--cache", str(tmp_path / "cache")]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -213,4 +219,6 @@ def test_the_cpu_dry_run_fills_every_row(tmp_path):
     assert [a["dtype"] for a in four["attempts"]] == ["fp32", "fp8_e4m3fn"]
     assert all(a["ok"] and a["seconds_per_image"] > 0 for a in four["attempts"])
     text = (out / "gpu_check.txt").read_text()
+    with capsys.disabled():
+        sys.stdout.write("\n" + text)
     assert text in run.stdout and "2 pack vs diffusers" in text

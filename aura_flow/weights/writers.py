@@ -80,8 +80,8 @@ def _choose(arr: np.ndarray, wanted: Q, orig_shape: bool):
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     """Q8_0 blocks of ``x`` (last dimension a multiple of 32) in torch, on ``x``'s device: uint8 of shape
     (..., last / 32 * 34), the same bytes as ``gguf.quants.quantize(x, Q8_0)`` (gguf-py's float32 arithmetic and
-    rounding, step for step; tests/test_gpu_check.py checks it), and fast on a GPU where gguf-py's numpy takes
-    minutes for a 6.8B-parameter model."""
+    rounding, step for step; tests/test_gpu_check.py checks it), and fast on a GPU, where gguf-py's numpy
+    takes over a minute for a 6.8B-parameter model on one core."""
     shape = x.shape
     blocks = x.reshape(-1, 32).float()
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
