@@ -120,7 +120,7 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
         shapes = {k: torch.empty((1, *v.shape) if k in _BATCH_OF_ONE and len(v.shape) == 2 else v.shape,
                                  device="meta") for k, v in entries.items()}
         try:
-            config = infer_transformer_config(shapes, metadata)
+            config = infer_transformer_config(shapes, metadata, source)
         except KeyError as exc:
             raise LoadError(f"{source}: no {exc.args[0]} tensor found; this is not a complete AuraFlow transformer.") \
                 from None

@@ -77,7 +77,7 @@ def text_encoder_from_sd(sd: dict, source, config=None):
         sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
     sd.pop("encoder.embed_tokens.weight", None)
     if config is None:
-        config = infer_t5_config(sd)
+        config = infer_t5_config(sd, source)
     return build_text_encoder(sd, config, source)
 
 
@@ -90,11 +90,11 @@ def vae_from_sd(sd: dict, source, config=None):
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         ldm = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        n = count_blocks(ldm, "encoder.down.")
+        n = count_blocks(ldm, "encoder.down.", source)
         sd = convert_ldm_vae_checkpoint(ldm, {"down_block_types": ["DownEncoderBlock2D"] * n,
                                               "up_block_types": ["UpDecoderBlock2D"] * n})
     if config is None:
-        config = infer_vae_config(sd)
+        config = infer_vae_config(sd, source)
     return build_vae(sd, config, source)
 
 
