@@ -21,7 +21,7 @@ from ..errors import LoadError, shown
 MAX_PATTERNS = 1024  # entries of alpha_pattern / rank_pattern (one a layer at most: AuraFlow has ~250 linears)
 MAX_PATTERN = 256  # characters of one pattern (peft's are module names or short expressions)
 MAX_RANK = 1 << 16
-MATCH_SECONDS = 0.05  # one pattern against one layer name
+MATCH_SECONDS = 0.02  # one pattern against one layer name
 BUDGET_SECONDS = 2.0  # all the pattern matching of one file
 MAX_SIDECAR_BYTES = 1 << 20  # an adapter_config.json (a few kB)
 _PLAIN = re.compile(r"[A-Za-z0-9_.]+")

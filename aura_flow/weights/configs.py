@@ -155,6 +155,16 @@ def _whole(config: dict, name: str, source, lo: int, hi: int) -> None:
                         "is damaged or of another model. Download it again")
 
 
+def check_floats(sd: dict, what: str, source) -> None:
+    """LoadError naming the file and the tensor when a weight is not floating point (an integer or bool tensor
+    would load and then fail inside the first matrix product of a run)."""
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad:
+        raise LoadError(f"{source}: {len(bad)} {what} weights are not floating point (e.g. {bad[0]}: "
+                        f"{str(sd[bad[0]].dtype).replace('torch.', '')}); the file is damaged or of another format. "
+                        "Download it again.")
+
+
 def check_config(config: dict, source, *, sizes=(), layers=(), lists=()) -> dict:
     """``config`` (a config.json's values) when the numbers that shape the model make sense; else LoadError naming
     the file, the key and the value. ``layers``: block counts, of which at least one block in all."""

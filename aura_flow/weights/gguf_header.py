@@ -9,8 +9,11 @@ field, so gguf-py only ever sees a header whose every count fits the file.
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
+
+import gguf
 
 from ..errors import LoadError, shown
 
@@ -111,12 +114,20 @@ def check_header(path) -> None:
         walk.fail(f"version {version} (this reader takes 2 and 3)")
     tensors = walk.u64("the tensor count")
     pairs = walk.count("the metadata count", 8 + 4 + 1)  # a key's length, its type, a one-byte value at least
+    alignment = 32  # GGUF_DEFAULT_ALIGNMENT
     for i in range(pairs):
         key = walk.string(f"metadata key #{i}")
-        walk.value(walk.u32(f"the type of {shown(key)}"), f"metadata {shown(key)}")
+        kind = walk.u32(f"the type of {shown(key)}")
+        if key == "general.alignment" and kind == 4:
+            alignment = walk.u32("general.alignment")
+            if alignment == 0 or alignment & (alignment - 1):
+                walk.fail(f"general.alignment={alignment} is not a power of two")
+            continue
+        walk.value(kind, f"metadata {shown(key)}")
     left = len(data) - walk.pos
     if tensors * (8 + 4 + 4 + 8) > left:  # name length, dims count, type, offset
         walk.fail(f"the tensor count claims {tensors:,} tensors, but only {left:,} bytes follow")
+    tensors_info = []
     for i in range(tensors):
         name = walk.string(f"tensor name #{i}")
         dims = walk.u32(f"the dimensions of tensor {shown(name)}")
@@ -125,8 +136,20 @@ def check_header(path) -> None:
         shape = [walk.u64(f"the shape of tensor {shown(name)}") for _ in range(dims)]
         if any(d >= 1 << 40 for d in shape):
             walk.fail(f"tensor {shown(name)} has shape {shape}")
-        walk.u32(f"the type of tensor {shown(name)}")
-        walk.u64(f"the offset of tensor {shown(name)}")
+        kind = walk.u32(f"the type of tensor {shown(name)}")
+        offset = walk.u64(f"the offset of tensor {shown(name)}")
+        try:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            walk.fail(f"tensor {shown(name)} has unknown type {kind}")
+        tensors_info.append((name, math.prod(shape), block, block_bytes, offset))
+    start = walk.pos + (-walk.pos % alignment)
+    for name, numel, block, block_bytes, offset in tensors_info:
+        end = start + offset + numel // block * block_bytes
+        if numel % block or end > size:
+            walk.fail(f"tensor {shown(name)} ({numel:,} values) " + (
+                f"ends at byte {end:,}, past the end of the {size:,}-byte file" if end > size
+                else f"is not a whole number of {block}-value blocks"))
 
 
 __all__ = ["check_header", "MAX_HEADER_BYTES"]

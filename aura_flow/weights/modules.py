@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import LoadError
-from .configs import check_vae_config, constructor_config, count_blocks, infer_t5_config, infer_vae_config
+from .configs import (check_floats, check_vae_config, constructor_config, count_blocks, infer_t5_config,
+                      infer_vae_config)
 from .layouts import find_prefix, transformer_prefix
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
     """Build a module on the meta device and assign the loaded tensors (no random init, no second copy)."""
     from .assemble import build_on_meta, check_unexpected
 
+    check_floats(sd, what, source)
     module = build_on_meta(cls_or_factory, what, source)
     expected = set(module.state_dict().keys())
     missing = sorted(expected - set(sd))
@@ -109,5 +111,6 @@ def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=Non
     if is_scaled_fp8(sd, metadata) or has_fp8_weights(sd):
         return load_fp8_transformer(sd, source, compute, metadata, config)
     prefix = transformer_prefix(source, sd)
+    check_floats({k: v for k, v in sd.items() if k.startswith(prefix)}, "transformer", source)
     stored = {k[len(prefix):]: Dense(v, storage) for k, v in sd.items() if k.startswith(prefix)}
     return assemble_transformer(stored, source, compute, metadata, config)
