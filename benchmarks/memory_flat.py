@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--lora", action="store_true", help="alternate two LoRAs between images")
+    ap.add_argument("--save", action="store_true", help="save each image with its metadata, as the CLI does")
+    ap.add_argument("--sampler", default="euler")
     ap.add_argument("--no-trace", action="store_true", help="RSS only (tracemalloc slows the Python side)")
     ap.add_argument("--top", type=int, default=0, help="print the N call sites whose traced memory grew most")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aura_flow_bench"))
@@ -70,10 +72,17 @@ def main(argv=None) -> int:
         loras = [[(write_lora(dest / "a.safetensors", LAYERS_A, seed=1, preset=args.preset), 0.7)],
                  [(write_lora(dest / "b.safetensors", LAYERS_B, seed=2, style="peft", preset=args.preset), 1.0)]]
 
+    out = Path(tempfile.mkdtemp(prefix="memory_flat_"))
+
     def one(i):
         model = pipe.with_loras(loras[i % len(loras)]) if args.lora else pipe
-        model.generate(prompt=PROMPTS[i % len(PROMPTS)], seed=i, steps=args.steps, width=args.size,
-                       height=args.size)
+        result = model.generate(prompt=PROMPTS[i % len(PROMPTS)], seed=i, steps=args.steps, width=args.size,
+                                height=args.size, sampler=args.sampler)
+        if args.save:
+            from aura_flow.cli.generate import write_images
+
+            for path in write_images(result, out):
+                Path(path).unlink()
 
     for i in range(args.warmup):
         one(i)

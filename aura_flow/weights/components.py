@@ -218,10 +218,19 @@ def _read_vae(where: tuple):
 
 
 def _read_tokenizer(where: tuple) -> PromptTokenizer:
+    import torch
+
     if where[0] == "checkpoint":
         _kind, reader, key = where
-        return PromptTokenizer.from_sentencepiece_bytes(reader.get(key).numpy().tobytes(),
-                                                        f"{reader.files[0]}:{key[len('text_encoders.'):]}")
+        data = reader.get(key)
+        try:
+            return PromptTokenizer.from_sentencepiece_bytes(data.reshape(-1).view(torch.uint8).numpy().tobytes(),
+                                                            f"{reader.files[0]}:{key[len('text_encoders.'):]}")
+        except (RuntimeError, ValueError, TypeError) as exc:  # sentencepiece's own errors for a damaged model
+            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key} ({data.numel():,} "
+                            f"{str(data.dtype).replace('torch.', '')} values) is no sentencepiece model "
+                            f"({str(exc)[:120]}); the checkpoint is damaged. Give a tokenizer as tokenizer=PATH") \
+                from None
     return PromptTokenizer.load(where[1])
 
 

@@ -93,8 +93,13 @@ def vae_from_sd(sd: dict, source, config=None):
 
         ldm = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         n = count_blocks(ldm, "encoder.down.", source)
-        sd = convert_ldm_vae_checkpoint(ldm, {"down_block_types": ["DownEncoderBlock2D"] * n,
-                                              "up_block_types": ["UpDecoderBlock2D"] * n})
+        try:
+            sd = convert_ldm_vae_checkpoint(ldm, {"down_block_types": ["DownEncoderBlock2D"] * n,
+                                                  "up_block_types": ["UpDecoderBlock2D"] * n})
+        except (KeyError, ValueError, IndexError, RuntimeError) as exc:
+            raise LoadError(f"{source}: the VAE's weights cannot be mapped ({exc.__class__.__name__}: "
+                            f"{str(exc)[:200]}); the file is incomplete or of another model. Download it again") \
+                from None
     if config is None:
         config = infer_vae_config(sd, source)
     return build_vae(sd, config, source)
