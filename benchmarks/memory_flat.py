@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", action="store_true", help="alternate two LoRAs between images")
     ap.add_argument("--save", action="store_true", help="save each image with its metadata, as the CLI does")
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--distinct", action="store_true", help="a new prompt for every image (the text encoder runs "
+                                                             "each time and the prompt cache turns over)")
     ap.add_argument("--no-trace", action="store_true", help="RSS only (tracemalloc slows the Python side)")
     ap.add_argument("--top", type=int, default=0, help="print the N call sites whose traced memory grew most")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aura_flow_bench"))
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
 
     def one(i):
         model = pipe.with_loras(loras[i % len(loras)]) if args.lora else pipe
-        result = model.generate(prompt=PROMPTS[i % len(PROMPTS)], seed=i, steps=args.steps, width=args.size,
+        prompt = PROMPTS[i % len(PROMPTS)] + (f", variation {i}" if args.distinct else "")
+        result = model.generate(prompt=prompt, seed=i, steps=args.steps, width=args.size,
                                 height=args.size, sampler=args.sampler)
         if args.save:
             from aura_flow.cli.generate import write_images

@@ -213,3 +213,16 @@ def test_the_same_lora_twice_warns(tmp_path, tiny_pipe, caplog):
     report = apply_loras(tiny_pipe.transformer, [(path, 1.0), (path, 1.0)])
     assert len(report.loras) == 2 and "the same LoRA is given 2 times" in caplog.text
     apply_loras(tiny_pipe.transformer, [])
+
+
+def test_a_dora_magnitude_of_the_wrong_shape(tmp_path, tiny_pipe):
+    layer = "joint_transformer_blocks.0.ff.linear_1"
+    out_f, in_f = SHAPES[layer]
+    assert out_f != in_f
+    path = peft_lora(tmp_path / "dora.safetensors", layers=(layer,))
+    sd = load_file(str(path))
+    sd[f"transformer.{layer}.lora_magnitude_vector"] = torch.ones(in_f)
+    save_file(sd, str(path))
+    with pytest.raises(LoadError, match=rf"dora.safetensors: DoRA magnitude of \S+ has shape \({in_f},\), expected "
+                                        rf"\({out_f},\), \({out_f}, 1\) or \(1, {in_f}\)"):
+        prepare_lora(path, tiny_pipe.transformer)

@@ -103,15 +103,17 @@ def prepare_lora(lora, transformer) -> PreparedLora:
             raise LoadError(f"{file.name}: {key} makes a change of shape {tuple(patch.shape)} for layer {layer_name}, "
                             f"whose weight is {expected}. The LoRA was trained for a different model or AuraFlow "
                             f"size; use one made for this checkpoint.")
+        out_f, in_f = expected
+        if magnitude is not None and tuple(magnitude.shape) not in ((out_f,), (out_f, 1), (1, in_f)):
+            raise LoadError(f"{file.name}: DoRA magnitude of {group.path} has shape {tuple(magnitude.shape)}, expected "
+                            f"({out_f},), ({out_f}, 1) or (1, {in_f}) for layer {layer_name}. The file is damaged or "
+                            "for another model.")
         if target.swapped_halves:  # the file's rows are in the original layout: (shift, scale) <-> (scale, shift)
-            perm = swap_halves(expected[0])
+            perm = swap_halves(out_f)
             patch = PermutedRows(patch, perm)
-            if magnitude is not None and magnitude.shape[0] == expected[0]:
+            if magnitude is not None and magnitude.shape[0] == out_f and tuple(magnitude.shape) != (1, in_f):
                 magnitude = magnitude[perm]
         if magnitude is not None:
-            if magnitude.numel() not in expected:
-                raise LoadError(f"{file.name}: DoRA magnitude of {group.path} has shape {tuple(magnitude.shape)}, "
-                                f"layer {layer_name} has {expected}. The file is damaged or for another model.")
             patch = DoraPatch.of(patch, magnitude, layer)
         if layer.weight.device.type != "meta":
             patch = patch.to(layer.weight.device)
