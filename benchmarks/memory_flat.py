@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--distinct", action="store_true", help="a new prompt for every image (the text encoder runs "
                                                              "each time and the prompt cache turns over)")
+    ap.add_argument("--trim", action="store_true", help="glibc's malloc_trim(0) after each image (an experiment: "
+                                                         "is the RSS growth freed memory the allocator keeps?)")
     ap.add_argument("--no-trace", action="store_true", help="RSS only (tracemalloc slows the Python side)")
     ap.add_argument("--top", type=int, default=0, help="print the N call sites whose traced memory grew most")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aura_flow_bench"))
@@ -86,6 +88,10 @@ def main(argv=None) -> int:
 
             for path in write_images(result, out):
                 Path(path).unlink()
+        if args.trim:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     for i in range(args.warmup):
         one(i)
