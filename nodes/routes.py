@@ -6,10 +6,12 @@
   on the node, web/auraflow.js), or HTTP 400 with ``{"error": "<which parameter, what is allowed>"}``. The work is
   bounded (at most `MAX_SCHEDULE_STEPS` sigmas) and runs off ComfyUI's event loop.
 - ``GET /auraflow/remote/key`` answers ``{"configured": bool, "source": "environment" | "file" | null,
-  "path": "<key file>"}`` — never the key. ``POST /auraflow/remote/key`` with a JSON body ``{"key": "SG_..."}``
-  writes ``<ComfyUI user dir>/auraflow/segmind_api_key`` (owner-only permissions); ``{"key": ""}`` deletes it
-  (the editor's "Segmind API key" dialog, web/remote_key.js). The key file sits beside ComfyUI's per-user folders,
-  not in one, so /userdata never serves it, and the key never passes through ComfyUI's settings.
+  "path": "<key file>", "env": "SEGMIND_API_KEY", "providers": {"segmind": {...the same...}, "fal": {...}}}`` —
+  never a key. ``POST /auraflow/remote/key`` with a JSON body ``{"key": "...", "provider": "segmind" | "fal"}``
+  (provider default segmind) writes ``<ComfyUI user dir>/auraflow/segmind_api_key`` or ``fal_key`` (owner-only
+  permissions); ``{"key": ""}`` deletes it (the editor's "Set remote API key" dialog, web/remote_key.js). The key
+  file sits beside ComfyUI's per-user folders, not in one, so /userdata never serves it, and the key never passes
+  through ComfyUI's settings.
 """
 from __future__ import annotations
 
@@ -77,38 +79,53 @@ def sigmas_response(query: dict) -> tuple[int, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ the API key
-def key_file_path():
-    """``$AURAFLOW_SEGMIND_KEY_FILE`` if set, else ``<ComfyUI user dir>/auraflow/segmind_api_key`` inside ComfyUI,
-    else the command line's ``~/.config/auraflow/segmind_api_key``."""
+def key_file_path(provider=None):
+    """The provider's key file (default Segmind): ``$AURAFLOW_SEGMIND_KEY_FILE`` (``$AURAFLOW_FAL_KEY_FILE``) if
+    set, else ``<ComfyUI user dir>/auraflow/segmind_api_key`` (``fal_key``) inside ComfyUI, else the command line's
+    ``~/.config/auraflow/...``."""
+    p = remote.get_provider(provider)
     user = folders.user_directory()
-    if user is None or os.environ.get(remote.KEY_FILE_ENV):
-        return remote.default_key_file()
-    return remote.comfyui_key_file(user)
+    if user is None or os.environ.get(p.key_file_env):
+        return remote.default_key_file(p)
+    return remote.comfyui_key_file(user, p)
 
 
-def key_status() -> dict:
-    path = key_file_path()
-    if os.environ.get(remote.API_KEY_ENV, "").strip():
+def key_status(provider=None) -> dict:
+    """Whether the provider's key (default Segmind) is configured, where from, and where its file is."""
+    p = remote.get_provider(provider)
+    path = key_file_path(p)
+    if os.environ.get(p.key_env, "").strip():
         source = "environment"
     elif path.is_file() and path.stat().st_size > 0:
         source = "file"
     else:
         source = None
-    return {"configured": source is not None, "source": source, "path": str(path), "env": remote.API_KEY_ENV}
+    return {"configured": source is not None, "source": source, "path": str(path), "env": p.key_env}
+
+
+def all_key_status() -> dict:
+    """The route's answer: Segmind's status at the top level (as before), every provider's under ``providers``."""
+    return {**key_status(), "providers": {name: key_status(name) for name in remote.PROVIDER_NAMES}}
 
 
 def save_key_response(body) -> tuple[int, dict]:
     """(HTTP status, JSON body) for a POST: writes or deletes the key file; the answer never holds the key."""
     if not isinstance(body, dict) or not isinstance(body.get("key"), str):
-        return 400, {"error": 'send JSON {"key": "SG_..."}, or {"key": ""} to delete the key file'}
+        return 400, {"error": 'send JSON {"key": "...", "provider": "segmind" or "fal"}, or {"key": ""} to delete '
+                              "the key file"}
     try:
-        path = remote.save_api_key(body["key"], key_file_path())
+        provider = remote.get_provider(body.get("provider"))
+    except ParameterError as exc:
+        return 400, {"error": str(exc)}
+    try:
+        path = remote.save_api_key(body["key"], key_file_path(provider), provider)
     except remote.RemoteError as exc:  # its message names the problem, never the key
         return 400, {"error": str(exc)}
     except OSError as exc:
         return 500, {"error": f"could not write the key file: {exc.__class__.__name__}: {exc.strerror or ''}"}
-    log.info("AuraFlow: Segmind API key %s %s", "saved to" if body["key"].strip() else "removed from", path)
-    return 200, key_status()
+    log.info("AuraFlow: %s API key %s %s", provider.label, "saved to" if body["key"].strip() else "removed from",
+             path)
+    return 200, all_key_status()
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -128,7 +145,7 @@ def register() -> bool:
     def add_key(web, routes):
         @routes.get(KEY_ROUTE)
         async def auraflow_remote_key_status(request):
-            return web.json_response(key_status())
+            return web.json_response(all_key_status())
 
         @routes.post(KEY_ROUTE)
         async def auraflow_remote_key_save(request):

@@ -24,7 +24,8 @@ VERSIONS = ("v1", "v2")
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    for name in ("SEGMIND_API_KEY", "SEGMIND_API_URL", "SEGMIND_API_VERSION", "AURAFLOW_SEGMIND_KEY_FILE"):
+    for name in ("SEGMIND_API_KEY", "SEGMIND_API_URL", "SEGMIND_API_VERSION", "AURAFLOW_SEGMIND_KEY_FILE", "FAL_KEY",
+                 "FAL_QUEUE_URL", "AURAFLOW_FAL_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("AURAFLOW_OUTPUT_DIR", str(tmp_path / "output"))

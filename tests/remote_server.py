@@ -20,8 +20,8 @@ without a length), ``size`` (a correct image of ``width``x``height``), ``media_r
 (FAILED with ``error``, as HTTP 422), ``expire`` (the status answers 404), ``queued`` (never leaves the queue),
 ``unknown`` (status ``status``), ``poll_drop`` / ``poll_hangup`` / ``poll_status`` (the first ``times`` polls
 drop mid-body / close unanswered / answer ``status``, with ``headers``), ``offsite`` (status_url on the media host),
-``no_id``, ``bare`` (no status/response URLs), ``relative`` (URLs without a host),
-``output`` (the result's output is ``make(media_url, image_bytes)``).
+``no_id``, ``id`` (the request id is ``fault["id"]``), ``bare`` (no status/response URLs), ``relative`` (URLs
+without a host), ``output`` (the result's output is ``make(media_url, image_bytes)``).
 """
 from __future__ import annotations
 
@@ -195,7 +195,23 @@ class MediaServer(_Base):
         return f"{self.origin}/media/{name}"
 
 
-class FakeService(_Base):
+class WithMedia:
+    """A service whose results point at its own `MediaServer` (``self.media``), started and stopped with it."""
+
+    @property
+    def submits(self) -> list[dict]:
+        return [r for r in self.requests if r["method"] == "POST"]
+
+    def __enter__(self):
+        self.media.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.media.__exit__(*exc)
+
+
+class FakeService(WithMedia, _Base):
     """``with FakeService() as svc: svc.url ...``; ``svc.requests`` lists what arrived (method, path, headers,
     body), ``svc.submits`` the POSTs, ``svc.media`` is the media host."""
 
@@ -228,21 +244,9 @@ class FakeService(_Base):
     def url(self) -> str:
         return f"{self.origin}/v1/aura-flow"
 
-    @property
-    def submits(self) -> list[dict]:
-        return [r for r in self.requests if r["method"] == "POST"]
-
     def polls(self, request_id: str | None = None) -> list[dict]:
         return [r for r in self.requests if r["method"] == "GET" and r["path"].endswith("/status")
                 and (request_id is None or f"/{request_id}/" in r["path"])]
-
-    def __enter__(self):
-        self.media.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self.media.__exit__(*exc)
 
     def _close_job(self, job):
         with self._lock:
@@ -336,6 +340,8 @@ class FakeService(_Base):
         kind = (fault or {}).get("kind")
         if kind == "no_id":
             return h._json(200, {"status": "QUEUED"})
+        if kind == "id":  # a request id the client must refuse to put in a path ('..', 'a/b')
+            return h._json(200, {"request_id": fault["id"], "status": "QUEUED"})
         if kind == "bare":  # the client derives the documented paths
             return h._json(200, {"request_id": rid, "status": "QUEUED"})
         base = {"offsite": self.media.origin, "relative": ""}.get(kind, self.origin)

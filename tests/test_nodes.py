@@ -98,8 +98,9 @@ def test_hosted_api_defaults_and_ranges():
     assert save["format"][1]["default"] == "webp" and save["quality"][1]["default"] == 80
     remote = inputs_of(N["AuraFlowRemoteGenerate"])
     # the two one-node generators can swap: the same widgets in the same order, then each one's optional inputs
-    assert list(remote) == list(generate)[1:-2] + ["api_version"]  # speed, noise: local only; api_version remote
-    assert list(N["AuraFlowRemoteGenerate"].INPUT_TYPES()["optional"]) == ["api_version"]
+    extra = ["api_version", "provider", "model", "expand_prompt", "noise_source", "enable_safety_checker"]
+    assert list(remote) == list(generate)[1:-2] + extra  # speed, noise: local only; the provider's: remote
+    assert list(N["AuraFlowRemoteGenerate"].INPUT_TYPES()["optional"]) == extra
 
 
 def test_pack_imports_fast_without_torch_like_comfyui_does(tmp_path):

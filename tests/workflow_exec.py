@@ -7,8 +7,10 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
   ComfyUI 0.29's (nodes.py), and plain implementations good enough to run a workflow without ComfyUI.
 - `check_api(prompt, classes)` / `check_editor(workflow, classes)` return a list of problems ([] when sound).
 - `execute(prompt, classes, ...)` runs an API-format prompt in topological order, a node fed lists once per element
-  as ComfyUI does (`map_node_over_list`, `merge_result_data`), and returns every node's outputs
-  and the ``ui`` dicts of output nodes.
+  as ComfyUI does (`map_node_over_list`, `merge_result_data`), and returns every node's outputs and the ``ui`` dicts
+  of output nodes. A node whose function is a coroutine function runs as an asyncio task, as ComfyUI's execution.py
+  (``_async_map_node_over_list``) runs it: the executor goes on with the nodes that do not need its outputs, so
+  several async nodes wait together; a plain function blocks the loop while it runs, as there.
 """
 from __future__ import annotations
 
@@ -304,26 +306,40 @@ def topological_order(prompt: dict) -> list[str]:
     return order
 
 
-def map_node_over_list(cls, inputs: dict) -> tuple[list, list]:
-    """Run one node as ComfyUI's ``_map_node_over_list`` does: every input is a list (a widget's value a list of one,
-    a linked input its source's output list); a node without ``INPUT_IS_LIST`` runs once per element of the longest
-    list, a shorter list repeating its last element; one with it runs once on the lists. Returns (results, uis)."""
-    obj = cls()
-    func = getattr(obj, cls.FUNCTION)
+def _calls(cls, inputs: dict) -> list[dict]:
+    """The keyword arguments of each run of a node, as ComfyUI's ``_map_node_over_list`` makes them: every input is a
+    list (a widget's value a list of one, a linked input its source's output list); a node without ``INPUT_IS_LIST``
+    runs once per element of the longest list, a shorter list repeating its last element; one with it runs once on
+    the lists."""
     if getattr(cls, "INPUT_IS_LIST", False):
-        calls = [inputs]
-    else:
-        longest = max((len(v) for v in inputs.values()), default=0)
-        calls = [{k: v[i if len(v) > i else -1] for k, v in inputs.items()} for i in range(longest)] or [{}]
+        return [inputs]
+    longest = max((len(v) for v in inputs.values()), default=0)
+    return [{k: v[i if len(v) > i else -1] for k, v in inputs.items()} for i in range(longest)] or [{}]
+
+
+def _collect(returned) -> tuple[list, list]:
     results, uis = [], []
-    for kwargs in calls:
-        result = func(**kwargs)
+    for result in returned:
         if isinstance(result, dict):
             if "ui" in result:
                 uis.append(result["ui"])
             result = result.get("result", ())
         results.append(tuple(result))
     return results, uis
+
+
+def map_node_over_list(cls, inputs: dict) -> tuple[list, list]:
+    """Run one node (a plain function) once per `_calls` entry. Returns (results, uis)."""
+    func = getattr(cls(), cls.FUNCTION)
+    return _collect([func(**kwargs) for kwargs in _calls(cls, inputs)])
+
+
+async def map_node_over_list_async(cls, inputs: dict) -> tuple[list, list]:
+    """The same for a coroutine function: its runs awaited together, as ComfyUI's ``_async_map_node_over_list``."""
+    import asyncio
+
+    func = getattr(cls(), cls.FUNCTION)
+    return _collect(await asyncio.gather(*(func(**kwargs) for kwargs in _calls(cls, inputs))))
 
 
 def merge_result_data(results: list, cls) -> list:
@@ -337,30 +353,17 @@ def merge_result_data(results: list, cls) -> list:
 def execute(prompt: dict, classes: dict, *, workflow: dict | None = None, lists: bool = False) -> tuple[dict, dict]:
     """Run an API-format ``prompt``; returns ({node id: outputs}, {node id: ui dict}).
 
-    Nodes run as ComfyUI runs them, lists included (`map_node_over_list`, `merge_result_data`). With
-    ``lists=True`` each output is ComfyUI's list of values (one per run, or a list output's elements); by default
-    it is the one value of a node that ran once (a node that made a list raises: ask for lists). The ``ui`` dicts
-    of output nodes are merged over their runs as ComfyUI merges them. Hidden inputs are filled as ComfyUI fills
-    them: PROMPT with the prompt, EXTRA_PNGINFO with ``{"workflow": workflow}`` when one is given (one dict for the
-    whole prompt, as ComfyUI passes its ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
+    Nodes run as ComfyUI runs them, lists included (`map_node_over_list`, `merge_result_data`), coroutine functions
+    as tasks that run side by side. With ``lists=True`` each output is ComfyUI's list of values (one per run, or a
+    list output's elements); by default it is the one value of a node that ran once (a node that made a list
+    raises: ask for lists). The ``ui`` dicts of output nodes are merged over their runs as ComfyUI merges them.
+    Hidden inputs are filled as ComfyUI fills them: PROMPT with the prompt, EXTRA_PNGINFO with
+    ``{"workflow": workflow}`` when one is given (one dict for the whole prompt, as ComfyUI passes its
+    ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
     """
-    outputs, ui = {}, {}
-    extra_pnginfo = {"workflow": workflow} if workflow else None
-    for node_id in topological_order(prompt):
-        node = prompt[node_id]
-        cls = classes[node["class_type"]]
-        inputs = {}
-        for name, value in node.get("inputs", {}).items():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-                inputs[name] = outputs[value[0]][value[1]]
-            else:
-                inputs[name] = [value]
-        for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
-            inputs[name] = [{"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)]
-        results, uis = map_node_over_list(cls, inputs)
-        outputs[node_id] = merge_result_data(results, cls) if results and results[0] else []
-        if uis:
-            ui[node_id] = {k: [y for x in uis for y in x[k]] for k in uis[0]}
+    import asyncio  # here, not at import: load_pack's import time is measured (test_nodes)
+
+    outputs, ui = asyncio.run(_execute(prompt, classes, workflow))
     if lists:
         return outputs, ui
     single = {}
@@ -369,3 +372,50 @@ def execute(prompt: dict, classes: dict, *, workflow: dict | None = None, lists:
             raise ValueError(f"node {node_id} ({prompt[node_id]['class_type']}) made lists; run with lists=True")
         single[node_id] = tuple(values[0] for values in outs)
     return single, ui
+
+
+async def _execute(prompt: dict, classes: dict, workflow: dict | None) -> tuple[dict, dict]:
+    import asyncio
+    import inspect
+
+    outputs, ui, pending = {}, {}, {}  # pending: node id -> (class, the task of an async node still running)
+    extra_pnginfo = {"workflow": workflow} if workflow else None
+    order = topological_order(prompt)
+
+    def store(node_id, cls, ran):
+        results, uis = ran
+        outputs[node_id] = merge_result_data(results, cls) if results and results[0] else []
+        if uis:
+            ui[node_id] = {k: [y for x in uis for y in x[k]] for k in uis[0]}
+
+    try:
+        for node_id in order:
+            node = prompt[node_id]
+            links = [v[0] for v in node.get("inputs", {}).values()
+                     if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
+            for src in links:  # wait only for the async nodes this one needs
+                if src in pending:
+                    src_cls, task = pending.pop(src)
+                    store(src, src_cls, await task)
+            cls = classes[node["class_type"]]
+            inputs = {}
+            for name, value in node.get("inputs", {}).items():
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                    inputs[name] = outputs[value[0]][value[1]]
+                else:
+                    inputs[name] = [value]
+            for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+                inputs[name] = [{"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)]
+            if inspect.iscoroutinefunction(getattr(cls, cls.FUNCTION)):
+                pending[node_id] = (cls, asyncio.create_task(map_node_over_list_async(cls, inputs)))
+                await asyncio.sleep(0)  # let it start, as ComfyUI does
+            else:
+                store(node_id, cls, map_node_over_list(cls, inputs))
+        for node_id in order:
+            if node_id in pending:
+                cls, task = pending.pop(node_id)
+                store(node_id, cls, await task)
+    finally:
+        for _cls, task in pending.values():
+            task.cancel()
+    return outputs, ui

@@ -3,7 +3,8 @@
 The v2 API keeps a request's result for an hour after it was submitted. A run that was interrupted, timed out or
 lost its connection names the request ids that may still complete (and be billed); this command polls each until
 it completes and writes its image to ``--out``, without submitting anything, so nothing is paid twice. The key
-comes from ``SEGMIND_API_KEY`` or the key file, as for ``remote``.
+comes from ``SEGMIND_API_KEY`` or the key file, as for ``remote``; ``--provider fal --model pony-v7`` fetches from
+fal's queue (key ``FAL_KEY``), where a request is found under the model it was submitted to.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 from .. import remote as remote_api
 from ..images import write_new_file
 from .flags import HelpFormatter, check_output_folder
+from .remote import add_provider_flags, image_notes
 
-FLAG_NAMES = {"timeout": "--timeout", "request_ids": "REQUEST_ID", "api_version": "the API version"}
+FLAG_NAMES = {"timeout": "--timeout", "request_ids": "REQUEST_ID", "api_version": "the API version",
+              "provider": "--provider", "model": "--model"}
 
 
 def register(subparsers) -> None:
@@ -29,8 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("request_ids", nargs="+", metavar="REQUEST_ID",
                    help=f"a request id (up to {remote_api.MAX_FETCH})")
     p.add_argument("--out", default="out", help="folder for the images (existing files are never overwritten)")
+    add_provider_flags(p)
     p.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
-                                                    "or ~/.config/auraflow/segmind_api_key)")
+                                                    "or ~/.config/auraflow/segmind_api_key; for fal "
+                                                    "$AURAFLOW_FAL_KEY_FILE or ~/.config/auraflow/fal_key)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one image")
     p.set_defaults(func=run, parser=p)
 
@@ -40,8 +45,9 @@ def run(args) -> int:
     timeout = remote_api.positive_seconds(args.timeout, "--timeout")
     check_output_folder(args.out)
     try:
-        client = remote_api.RemoteClient.from_environment(key_file=args.key_file, timeout=timeout,
-                                                          api_version="v2", names=FLAG_NAMES)
+        client = remote_api.RemoteClient.from_environment(
+            key_file=args.key_file, timeout=timeout, api_version="v2" if args.provider == "segmind" else None,
+            names=FLAG_NAMES, provider=args.provider, model=args.model)
         result = client.fetch(args.request_ids)
     except remote_api.RemoteError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -60,5 +66,5 @@ def _write(result, out) -> None:
         path = write_new_file(out, f"auraflow_{ids[im.index]}", im.data)
         sys.stdout.write(f"{path}\n")
         seed = "" if im.seed is None else f", seed {im.seed}"
-        sys.stderr.write(f"{ids[im.index]}: {path} ({im.width}x{im.height} {im.format}{seed})\n")
+        sys.stderr.write(f"{ids[im.index]}: {path} ({im.width}x{im.height} {im.format}{seed}{image_notes(im)})\n")
     sys.stdout.flush()

@@ -10,9 +10,9 @@ import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
-from .endpoint import API_URL_ENV, DEFAULT_API_URL, Endpoint
+from .endpoint import Endpoint
 from .errors import RemoteError
-from .keys import API_KEY_ENV
+from .providers import SEGMIND, Provider
 from .results import RemoteImage
 from .transport import Response
 
@@ -29,10 +29,11 @@ _RESET_HEADERS = ("x-ratelimit-reset", "x-rate-limit-reset", "ratelimit-reset", 
 class Answers:
     """Reads answers for one client: ``endpoint`` and ``key_source`` for messages, ``key`` only to scrub it."""
 
-    def __init__(self, endpoint: Endpoint, key: str, key_source: str):
+    def __init__(self, endpoint: Endpoint, key: str, key_source: str, provider: Provider = SEGMIND):
         self.endpoint = endpoint
         self._key = key
         self.key_source = key_source
+        self.provider = provider
 
     def scrub(self, text: str) -> str:
         """Service text made safe to show: the key removed in every form (whole, split by whitespace, in pieces,
@@ -41,6 +42,10 @@ class Answers:
         if len(text) <= _ERROR_TEXT_LIMIT:
             return text
         return redact_key(text[:_ERROR_TEXT_LIMIT], self._key, cut=True) + "…"
+
+    def redacted(self, text: str, limit: int = 4000) -> str:
+        """Longer service text kept whole (a prompt fal expanded): the key removed, cut at ``limit`` characters."""
+        return redact_key(redact_key(text, self._key)[:limit], self._key, cut=len(text) > limit)
 
     def holds_key(self, body: bytes) -> bool:
         """Whether ``body`` holds the key or a piece of it (then it is never written anywhere): every piece
@@ -65,6 +70,8 @@ class Answers:
             for name in ("error", "message", "detail", "msg"):
                 if doc.get(name):
                     value = doc[name]
+                    if isinstance(value, list) and all(isinstance(v, dict) for v in value):  # fal's 422 details
+                        value = "; ".join(_detail(v) for v in value[:8])
                     return self.scrub(value if isinstance(value, str) else json.dumps(value))
         if re.search(r"<\s*(html|!doctype)", text, re.I):
             title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
@@ -74,32 +81,33 @@ class Answers:
     def fatal(self, resp: Response, index: int, where: str | None = None) -> RemoteError:
         """The error for a status that retrying cannot fix; ``where`` names the URL asked (default: the API's)."""
         s, msg, where = resp.status, self.service_message(resp.body), where or self.endpoint.display
+        p = self.provider
         if s in (400, 422):
             text = f"the service rejected the parameters ({s}): {msg}"
         elif s == 401:
             text = (f"the service refused the API key from {self.key_source} (401: missing or invalid): {msg}. "
-                    f"Check the key (SG_ followed by 16 hex digits) in {API_KEY_ENV} or the key file")
+                    f"Check the key ({p.key_hint}) in {p.key_env} or the key file")
         elif s == 402:
-            text = f"not enough credits (402): {msg}. Top up at https://cloud.segmind.com/console/billing"
+            text = f"not enough credits (402): {msg}. Top up at {p.billing}"
         elif s == 403:
             text = f"the API key is not allowed to use this model (403 forbidden): {msg}"
         elif s == 404:
-            text = f"no model or endpoint at {where} (404): {msg}. Check {API_URL_ENV} (default {DEFAULT_API_URL})"
+            text = f"no model or endpoint at {where} (404): {msg}. Check {p.url_env} (default {p.default_url})"
         elif s == 405:
-            text = (f"{where} does not accept POST (405 method not allowed; the body was {msg}). {API_URL_ENV} "
-                    f"probably points at a web page, not the API; the default is {DEFAULT_API_URL}")
+            text = (f"{where} does not accept POST (405 method not allowed; the body was {msg}). {p.url_env} "
+                    f"probably points at a web page, not the API; the default is {p.default_url}")
         elif s == 406:
             low = msg.lower()
             if ("content" in low and "type" in low) or "json" in low:
                 text = (f"the service refused the request's content type (406): {msg}. The client sends "
                         "application/json; a proxy in between may be rewriting it")
             elif "credit" in low or "balance" in low:
-                text = f"not enough credits (406): {msg}. Top up at https://cloud.segmind.com/console/billing"
+                text = f"not enough credits (406): {msg}. Top up at {p.billing}"
             else:
                 text = f"the service refused the request (406 not acceptable: credits or content type): {msg}"
         elif 300 <= s < 400:
             text = (f"{where} redirects ({s}) to {self.scrub(resp.headers.get('location', '(no location)'))}; not "
-                    f"followed, so the key goes nowhere else. If the API moved, set {API_URL_ENV} to the new address")
+                    f"followed, so the key goes nowhere else. If the API moved, set {p.url_env} to the new address")
         else:
             text = f"the service answered HTTP {s}: {msg}"
         return RemoteError(text, status=s, index=index, billed=False,
@@ -119,7 +127,8 @@ class Answers:
 
         ctype = resp.headers.get("content-type", "")
         rid = self.scrub(resp.headers["x-request-id"]) if resp.headers.get("x-request-id") else None
-        billed_note = f"; a 200 is billed: report it to Segmind support with request id {rid or '(none)'}"
+        billed_note = (f"; a 200 is billed: report it to {self.provider.label} support with request id "
+                       f"{rid or '(none)'}")
         kept, kept_note = self._kept(resp.body, index)
         try:
             img = Image.open(io.BytesIO(resp.body))
@@ -187,6 +196,14 @@ class Answers:
                 return number - time.time()
             return number  # seconds from now
         return None
+
+
+def _detail(item: dict) -> str:
+    """One entry of a validation error's ``detail`` list: ``field: message``."""
+    loc = item.get("loc")
+    field = ".".join(str(x) for x in loc if x != "body") if isinstance(loc, list) else ""
+    msg = item.get("msg") or item.get("message") or json.dumps(item)[:200]
+    return f"{field}: {msg}" if field else str(msg)
 
 
 def redact_key(text: str, key: str, *, cut: bool = False) -> str:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .answers import Answers
-from .endpoint import API_URL_ENV
 from .errors import Cancelled, RemoteError, RemoteTimeout
 from .transport import Dropped, Exchange, HttpTransport, NotSent, Response
 
@@ -64,6 +63,7 @@ class Call:
     def __init__(self, params: dict, total: int):
         self.params = params
         self.total = total
+        self.template: dict = {}  # fal: the JSON body every request of the call shares (its seed added per image)
         self.cancelled = threading.Event()
         self.halted: str | None = None  # set when a failure means no further request can succeed
         self.not_before = 0.0  # monotonic time before which no request is sent (a rate-limit reset)
@@ -128,6 +128,11 @@ class Sender:
         self.timeout = timeout
         self.names = dict(names or {})
 
+    def cancel_open(self, ctx: "Call") -> str:
+        """Ask the service to drop the call's unfinished requests; what to tell the user ("" where the service has
+        no cancel, as Segmind's)."""
+        return ""
+
     def say(self, option: str) -> str:
         return self.names.get(option, option)
 
@@ -148,7 +153,8 @@ class Sender:
             if exchange.reason == "cancel":
                 raise Cancelled() from None
             raise Retry(RemoteError(f"could not connect to {where or self.transport.endpoint.display}{what} ({exc}); "
-                                    f"check the network or {API_URL_ENV}", index=index, billed=False)) from None
+                                    f"check the network or {self.transport.url_env}", index=index,
+                                    billed=False)) from None
         except Dropped as exc:
             if exchange.reason == "cancel":
                 raise Cancelled() from None

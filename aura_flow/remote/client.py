@@ -1,4 +1,5 @@
-"""Client for the hosted Aura Flow API (Segmind): the async v2 queue by default, the sync v1 API when asked.
+"""Client for the hosted Aura Flow APIs: Segmind (the default; its async v2 queue, or the sync v1 API when asked)
+and fal's queue (``provider="fal"``, models ``aura-flow`` and ``pony-v7``; see fal.py and fal_params.py).
 
 v2 (queue.py): ``POST /v2/aura-flow`` answers a request id at once; the client polls the request's status, fetches
 its result and then the image named in its ``output``. A lost connection costs a poll, never a second generation.
@@ -28,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -39,9 +39,12 @@ from ..errors import ParameterError, shown
 from ..plan import plan_generation
 from .answers import Answers
 from .calls import Call, RetryPolicy
-from .endpoint import API_URL_ENV, DEFAULT_API_URL, parse_endpoint, resolve_api_version
+from .endpoint import REQUEST_ID, parse_endpoint, resolve_api_version
 from .errors import Cancelled, RemoteError, RemoteInterrupted
+from .fal import FalRequests
+from .fal_params import OPTION_DEFAULTS, check_options, fal_body
 from .keys import clean_key, resolve_api_key
+from .providers import FAL, check_model, get_provider
 from .queue import PollPolicy, QueueRequests
 from .results import RemoteImage, RemoteResult, batch_seed
 from .sync import SyncRequests
@@ -66,7 +69,7 @@ def positive_seconds(value, name: str = "timeout") -> float:
 
 
 MAX_FETCH = 10  # request ids a `RemoteClient.fetch` call takes (as many as one generate call makes)
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+_REQUEST_ID = REQUEST_ID
 
 
 def check_request_ids(values, name: str = "request_ids") -> list[str]:
@@ -86,33 +89,45 @@ def check_request_ids(values, name: str = "request_ids") -> list[str]:
 
 
 class RemoteClient:
-    """Talks to the hosted Aura Flow API. Build it with `from_environment`, call `generate`.
+    """Talks to a hosted Aura Flow API. Build it with `from_environment`, call `generate`.
 
-    ``api_version``: "v2" (the queue), "v1" (sync), or None/"auto" for ``$SEGMIND_API_VERSION`` else v2.
-    ``names`` maps option names (``timeout``, ``api_version``, ``number_of_images``, ``request_ids``) to how the
-    caller's user spells them, so messages speak the words of the place (``{"timeout": "--timeout"}`` on the command
-    line).
+    ``provider``: "segmind" (None, the default) or "fal"; ``model``: "aura-flow" (the default) or, on fal,
+    "pony-v7". ``url``: the API's address (None: the provider's default). ``api_version`` (Segmind only): "v2" (the
+    queue), "v1" (sync), or None/"auto" for ``$SEGMIND_API_VERSION`` else v2. ``names`` maps option names
+    (``timeout``, ``api_version``, ``number_of_images``, ``request_ids``, ``provider``, ``model`` and the
+    parameters) to how the caller's user spells them, so messages speak the words of the place
+    (``{"timeout": "--timeout"}`` on the command line).
     """
 
-    def __init__(self, api_key: str, *, url: str = DEFAULT_API_URL, api_version: str | None = None,
+    def __init__(self, api_key: str, *, url: str | None = None, api_version: str | None = None,
                  key_source: str = "the given key", connect_timeout: float = 15.0, timeout: float = 180.0,
                  retry: RetryPolicy | None = None, poll: PollPolicy | None = None, max_concurrency: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, poll_interval: float = 0.1,
-                 ssl_context: ssl.SSLContext | None = None, names: dict | None = None):
+                 ssl_context: ssl.SSLContext | None = None, names: dict | None = None, provider: str | None = None,
+                 model: str | None = None):
         names = dict(names or {})
         self.names = names
         self.timeout = positive_seconds(timeout, names.get("timeout", "timeout"))  # per image, all stages
-        self.api_version = resolve_api_version(api_version, names.get("api_version", "api_version"))
-        self.endpoint = parse_endpoint(url)
-        key = clean_key(api_key, key_source)
+        self.provider = get_provider(provider, names.get("provider", "provider"))
+        self.model = check_model(self.provider, model, names.get("model", "model"), names.get("provider", "provider"))
+        self.api_version = _api_version(self.provider, api_version, names)
+        self.endpoint = parse_endpoint(url or self.provider.default_url, self.provider.url_env)
+        key = clean_key(api_key, key_source, self.provider)
         self.key_source = key_source
         self.retry = retry or RetryPolicy()
         self.max_concurrency = max(1, int(max_concurrency))
         self.poll_interval = float(poll_interval)  # how often should_stop and the deadlines are checked
+        fal = self.provider is FAL
         self.transport = HttpTransport(self.endpoint, key, connect_timeout=connect_timeout,
-                                       max_body_bytes=max_body_bytes, ssl_context=ssl_context)
-        self.answers = Answers(self.endpoint, key, key_source)
-        if self.api_version == "v2":
+                                       max_body_bytes=max_body_bytes, ssl_context=ssl_context,
+                                       key_header="Authorization" if fal else "x-api-key",
+                                       key_prefix="Key " if fal else "", url_env=self.provider.url_env)
+        self.answers = Answers(self.endpoint, key, key_source, self.provider)
+        if fal:
+            self.requests = FalRequests(self.transport, self.answers, self.retry, self.timeout, names, poll=poll,
+                                        model=self.model)
+            self.submit_endpoint = self.requests.submit_ep
+        elif self.api_version == "v2":
             self.requests = QueueRequests(self.transport, self.answers, self.retry, self.timeout, names, poll=poll)
             self.submit_endpoint = self.requests.submit_ep
         else:
@@ -120,35 +135,48 @@ class RemoteClient:
             self.submit_endpoint = self.endpoint
 
     def __repr__(self):  # never show the key
-        return f"RemoteClient({self.submit_endpoint.display!r}, {self.api_version}, key from {self.key_source})"
+        return (f"RemoteClient({self.provider.name}, {self.submit_endpoint.display!r}, {self.api_version}, key from "
+                f"{self.key_source})")
 
     @classmethod
     def from_environment(cls, key_file=None, **options) -> "RemoteClient":
-        """Key from `resolve_api_key` (env, then ``key_file``), URL from ``$SEGMIND_API_URL`` or the default,
-        API version from ``api_version`` or ``$SEGMIND_API_VERSION`` (default v2)."""
+        """Provider from ``provider`` (default Segmind); key from `resolve_api_key` (the provider's variable, then
+        ``key_file``); URL from ``$SEGMIND_API_URL`` / ``$FAL_QUEUE_URL`` or the default, checked as it is read;
+        Segmind's API version from ``api_version`` or ``$SEGMIND_API_VERSION`` (default v2)."""
         names = options.get("names") or {}
         options["timeout"] = positive_seconds(options.get("timeout", 180.0), names.get("timeout", "timeout"))
-        resolve_api_version(options.get("api_version"), names.get("api_version", "api_version"))  # before the key
-        key, source = resolve_api_key(key_file)
-        url = os.environ.get(API_URL_ENV, "").strip() or DEFAULT_API_URL
+        provider = get_provider(options.get("provider"), names.get("provider", "provider"))  # all before the key
+        check_model(provider, options.get("model"), names.get("model", "model"), names.get("provider", "provider"))
+        _api_version(provider, options.get("api_version"), names)
+        url = os.environ.get(provider.url_env, "")
+        url = url.strip() if url.strip() else provider.default_url
+        parse_endpoint(url, provider.url_env)  # a bad address is refused when read, naming its variable
+        key, source = resolve_api_key(key_file, provider)
         return cls(key, url=url, key_source=source, **options)
 
-    def _request_body(self, params: dict, seed: int) -> bytes:
+    def _request_body(self, ctx, seed: int) -> bytes:
+        """One request's JSON body; ``ctx``: the call (or, for Segmind, its parameters as a dict)."""
+        if self.provider is FAL:
+            return json.dumps({**ctx.template, "seed": seed}).encode("utf-8")
+        params = ctx.params if isinstance(ctx, Call) else ctx
         body = {name: params[name] for name in _BODY_FIELDS}
         body.update(seed=seed, number_of_images=1)
         return json.dumps(body).encode("utf-8")
 
     def _one_image(self, ctx: Call, index: int) -> RemoteImage:
         seed = batch_seed(ctx.params["seed"], index)
-        return self.requests.one_image(ctx, index, seed, self._request_body(ctx.params, seed))
+        return self.requests.one_image(ctx, index, seed, self._request_body(ctx, seed))
 
     # ------------------------------------------------------------------------------------------- public
 
     def generate(self, plan, *, should_stop: Callable[[], bool] | None = None,
                  on_progress: Callable[[int, int, str], None] | None = None,
-                 on_request: Callable[[int, str], None] | None = None) -> RemoteResult:
+                 on_request: Callable[[int, str], None] | None = None, options: dict | None = None) -> RemoteResult:
         """Generate the plan's ``number_of_images`` images. ``plan``: a remote `GenerationPlan`
-        (``plan_generation(params, remote=True)``), or the parameters as a dict, checked here before anything is sent.
+        (``plan_generation(params, remote=True)``), or the parameters as a dict, checked here before anything is sent;
+        on fal, also against what the model takes (a parameter left at its default is not sent; one set that the
+        model cannot honour is a ParameterError). ``options``: fal's ``expand_prompt`` (off unless asked),
+        ``noise_source`` and ``enable_safety_checker`` (refused on Segmind when set).
 
         Returns a `RemoteResult` when at least one image arrived (``result.failures`` lists the others); raises
         `RemoteError` when none did (a single failure is raised as is), `RemoteInterrupted` when ``should_stop()``
@@ -162,24 +190,45 @@ class RemoteClient:
         elif not plan.remote:
             raise ParameterError("this plan was made for the local engine; plan a remote run with "
                                  "plan_generation(params, remote=True) (the service's sizes and names differ)")
+        ctx = self.check(plan, options)
+        params, n = plan.params(), ctx.total
+        log.info("AuraFlow remote: %d image(s) %dx%d, %d steps, from %s (%s %s)", n, params["width"],
+                 params["height"], params["steps"], self.submit_endpoint.display, self.provider.name,
+                 self.api_version)
+        return self._gather(ctx, self._one_image, should_stop, on_progress, on_request)
+
+    def check(self, plan, options: dict | None = None) -> Call:
+        """Check ``plan`` (a remote `GenerationPlan`) and fal ``options`` against the provider and model, sending
+        nothing; a ParameterError names the parameter, the provider and the model. Returns the call `generate` makes.
+        """
         params = plan.params()
         n = params["number_of_images"]
-        log.info("AuraFlow remote: %d image(s) %dx%d, %d steps, from %s (%s)", n, params["width"], params["height"],
-                 params["steps"], self.submit_endpoint.display, self.api_version)
-        return self._gather(Call(params, n), self._one_image, should_stop, on_progress, on_request)
+        fal_options = check_options(options, self.names)
+        if self.provider is FAL:
+            template, expect = fal_body(params, self.model, fal_options, self.names)
+            ctx = Call({**params, **expect}, n)
+            ctx.template = template
+            return ctx
+        for name, value in fal_options.items():
+            if value != OPTION_DEFAULTS[name]:
+                raise ParameterError(f"{self.names.get(name, name)}={value!r} is a fal option; "
+                                     f"{self.names.get('provider', 'provider')}=segmind has none (leave it at "
+                                     f"{OPTION_DEFAULTS[name]!r}, or use fal)")
+        return Call(params, n)
 
     def fetch(self, request_ids, *, should_stop: Callable[[], bool] | None = None,
               on_progress: Callable[[int, int, str], None] | None = None) -> RemoteResult:
-        """The images of requests submitted before, by their request ids (v2 keeps a result for an hour after the
-        submit): each is polled until it completes and its image fetched; nothing is submitted, so nothing is
-        billed again. Returns and raises as `generate`; an image's seed is the one the service reports, else None,
-        and its size and format are as sent. Up to ``MAX_FETCH`` ids a call."""
-        if self.api_version != "v2":
+        """The images of requests submitted before, by their request ids (Segmind's v2 keeps a result for an hour
+        after the submit; fal's queue keeps it too, under the client's ``model``): each is polled until it completes
+        and its image fetched; nothing is submitted, so nothing is billed again. Returns and raises as `generate`;
+        an image's seed is the one the service reports, else None, and its size and format are as sent. Up to
+        ``MAX_FETCH`` ids a call."""
+        if self.api_version == "v1":
             raise ParameterError(f"{self.names.get('api_version', 'api_version')}={self.api_version!r}: only the v2 "
                                  "API keeps results to fetch by request id; use v2")
         ids = check_request_ids(request_ids, self.names.get("request_ids", "request_ids"))
         params = {"request_ids": ids, "number_of_images": len(ids), "seed": None, "width": None, "height": None,
-                  "output_format": None, "output_quality": 80}
+                  "output_format": None, "output_quality": 80, "prompt": None}
         log.info("AuraFlow remote: fetching %d earlier request(s) from %s", len(ids), self.submit_endpoint.display)
         return self._gather(Call(params, len(ids)), lambda ctx, i: self.requests.fetch_image(ctx, i, ids[i]),
                             should_stop, on_progress, None)
@@ -188,7 +237,8 @@ class RemoteClient:
                 on_request) -> RemoteResult:
         """Run ``work(ctx, i)`` for every image of ``ctx`` on the pool; keep what arrives, say what failed."""
         n = ctx.total
-        result = RemoteResult(ctx.params, api_version=self.api_version)
+        result = RemoteResult(ctx.params, api_version=self.api_version, provider=self.provider.name,
+                              model=self.model)
         pool = ThreadPoolExecutor(max_workers=min(n, self.max_concurrency), thread_name_prefix="auraflow-remote")
         start = last_note = time.monotonic()
         arrived: dict[int, RemoteImage] = {}
@@ -226,10 +276,16 @@ class RemoteClient:
                 if should_stop is not None and should_stop():
                     result.images = [arrived[i] for i in sorted(arrived)]
                     result.failures = [failed[i] for i in sorted(failed)]
-                    raise _interrupted(ctx, result, n)
+                    ctx.cancel()  # no worker sends anything more; then the service is asked to drop what is open
+                    raise _interrupted(ctx, result, n, self.requests.cancel_open(ctx))
                 if on_progress is not None and (done or named or now - last_note >= 1.0):
                     last_note = now
                     on_progress(len(arrived) + len(failed), n, _progress_text(ctx, arrived, failed, now - start))
+        except KeyboardInterrupt as exc:  # Ctrl-C: the unfinished requests are dropped where the service allows it
+            ctx.cancel()
+            result.images = [arrived[i] for i in sorted(arrived)]
+            exc.add_note(str(_interrupted(ctx, result, n, self.requests.cancel_open(ctx))))  # the CLI shows it
+            raise
         finally:
             ctx.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -238,9 +294,12 @@ class RemoteClient:
         if not result.images:
             if len(result.failures) == 1:
                 err = result.failures[0]
-            else:
+            elif result.failures:
                 err = RemoteError(f"no image arrived: {result.failure_summary()}",
                                   status=result.failures[0].status, billed=None)
+            else:  # every request was cancelled (a deadline passed) before one answered or failed
+                err = RemoteError(f"no image arrived: the {n} request(s) were cancelled before any answered",
+                                  billed=None)
             err.result = result
             raise err
         return result
@@ -254,7 +313,7 @@ def _progress_text(ctx: Call, arrived: dict, failed: dict, waited: float) -> str
     return text + (f"; {shown}" if shown else "") + (f"; +{len(jobs) - 4} more" if len(jobs) > 4 else "")
 
 
-def _interrupted(ctx: Call, result: RemoteResult, n: int) -> RemoteInterrupted:
+def _interrupted(ctx: Call, result: RemoteResult, n: int, cancelled: str = "") -> RemoteInterrupted:
     jobs = ctx.open_jobs()
     text = f"remote generation interrupted with {len(result.images)} of {n} image(s) received; "
     if jobs:
@@ -262,7 +321,19 @@ def _interrupted(ctx: Call, result: RemoteResult, n: int) -> RemoteInterrupted:
                  f"be billed; their results stay for an hour at {', '.join(j.response_url for j in jobs)}")
     else:
         text += "requests already sent may still be billed"
+    if cancelled:
+        text += f"; {cancelled}"
     return RemoteInterrupted(text, result, [j.request_id for j in jobs])
+
+
+def _api_version(provider, choice, names: dict) -> str:
+    """Segmind's API version; fal has one queue API ("queue"), and an api_version given for it is refused."""
+    if provider is not FAL:
+        return resolve_api_version(choice, names.get("api_version", "api_version"))
+    if choice is not None and str(choice).strip().lower() not in ("", "auto"):
+        raise ParameterError(f"{names.get('api_version', 'api_version')}={choice!r} applies to the segmind provider "
+                             "only; fal has one queue API (leave it at auto)")
+    return "queue"
 
 
 def _lower_credits(old: Optional[str], new: Optional[str]) -> Optional[str]:

@@ -15,9 +15,14 @@ from dataclasses import dataclass, replace
 from urllib.parse import quote, urljoin, urlsplit
 
 from .errors import RemoteError
+from .providers import FAL, SEGMIND
 
-DEFAULT_API_URL = "https://api.segmind.com/v1/aura-flow"
-API_URL_ENV = "SEGMIND_API_URL"
+DEFAULT_API_URL = SEGMIND.default_url
+API_URL_ENV = SEGMIND.url_env
+URL_ENVS = {SEGMIND.url_env: SEGMIND.default_url, FAL.url_env: FAL.default_url}
+# A request id as the services give them (Segmind's rq-..., fal's UUIDs): it goes into URL paths and file names,
+# so nothing else ('/', '..', '%', spaces) is accepted from an answer, a command line or a node.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 API_VERSION_ENV = "SEGMIND_API_VERSION"
 API_VERSIONS = ("v2", "v1")  # v2: submit, poll, fetch (the default); v1: one blocking request per image
 AUTO = "auto"  # follow $SEGMIND_API_VERSION, else v2
@@ -56,8 +61,18 @@ class Endpoint:
 
 
 def parse_endpoint(url: str, name: str = API_URL_ENV) -> Endpoint:
-    """Check a URL: https anywhere, plain http only to loopback. ``name`` says where the URL came from."""
-    hint = f"; use e.g. {DEFAULT_API_URL}" if name == API_URL_ENV else ""
+    """Check a URL: https anywhere, plain http only to loopback, nothing that cannot be sent as it is (spaces,
+    CR/LF and other control characters, non-ASCII). ``name`` says where the URL came from."""
+    hint = f"; use e.g. {URL_ENVS[name]}" if name in URL_ENVS else ""
+    if not isinstance(url, str):
+        raise RemoteError(f"{name}: not a URL{hint}", billed=False)
+    bad = next((i for i, c in enumerate(url.strip()) if not 0x21 <= ord(c) <= 0x7E), None)
+    if bad is not None:
+        char = url.strip()[bad]
+        what = ("a space" if char == " " else "a control character (CR, LF, tab...)" if ord(char) < 0x21 or
+                ord(char) == 0x7F else "a non-ASCII character")
+        raise RemoteError(f"{name}: the URL has {what} at position {bad + 1}, which cannot be sent in a request; "
+                          f"percent-encode it (a space is %20) or fix the value. Nothing was sent{hint}", billed=False)
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -67,7 +82,7 @@ def parse_endpoint(url: str, name: str = API_URL_ENV) -> Endpoint:
     if parts.scheme not in ("https", "http") or not host:
         raise RemoteError(f"{name}: expected an https:// URL with a host{hint}")
     if parts.scheme == "http" and not is_loopback(host):
-        what = "the API key" if name == API_URL_ENV else "it"
+        what = "the API key" if name in URL_ENVS else "it"
         raise RemoteError(f"{name}: plain http:// is refused for {host} ({what} would travel unencrypted); use "
                           "https://, or http:// only to 127.0.0.1, ::1 or localhost")
     path = parts.path or "/"

@@ -1,4 +1,5 @@
-"""The Segmind API key: read from ``SEGMIND_API_KEY`` or a key file, written to the key file for the editor's dialog.
+"""The providers' API keys: read from the environment (``SEGMIND_API_KEY``, ``FAL_KEY``) or a key file, written to
+the key file for the editor's dialog. Every provider follows the same rules; ``provider`` picks the names.
 
 The key lives only in the request header; no function here puts it in a message. The key file is read with a
 size limit (never a FIFO or device that would block or never end) and written atomically through a new private
@@ -13,93 +14,99 @@ import uuid
 from pathlib import Path
 
 from .errors import MissingKeyError
+from .providers import SEGMIND, get_provider
 
-API_KEY_ENV = "SEGMIND_API_KEY"
-KEY_FILE_ENV = "AURAFLOW_SEGMIND_KEY_FILE"
-KEY_FILE_NAME = "segmind_api_key"
-KEY_FILE_SUBDIR = "auraflow"  # <ComfyUI user dir>/auraflow/segmind_api_key, ~/.config/auraflow/segmind_api_key
-# Segmind keys are SG_ and 16 hex digits; anything much longer is not a key (a wrong file, a pasted document).
+API_KEY_ENV = SEGMIND.key_env
+KEY_FILE_ENV = SEGMIND.key_file_env
+KEY_FILE_NAME = SEGMIND.key_file_name
+KEY_FILE_SUBDIR = "auraflow"  # <ComfyUI user dir>/auraflow/<provider's key file>, ~/.config/auraflow/...
+# Segmind keys are SG_ and 16 hex digits, fal's a UUID, ':' and 32 hex digits; anything much longer is not a key
+# (a wrong file, a pasted document).
 MAX_KEY_LENGTH = 256
 MAX_KEY_FILE_BYTES = 4096  # the key, a newline and some blank space
 
 
-def default_key_file() -> Path:
-    """The key file used outside ComfyUI: ``$AURAFLOW_SEGMIND_KEY_FILE`` or
-    ``$XDG_CONFIG_HOME/auraflow/segmind_api_key`` (``~/.config/auraflow/segmind_api_key``)."""
-    given = os.environ.get(KEY_FILE_ENV)
+def default_key_file(provider=None) -> Path:
+    """The key file used outside ComfyUI: ``$AURAFLOW_SEGMIND_KEY_FILE`` (``$AURAFLOW_FAL_KEY_FILE``) or
+    ``$XDG_CONFIG_HOME/auraflow/segmind_api_key`` (``fal_key``), by default under ``~/.config``."""
+    p = get_provider(provider)
+    given = os.environ.get(p.key_file_env)
     if given:
         return Path(given).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / KEY_FILE_SUBDIR / KEY_FILE_NAME
+    return Path(base) / KEY_FILE_SUBDIR / p.key_file_name
 
 
-def comfyui_key_file(user_dir) -> Path:
-    """The key file inside ComfyUI: ``<ComfyUI user dir>/auraflow/segmind_api_key`` (``ComfyUI/user/...``).
+def comfyui_key_file(user_dir, provider=None) -> Path:
+    """The key file inside ComfyUI: ``<ComfyUI user dir>/auraflow/segmind_api_key`` (``fal_key``).
 
     It sits beside the per-user folders (``user/default``), so ComfyUI's /userdata routes do not serve it.
     """
-    return Path(user_dir) / KEY_FILE_SUBDIR / KEY_FILE_NAME
+    return Path(user_dir) / KEY_FILE_SUBDIR / get_provider(provider).key_file_name
 
 
-def clean_key(raw: str, source: str) -> str:
+def clean_key(raw: str, source: str, provider=None) -> str:
+    p = get_provider(provider)
     key = raw.strip()
     if not key:
-        raise MissingKeyError(f"the API key in {source} is empty; set {API_KEY_ENV} or write the key into the key file")
+        raise MissingKeyError(f"the API key in {source} is empty; set {p.key_env} or write the key into the key file")
     if len(key) > MAX_KEY_LENGTH:
         raise MissingKeyError(f"the API key in {source} is {len(key):,} characters long; a key has at most "
-                              f"{MAX_KEY_LENGTH} (Segmind keys look like SG_ followed by 16 hex digits): write the "
-                              "key alone")
+                              f"{MAX_KEY_LENGTH} ({p.label} keys are {p.key_hint}): write the key alone")
     # Printable ASCII without spaces: anything else would make http.client raise with the value in its message.
     if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise MissingKeyError(f"the API key in {source} contains spaces, control or non-ASCII characters; "
-                              "write the key alone (Segmind keys look like SG_ followed by 16 hex digits)")
+                              f"write the key alone ({p.label} keys are {p.key_hint})")
     return key
 
 
-def resolve_api_key(key_file=None) -> tuple[str, str]:
-    """Return ``(key, source)``: ``$SEGMIND_API_KEY`` first, then the key file (``key_file`` or `default_key_file`).
+def resolve_api_key(key_file=None, provider=None) -> tuple[str, str]:
+    """Return ``(key, source)``: the provider's variable (``$SEGMIND_API_KEY``, ``$FAL_KEY``) first, then the key
+    file (``key_file`` or `default_key_file`).
 
     ``source`` names where the key came from, for messages; the key itself is never part of one.
     """
-    env = os.environ.get(API_KEY_ENV, "")
+    p = get_provider(provider)
+    env = os.environ.get(p.key_env, "")
     if env.strip():
-        return clean_key(env, f"the {API_KEY_ENV} environment variable"), f"the {API_KEY_ENV} environment variable"
-    path = Path(key_file) if key_file else default_key_file()
-    text = read_key_file(path)
+        return clean_key(env, f"the {p.key_env} environment variable", p), f"the {p.key_env} environment variable"
+    path = Path(key_file) if key_file else default_key_file(p)
+    text = read_key_file(path, p)
     if not text.strip():
-        elsewhere = "" if path == default_key_file() else (
-            f" (outside ComfyUI: {default_key_file()}, or the path in {KEY_FILE_ENV})")
+        elsewhere = "" if path == default_key_file(p) else (
+            f" (outside ComfyUI: {default_key_file(p)}, or the path in {p.key_file_env})")
         raise MissingKeyError(
-            f"no Segmind API key: set the {API_KEY_ENV} environment variable, or write the key alone into the key "
-            f"file {path}{elsewhere}. Get a key at https://cloud.segmind.com/console/api-keys")
-    return clean_key(text, f"the key file {path}"), f"the key file {path}"
+            f"no {p.label} API key: set the {p.key_env} environment variable, or write the key alone into the key "
+            f"file {path}{elsewhere}. Get a key at {p.key_page}")
+    return clean_key(text, f"the key file {path}", p), f"the key file {path}"
 
 
-def read_key_file(path: Path) -> str:
+def read_key_file(path: Path, provider=None) -> str:
     """The key file's text ("" when there is none); at most `MAX_KEY_FILE_BYTES`, and only from a regular file."""
+    env = get_provider(provider).key_env
     try:  # non-blocking: a FIFO planted at the path would otherwise block the open forever
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return ""
     except OSError as exc:
         raise MissingKeyError(f"cannot read the API key file {path}: {exc.__class__.__name__}; "
-                              f"fix its permissions or set {API_KEY_ENV}") from None
+                              f"fix its permissions or set {env}") from None
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise MissingKeyError(f"the API key file {path} is not a regular file; write the key alone into a file "
-                                  f"there, or set {API_KEY_ENV}")
+                                  f"there, or set {env}")
         data = fh.read(MAX_KEY_FILE_BYTES + 1)
     if len(data) > MAX_KEY_FILE_BYTES:
         raise MissingKeyError(f"the API key file {path} is over {MAX_KEY_FILE_BYTES:,} bytes, so it holds more than a "
-                              f"key; write the key alone into it (SG_ followed by 16 hex digits), or set {API_KEY_ENV}")
+                              f"key; write the key alone into it, or set {env}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise MissingKeyError(f"the API key file {path} is not text; write the key alone into it, or set "
-                              f"{API_KEY_ENV}") from None
+                              f"{env}") from None
 
 
-def save_api_key(key: str, path) -> Path:
+def save_api_key(key: str, path, provider=None) -> Path:
     """Write ``key`` to ``path`` readable by the owner only; an empty key deletes the file.
 
     The key goes into a new temporary file of a unique name beside ``path`` (exclusive create, never through a
@@ -110,7 +117,7 @@ def save_api_key(key: str, path) -> Path:
     if not key.strip():
         path.unlink(missing_ok=True)
         return path
-    key = clean_key(key, "the given key")
+    key = clean_key(key, "the given key", provider)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)

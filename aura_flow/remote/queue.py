@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 
 from .calls import Call, Job, Retry, Sender
-from .endpoint import API_VERSION_ENV, Endpoint, on_api_host, parse_endpoint, v2_request_paths, v2_submit_endpoint
+from .endpoint import (API_VERSION_ENV, REQUEST_ID, Endpoint, on_api_host, parse_endpoint, v2_request_paths,
+                       v2_submit_endpoint)
 from .errors import Cancelled, RemoteError, RemoteTimeout
 from .outputs import describe, media_sources
 from .results import RemoteImage
@@ -53,17 +54,45 @@ DEFAULT_POLL = PollPolicy()  # what a client built without ``poll=`` uses
 class Ticket(Job):
     status_ep: Endpoint | None = None
     response_ep: Endpoint | None = None
+    cancel_ep: Endpoint | None = None  # where a cancel goes (fal); None where the service has none (Segmind)
 
 
 class QueueRequests(Sender):
     """One image = one submit (retried only while no id has come back), then polls and fetches of that request."""
 
     version = "v2"
+    WAITING, KNOWN = WAITING, KNOWN  # the status values that mean "not yet", and every one this client knows
+    failed_note = " (a failed request is not billed)"
+    key_words = "the x-api-key header"
 
     def __init__(self, *args, poll: PollPolicy | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.poll = poll or DEFAULT_POLL
-        self.submit_ep = v2_submit_endpoint(self.transport.endpoint)
+        self.submit_ep = self.submit_endpoint()
+
+    # ------------------------------------------------------------------------------------------- protocol hooks
+    # Segmind's v2 queue here; fal.py overrides them for fal's queue.
+    def submit_endpoint(self) -> Endpoint:
+        return v2_submit_endpoint(self.transport.endpoint)
+
+    def request_paths(self, request_id: str) -> tuple[str, str, str | None]:
+        """The documented status, result and cancel paths of a request (cancel None: the service has none)."""
+        return (*v2_request_paths(self.submit_ep, request_id), None)
+
+    def submit_hint(self) -> str:
+        return (f". If this address serves only the sync API, choose v1 ({self.say('api_version')} v1, or "
+                f"{API_VERSION_ENV}=v1)")
+
+    @staticmethod
+    def failure(doc: dict) -> str | None:
+        """The error of a status or result that reports a failed request, else None."""
+        if doc.get("status") == "FAILED":
+            return str(doc.get("error") or "(no error given)")
+        return None
+
+    def annotate(self, image: RemoteImage, result: dict, params: dict) -> RemoteImage:
+        """Add what the result says about the image beyond its bytes (fal: the prompt used, the NSFW flag)."""
+        return image
 
     def one_image(self, ctx: Call, index: int, seed: int, body: bytes) -> RemoteImage:
         job = self.with_retries(ctx, index, lambda: self._submit(ctx, index, body))
@@ -72,11 +101,13 @@ class QueueRequests(Sender):
     def fetch_image(self, ctx: Call, index: int, request_id: str) -> RemoteImage:
         """The image of a request submitted before (by this client or another run, within the hour its result is
         kept): polled at once, nothing submitted. Its seed is the one the service reports, else None."""
-        status_path, response_path = v2_request_paths(self.submit_ep, request_id)
+        status_path, response_path, cancel_path = self.request_paths(request_id)
         api = self.transport.endpoint
         status_ep = on_api_host(api, status_path, "status_url", self.answers.scrub)
         response_ep = on_api_host(api, response_path, "response_url", self.answers.scrub)
-        job = Ticket(index, request_id, response_ep.display, status_ep=status_ep, response_ep=response_ep)
+        cancel_ep = on_api_host(api, cancel_path, "cancel_url", self.answers.scrub) if cancel_path else None
+        job = Ticket(index, request_id, response_ep.display, status_ep=status_ep, response_ep=response_ep,
+                     cancel_ep=cancel_ep)
         ctx.name(job)
         return self._collect(ctx, job, None, 0.0)
 
@@ -104,9 +135,8 @@ class QueueRequests(Sender):
                              time.monotonic() + self.timeout, where=self.submit_ep.display)
         if not 200 <= resp.status < 300:
             err = self.not_ok(ctx, resp, index, where=self.submit_ep.display)
-            if resp.status in (404, 405):  # e.g. a proxy that knows only the sync API
-                err.args = (f"{err}. If this address serves only the sync API, choose v1 "
-                            f"({self.say('api_version')} v1, or {API_VERSION_ENV}=v1)",)
+            if resp.status in (404, 405) and self.submit_hint():  # e.g. a proxy that knows only the sync API
+                err.args = (f"{err}{self.submit_hint()}",)
             raise err
         doc = _json(resp)
         rid = doc.get("request_id") if doc else None
@@ -115,25 +145,34 @@ class QueueRequests(Sender):
             raise RemoteError(
                 f"the service accepted image {index + 1}/{ctx.total} (HTTP {resp.status}) but named no request id "
                 f"({describe(doc, self.answers.scrub) if doc else 'the answer is not JSON'}); a job may have been "
-                "queued and billed: look for it in the console's Generations list. Not retried, so it is not paid "
-                f"twice. If this address serves only the sync API, choose v1 ({self.say('api_version')} v1, or "
-                f"{API_VERSION_ENV}=v1)",
-                status=resp.status, index=index, billed=None)
+                "queued and billed: look for it in the provider's console. Not retried, so it is not paid "
+                f"twice{self.submit_hint()}", status=resp.status, index=index, billed=None)
         rid = self.answers.scrub(rid.strip())
-        status_path, response_path = v2_request_paths(self.submit_ep, rid)
+        if not REQUEST_ID.fullmatch(rid):  # it goes into URL paths and file names: '..' or 'a/b' would escape them
+            ctx.halted = ctx.halted or f"image {index + 1}'s submit was answered with a malformed request id"
+            raise RemoteError(
+                f"the service accepted image {index + 1}/{ctx.total} (HTTP {resp.status}) but named the request id "
+                f"{rid[:80]!r}, which is not of the form request ids take (letters, digits, '-', '_', '.', starting "
+                "with a letter or digit); refused, so no other path of the API is asked. A job may have been queued "
+                "and billed: look for it in the provider's console. Not retried, so it is not paid twice",
+                status=resp.status, index=index, billed=None)
+        status_path, response_path, cancel_path = self.request_paths(rid)
         try:
             api = self.transport.endpoint
             status_ep = on_api_host(api, _text(doc.get("status_url")) or status_path, "status_url",
                                     self.answers.scrub)
             response_ep = on_api_host(api, _text(doc.get("response_url")) or response_path, "response_url",
                                       self.answers.scrub)
+            cancel = _text(doc.get("cancel_url")) or cancel_path
+            cancel_ep = on_api_host(api, cancel, "cancel_url", self.answers.scrub) if cancel else None
         except RemoteError as err:
             ctx.halted = ctx.halted or f"image {index + 1}'s answer pointed off the API host"
             err.args = (f"image {index + 1}/{ctx.total}, request id {rid}: {err}; the request may still complete "
                         "and be billed",)
             err.index, err.request_id = index, rid
             raise
-        ticket = Ticket(index, rid, response_ep.display, status_ep=status_ep, response_ep=response_ep)
+        ticket = Ticket(index, rid, response_ep.display, status_ep=status_ep, response_ep=response_ep,
+                        cancel_ep=cancel_ep)
         ctx.name(ticket)
         log.info("AuraFlow remote: image %d/%d: request id %s queued", index + 1, ctx.total, rid)
         return ticket
@@ -153,28 +192,30 @@ class QueueRequests(Sender):
                              per_request=self.poll.request_timeout)
             doc = _json(resp) or {}
             state, ok = doc.get("status"), 200 <= resp.status < 300
-            if ok and state in WAITING:
-                job.state = state
+            if ok and state in self.WAITING:
+                position = doc.get("queue_position")  # fal's: shown in the progress text and a timeout's message
+                job.state = state + (f" at queue position {position}" if type(position) is int else "")
                 wait = self.poll.next(wait) if wait >= self.poll.first else self.poll.first
                 continue
-            if ok and state == "COMPLETED":
+            if ok and state == "COMPLETED" and self.failure(doc) is None:
                 job.state = state
                 break
             self._raise_terminal(ctx, job, resp, doc, "status")
         resp = self._get(ctx, job, job.response_ep, "result", deadline, billed_200=True)
         result = _json(resp)
-        if resp.status != 200 or result is None or result.get("status") == "FAILED":
+        if resp.status != 200 or result is None or self.failure(result) is not None:
             self._raise_terminal(ctx, job, resp, result or {}, "result", completed=True)
         metrics = {**(doc.get("metrics") or {}), **(result.get("metrics") or {})}
         return {**result, "metrics": metrics}
 
     def _raise_terminal(self, ctx: Call, job: Ticket, resp: Response, doc: dict, what: str, completed=False):
         i, n, rid, keep = job.index + 1, ctx.total, job.request_id, self._kept(job)
-        if doc.get("status") == "FAILED":
+        failure = self.failure(doc)
+        if failure is not None:
             ctx.finish(job.index)
             raise RemoteError(f"image {i}/{n}: the service reports request id {rid} FAILED: "
-                              f"{self.answers.scrub(str(doc.get('error') or '(no error given)'))} (a failed request "
-                              "is not billed)", index=job.index, billed=False, request_id=rid)
+                              f"{self.answers.scrub(failure)}{self.failed_note}", index=job.index,
+                              billed=False if self.failed_note else None, request_id=rid)
         if resp.status == 404:
             ctx.finish(job.index)
             raise RemoteError(f"image {i}/{n}: the service no longer knows request id {rid} (HTTP 404 for its "
@@ -184,7 +225,7 @@ class QueueRequests(Sender):
         if 200 <= resp.status < 300 and doc:
             state = self.answers.scrub(str(doc.get("status")))
             raise RemoteError(f"image {i}/{n}: the service reports status {state!r} for request id {rid}, which "
-                              f"this client does not know (expected {', '.join(KNOWN)}); {keep}", index=job.index,
+                              f"this client does not know (expected {', '.join(self.KNOWN)}); {keep}", index=job.index,
                               billed=True if completed else None, request_id=rid)
         if 200 <= resp.status < 300:
             raise RemoteError(f"image {i}/{n}: the {what} of request id {rid} is not a JSON object "
@@ -247,17 +288,16 @@ class QueueRequests(Sender):
                              f"{job.state}); {self._kept(job)}", index=job.index, billed=None,
                              request_id=job.request_id)
 
-    @staticmethod
-    def _kept(job: Ticket) -> str:
+    def _kept(self, job: Ticket) -> str:
         return (f"it may still complete and be billed: its result stays at {job.response_url} for an hour "
-                "after submission (GET with the x-api-key header)")
+                f"after submission (GET with {self.key_words})")
 
     # ------------------------------------------------------------------------------------------- the image
 
     def _image(self, ctx: Call, job: Ticket, result: dict, seed: int | None, deadline: float) -> RemoteImage:
         i, n, rid = job.index + 1, ctx.total, job.request_id
-        billed = (f"; it was billed: its result stays at {job.response_url} for an hour, and Segmind support can "
-                  f"look it up by request id {rid}")
+        billed = (f"; it was billed: its result stays at {job.response_url} for an hour, and "
+                  f"{self.answers.provider.label} support can look it up by request id {rid}")
         try:
             sources = media_sources(result)
         except ValueError as exc:
@@ -277,7 +317,8 @@ class QueueRequests(Sender):
         headers = _accounting(result, rid)
         if ctype:
             headers["content-type"] = ctype
-        return self.answers.decode(Response(200, headers, value), ctx.params, job.index, seed)
+        image = self.answers.decode(Response(200, headers, value), ctx.params, job.index, seed)
+        return self.annotate(image, result, ctx.params)
 
     def _media(self, ctx: Call, job: Ticket, url: str, deadline: float, billed: str) -> tuple[bytes, str]:
         """The image bytes from the media host named in ``output``: no key, no redirect, capped."""

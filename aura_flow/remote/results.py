@@ -22,6 +22,8 @@ class RemoteImage:
     height: int
     image: object  # PIL.Image.Image in RGB
     headers: dict = field(default_factory=dict)  # the accounting headers, lower-case names
+    nsfw: bool | None = None  # fal's has_nsfw_concepts for this image (None: not reported)
+    prompt_used: str | None = None  # the prompt the service drew when it differs from the one sent (expand_prompt)
 
     @property
     def remaining_credits(self) -> Optional[str]:
@@ -39,7 +41,9 @@ class RemoteResult:
     images: list = field(default_factory=list)  # RemoteImage, in batch order
     failures: list = field(default_factory=list)  # RemoteError with .index, in batch order
     remaining_credits: Optional[str] = None  # the lowest balance the responses reported (the latest)
-    api_version: str = "v2"  # the API that made them: v2 (the queue) or v1 (sync)
+    api_version: str = "v2"  # the API that made them: v2 (the queue) or v1 (sync); "queue" for fal
+    provider: str = "segmind"
+    model: str = "aura-flow"
 
     @property
     def seed(self) -> int:
@@ -53,9 +57,18 @@ class RemoteResult:
 
     def metadata(self) -> dict:
         """What to embed in saved images: the API version and, per image, its seed and request id; per failure its
-        request id (a failure the service named may still have been billed). Never the key."""
-        return {"api_version": self.api_version,
-                "images": [{"index": im.index, "seed": im.seed, "request_id": im.request_id} for im in self.images],
+        request id (a failure the service named may still have been billed); fal's: the provider and model, and per
+        image its NSFW flag and the prompt drawn when it differs. Never the key."""
+        images = []
+        for im in self.images:
+            entry = {"index": im.index, "seed": im.seed, "request_id": im.request_id}
+            if im.nsfw is not None:
+                entry["has_nsfw_concepts"] = im.nsfw
+            if im.prompt_used is not None:
+                entry["prompt_used"] = im.prompt_used
+            images.append(entry)
+        head = {} if self.provider == "segmind" else {"provider": self.provider, "model": self.model}
+        return {**head, "api_version": self.api_version, "images": images,
                 "failed": [{"index": e.index, "request_id": e.request_id} for e in self.failures]}
 
     def failure_summary(self) -> str:

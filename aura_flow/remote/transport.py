@@ -68,9 +68,13 @@ class HttpTransport:
     at ``max_body_bytes``. Redirects are never followed: a 3xx comes back as it is."""
 
     def __init__(self, endpoint: Endpoint, key: str, *, connect_timeout: float, max_body_bytes: int,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, key_header: str = "x-api-key", key_prefix: str = "",
+                 url_env: str = API_URL_ENV):
         self.endpoint = endpoint
         self._key = key
+        self._key_header = key_header  # Segmind: x-api-key: <key>; fal: Authorization: Key <key>
+        self._key_prefix = key_prefix
+        self.url_env = url_env
         self.connect_timeout = float(connect_timeout)
         self.max_body_bytes = int(max_body_bytes)
         self._ssl_context = ssl_context
@@ -99,7 +103,7 @@ class HttpTransport:
                 conn.connect()
             except ssl.SSLCertVerificationError as exc:
                 raise RemoteError(f"the TLS certificate of {ep.host} is not trusted ({exc.verify_message}); "
-                                  f"nothing was sent. Check the system's CA certificates, or {API_URL_ENV}",
+                                  f"nothing was sent. Check the system's CA certificates, or {self.url_env}",
                                   billed=False) from None
             except (OSError, http.client.HTTPException) as exc:
                 if exchange.reason:
@@ -108,15 +112,20 @@ class HttpTransport:
             if exchange.reason:  # aborted while connecting: send nothing
                 raise Cancelled()
             conn.sock.settimeout(max(0.05, exchange.deadline - time.monotonic()))
-            try:
+            try:  # nothing is sent before endheaders: a path or header http.client refuses costs nothing
                 conn.putrequest(method, ep.path, skip_accept_encoding=True)
                 if body is not None:
                     conn.putheader("Content-Type", "application/json")
                 conn.putheader("Accept", "*/*")
                 if key:
-                    conn.putheader("x-api-key", self._key)
+                    conn.putheader(self._key_header, self._key_prefix + self._key)
                 if body is not None:
                     conn.putheader("Content-Length", str(len(body)))
+            except (ValueError, http.client.HTTPException) as exc:
+                raise RemoteError(f"the request to {ep.display} cannot be sent ({exc.__class__.__name__}: its path "
+                                  f"or a header holds characters HTTP does not allow); nothing was sent. Check "
+                                  f"{self.url_env}", billed=False) from None
+            try:
                 conn.endheaders(body)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:

@@ -186,7 +186,7 @@ try {
     await page.mouse.click(tx, ty, { button: "right" });
     await page.waitForTimeout(500);
     result.hooks.menuShown = await page.evaluate(() => [...document.querySelectorAll("body *")].some(
-      (el) => !el.children.length && el.offsetParent && /Set Segmind API key/.test(el.textContent ?? "")));
+      (el) => !el.children.length && el.offsetParent && /Set remote API key/.test(el.textContent ?? "")));
     await page.screenshot({ path: path.join(job.outDir, "node-menu.png") });
     await page.keyboard.press("Escape");
     await page.evaluate(async () => {  // an empty graph again: the page restores the last one after a reload

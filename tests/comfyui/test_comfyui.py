@@ -264,8 +264,8 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
     assert result["pageErrors"] == []
     hooks = result["hooks"]  # a ComfyUI MODEL fits the sampler's union socket; the menu item comes from the hook
     assert hooks["socketType"] == "AURAFLOW_MODEL,MODEL" and hooks["modelLinked"] and not hooks["clipLinked"]
-    assert hooks["remoteMenu"] == ["Set Segmind API key…"] and hooks["samplerMenu"] == []
-    assert hooks["menuShown"], "right-clicking AuraFlow Remote Generate shows no 'Set Segmind API key…'"
+    assert hooks["remoteMenu"] == ["Set remote API key (Segmind, fal)…"] and hooks["samplerMenu"] == []
+    assert hooks["menuShown"], "right-clicking AuraFlow Remote Generate shows no 'Set remote API key (Segmind, fal)…'"
 
     offered = result["workflows"].pop("models_control")
     assert len(offered["models"]) == 3 and offered["shownModels"] == offered["models"], offered
