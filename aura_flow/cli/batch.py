@@ -13,6 +13,7 @@ import sys
 
 from ..errors import ParameterError
 from ..params import DTYPES
+from . import batch_ray
 from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_output_folder,
                     generation_params, parse_lora_flag)
 
@@ -32,6 +33,7 @@ def _local_flags(p) -> None:
 BACKEND_FLAGS = {
     "local": (_local_flags, ("checkpoint", "tokenizer", "text_encoder", "vae", "dtype", "device", "speed",
                              "noise_device")),
+    "ray": (batch_ray.add_flags, batch_ray.DESTS),
 }
 
 
