@@ -175,6 +175,17 @@ def test_ray_images_are_the_local_backends_bytes_written_or_collected(ray_sessio
 
 
 @pytest.mark.heavy
+def test_a_worker_that_cannot_read_the_model_stops_the_run_before_any_job(ray_session, tmp_path):
+    from aura_flow.errors import LoadError
+
+    (tmp_path / "model").mkdir()  # here for the driver, but no model in it for the workers
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 2)
+    with pytest.raises(LoadError, match="storage every node can read"):
+        _run(jobs, tmp_path / "out", checkpoint=str(tmp_path / "model"), device="cpu", workers=1)
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()  # no job ran, none was recorded
+
+
+@pytest.mark.heavy
 def test_a_killed_worker_loses_no_job_and_repeats_none(ray_session, tiny_models, tmp_path):
     ck = str(tiny_models["diffusers"]["checkpoint"])
     n = 10

@@ -101,12 +101,11 @@ def _same_bytes(path, data: bytes) -> bool:
 
 class Worker:
     """The body of a worker actor: one `LocalBackend` whose model loads once (made a Ray actor by `RayBackend`).
+    threads: torch's CPU threads (None: leave as is)."""
 
-    folder: where to write the images (None: return them). threads: torch's CPU threads (None: leave as is)."""
-
-    def __init__(self, options: dict, folder, threads):
+    def __init__(self, options: dict, threads):
         self.name = f"{platform.node()}:{os.getpid()}"
-        self.folder, self.error, self.local = folder, None, None
+        self.error, self.local = None, None
         try:
             if threads:
                 import torch
@@ -117,26 +116,27 @@ class Worker:
             self.local = LocalBackend(**options)
             self.local.check()
             self.name = f"{platform.node()}:{os.getpid()}/{self.local.pipe.device}"
-        except (LoadError, ParameterError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops the load is said to the driver, not a restart loop
             self.error = f"worker {self.name} cannot load the model: {exc}; {SHARED_STORAGE}"
 
     def ready(self):
         """(name, error or None): the driver waits on this before any job is sent."""
         return self.name, self.error
 
-    def run(self, job) -> dict:
-        """One job: ``{"worker", "seconds"}`` and ``"files"`` (written into the folder) or ``"images"`` (bytes), or
-        ``"error"`` (the engine refused or failed it: that job fails, the worker goes on)."""
+    def run(self, job, folder) -> dict:
+        """One job: ``{"worker", "seconds"}`` and ``"files"`` (written into ``folder``) or, when ``folder`` is None,
+        ``"images"`` (bytes); or ``"error"`` (the engine refused or failed it: that job fails, the worker goes
+        on)."""
         from ..errors import NumericError
 
         t0 = time.perf_counter()
         out = {"worker": self.name}
         try:
             images = self.local.run_one(job, threading.Event())
-            if self.folder is None:
+            if folder is None:
                 out["images"] = images
             else:
-                out["files"] = write_files(self.folder, job, images)
+                out["files"] = write_files(folder, job, images)
         except (ParameterError, LoadError, NumericError, OSError) as exc:
             out["error"] = str(exc)
         out["seconds"] = time.perf_counter() - t0
@@ -230,7 +230,7 @@ class RayBackend:
                                 ("in_flight", in_flight, 1), ("window", window, 1)):
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not lo <= value <= 100000):
-                raise ParameterError(f"{flag}={value!r} is out of range; allowed: {lo} or more")
+                raise ParameterError(f"{flag}={value!r} is out of range; allowed: {lo} to 100000")
         if workers is not None and int(workers) != workers:
             raise ParameterError(f"workers={workers!r} is not a whole number; give a count of workers")
         self.address, self.workers, self.gpus = address, workers, gpus_per_worker
@@ -243,14 +243,17 @@ class RayBackend:
 
     # -------------------------------------------------------------- setting up
     def check(self) -> None:
-        """Ray importable, reachable, the worker count feasible; the model files on this machine when Ray runs
-        here. Starting the workers (each loads the model) waits for `run`, which knows the output folder."""
+        """Ray importable, reachable, the worker count feasible (the model files on this machine when Ray runs
+        here); then the workers started, each loading the model: a LoadError when one cannot."""
+        if self.slots:
+            return
         ray = self.ray = import_ray()
         if self.address == "local" and not Path(self.options["checkpoint"]).expanduser().exists():
             raise LoadError(f"checkpoint={self.options['checkpoint']}: no such file or folder")
         if not ray.is_initialized():
             self._init(ray)
         self._size()
+        self._start()
 
     def _init(self, ray) -> None:
         opts = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
@@ -258,6 +261,8 @@ class RayBackend:
         if self.address == "local":
             opts.setdefault("num_cpus", os.cpu_count() or 1)
             opts.setdefault("object_store_memory", LOCAL_OBJECT_STORE)
+        elif self.address.startswith("ray://"):  # Ray Client: the cluster's settings are the server's
+            opts = {"address": self.address, **self.init_options}
         else:
             opts["address"] = self.address
             for key in ("num_cpus", "object_store_memory", "include_dashboard"):  # a cluster's own settings
@@ -291,17 +296,22 @@ class RayBackend:
                                      f"{total} (and no GPUs)")
         self.n_workers, self.gpu_each = int(workers), gpus
 
-    def _start(self, folder) -> None:
+    def _start(self) -> None:
         """Start the workers and wait until each has loaded the model (a LoadError naming the first that could
         not)."""
         ray = self.ray
         actor = ray.remote(Worker).options(num_cpus=self.cpus, num_gpus=self.gpu_each, max_restarts=MAX_RESTARTS,
                                            max_task_retries=MAX_TASK_RETRIES)
         threads = None if self.gpu_each else self.cpus
-        handles = [actor.remote(self.options, None if folder is None else str(folder), threads)
-                   for _ in range(self.n_workers)]
+        handles = [actor.remote(self.options, threads) for _ in range(self.n_workers)]
         self.slots = [_Slot(h, f"worker{i}") for i, h in enumerate(handles)]
-        for slot, (name, error) in zip(self.slots, ray.get([h.ready.remote() for h in handles])):
+        log.info("ray: starting %d workers (%g CPUs, %g GPUs each); each loads the model", len(handles), self.cpus,
+                 self.gpu_each)
+        try:
+            answers = ray.get([h.ready.remote() for h in handles])
+        except ray.exceptions.RayActorError as exc:
+            raise LoadError(f"a Ray worker died while loading the model ({exc}); {SHARED_STORAGE}") from None
+        for slot, (name, error) in zip(self.slots, answers):
             if error:
                 raise LoadError(error)
             slot.name = name
@@ -309,11 +319,9 @@ class RayBackend:
 
     # -------------------------------------------------------------- running
     def run(self, jobs, sink, stop) -> None:
-        if self.ray is None:
-            self.check()
+        self.check()
         folder = None if self.collect else getattr(sink, "folder", None)
-        if not self.slots:
-            self._start(folder)
+        self._folder = None if folder is None else str(Path(folder).resolve())  # a worker's cwd is not ours
         ray = self.ray
         window = _Window(jobs, self.window)
         attempts: dict = {}  # job key -> driver sends so far (only for jobs whose worker Ray gave up on)
@@ -338,7 +346,7 @@ class RayBackend:
                     return
                 slot.loras = job.loras
                 slot.t0 = slot.t0 or time.perf_counter()
-                ref = slot.handle.run.remote(job)
+                ref = slot.handle.run.remote(job, self._folder)
                 slot.running[ref] = job
                 running[ref] = slot
                 sink.started(job, {"worker": slot.name})
