@@ -319,11 +319,10 @@ def read_jobs(path, *, defaults=None, seeds=None, grid=(), remote: bool = False,
                 cell_loras = checker.loras(c_extra["loras"]) if "loras" in c_extra else loras
                 cell_name = check_name(c_extra["name"]) if "name" in c_extra else name
                 cell_sets = tuple(sorted({**dict(line_sets), **dict(c_sets)}.items())) if c_sets else line_sets
-                first = p.get("seed")
-                first = line_seed if first is None else first
+                first = line_seed if p.get("seed") is None else check_seed(p["seed"])
                 checked = None
                 for i in range(n_seeds):
-                    seed = first if i == 0 or not isinstance(first, int) else (first + i) % (MAX_SEED + 1)
+                    seed = (first + i) % (MAX_SEED + 1)
                     if checked is None and probe is not None and not c_params:
                         checked = {**probe, "seed": seed}  # this line's parameters, checked already
                     checked = checker.params({**p, "seed": seed}) if checked is None else {**checked, "seed": seed}

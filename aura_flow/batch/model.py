@@ -107,7 +107,12 @@ class Sink(Protocol):
 
 
 class Backend(Protocol):
-    """What the runner drives. ``name`` goes into every manifest line as ``backend``."""
+    """What the runner drives. ``name`` goes into every manifest line as ``backend``.
+
+    Optional, read by the runner with ``getattr``: class attributes ``remote`` (jobs checked with the hosted API's
+    ranges; default False), ``accepts_sets`` (``NODE.INPUT`` keys allowed; False), ``checks_lora_files`` (each LoRA
+    file's header read while checking; True), and ``check_job(job)``, called for every job before any runs (a
+    ParameterError there names the job's line)."""
 
     name: str
 

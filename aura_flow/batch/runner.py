@@ -9,13 +9,16 @@ line. Ctrl-C sets ``stop``; the backend returns, the jobs in flight are named, a
 Backends: `BACKENDS` maps a name to the module that makes it; the module has ``make(**options) -> Backend``. A
 backend object may say (class attributes, default False/False/True): ``remote`` (jobs checked with the hosted API's
 ranges), ``accepts_sets`` (``NODE.INPUT`` keys allowed) and ``checks_lora_files`` (each LoRA file's header read
-while checking).
+while checking); and may have ``check_job(job)``, called for every job in the first pass (a ParameterError there
+is reported with the job's file and line: e.g. LoRAs a hosted service cannot take).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ParameterError
 from ..images import check_output_folder, image_extension, write_first_free
-from .jobs import read_jobs
+from .jobs import JobFileError, read_jobs
 from .manifest import DONE, FAILED, SUBMITTED, Manifest
 from .progress import make_progress
 
@@ -94,8 +97,8 @@ class ManifestSink:
     def _record(self, job, status, where, **more) -> dict:
         record = {"job": job.key, "line": job.line, "index": job.index, "name": job.name, "status": status,
                   "seed": job.seed, "backend": self.backend}
-        record.update({k: v for k, v in dict(where or {}).items() if v is not None})
         record.update(more)
+        record.update({k: v for k, v in dict(where or {}).items() if v is not None and k not in record})
         return self.manifest.append(record)
 
     def started(self, job, where) -> None:
@@ -127,6 +130,9 @@ class ManifestSink:
             hashes = [hashlib.sha256(data).hexdigest() for data in images]
         else:
             paths = [Path(f).as_posix() for f in files or ()]
+            for p in paths:
+                if Path(p).is_absolute() or ".." in Path(p).parts:
+                    raise ValueError(f"done(files=...): {p!r} is not a path inside the output folder")
             hashes = [_file_sha256(self.folder / p) for p in paths]
         self._record(job, DONE, where, files=paths, sha256=hashes, seconds=round(float(seconds), 3),
                      **dict(extra or {}))
@@ -189,16 +195,22 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
     be = make_backend(backend, **backend_options) if isinstance(backend, str) else backend
     name = getattr(be, "name", str(backend))
 
-    def jobs():
+    def jobs(first=True):  # the second pass reads no LoRA header again: a file gone since fails its job alone
         return read_jobs(jobs_file, defaults=defaults, seeds=seeds, grid=grid,
                          remote=getattr(be, "remote", False), accepts_sets=getattr(be, "accepts_sets", False),
-                         check_lora_files=getattr(be, "checks_lora_files", True))
+                         check_lora_files=first and getattr(be, "checks_lora_files", True))
 
     manifest = Manifest.open(folder)
     summary = Summary()
     stream = stream or sys.stdout
+    check_job = getattr(be, "check_job", None)
     for job, what in _classified(jobs(), manifest, retry_failed):  # pass 1: everything checked, counted
         summary.total += 1
+        if check_job is not None:
+            try:
+                check_job(job)
+            except ParameterError as exc:
+                raise JobFileError(f"{os.fspath(jobs_file)} line {job.line}: {exc}") from None
         if what == "run":
             summary.to_run += 1
         else:
@@ -225,7 +237,7 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
         progress.start(summary.to_run)
 
         def to_run():
-            for job, what in _classified(jobs(), manifest, retry_failed):
+            for job, what in _classified(jobs(first=False), manifest, retry_failed):
                 if stop.is_set():
                     return
                 if what == "run" and manifest.status(job.key) != DONE:
@@ -241,29 +253,31 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
 
 
 def _drive(be, jobs, sink: ManifestSink, stop: threading.Event, summary: Summary) -> None:
-    """``be.run`` in a thread, so that Ctrl-C in the main thread sets ``stop`` and waits for the backend."""
-    errors: list = []
+    """``be.run`` here; the first Ctrl-C (SIGINT, in the main thread) sets ``stop`` and the backend returns after
+    its jobs in flight are abandoned; a second one raises KeyboardInterrupt (each manifest line is whole anyway)."""
 
-    def body():
-        try:
-            be.run(jobs, sink, stop)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=body, name=f"batch-{getattr(be, 'name', 'backend')}", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.2)
-    except KeyboardInterrupt:
-        stop.set()
-        with sink.lock:
-            summary.in_flight = [(j.line, j.key) for j in sink.in_flight.values()]
+    def interrupted():
         summary.interrupted = True
-        log.warning("interrupted: finishing the jobs in flight is abandoned; waiting for the backend to stop")
-        worker.join()
-    if errors:
-        raise errors[0]
+        stop.set()
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        interrupted()
+        log.warning("interrupted: the jobs in flight are abandoned (Ctrl-C again to stop at once)")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        be.run(jobs, sink, stop)
+    except KeyboardInterrupt:
+        interrupted()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        if summary.interrupted:  # started, and neither done nor failed
+            with sink.lock:
+                summary.in_flight = [(j.line, j.key) for j in sink.in_flight.values()]
 
 
 __all__ = ["run", "Summary", "ManifestSink", "BACKENDS", "make_backend"]
