@@ -116,16 +116,20 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path, tiny_models):
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
-def test_bad_ray_flags_are_refused_before_anything_runs(tmp_path, tiny_models):
+def test_bad_ray_flags_are_refused_before_anything_runs(tmp_path, tiny_models, capsys):
     from aura_flow.cli import main
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
     ck = str(tiny_models["diffusers"]["checkpoint"])
     base = ["batch", str(jobs), "--out", str(tmp_path / "out"), "--checkpoint", ck]
-    assert main(base + ["--backend", "ray", "--workers", "0"]) == 2
-    assert main(base + ["--backend", "ray", "--ray-address", "nowhere"]) == 2
-    assert main(base + ["--workers", "2"]) == 2  # a ray flag with --backend local
-    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+    for flags, said in ((["--backend", "ray", "--workers", "0"], "--workers=0 is out of range; allowed: 1 to"),
+                        (["--backend", "ray", "--gpus-per-worker", "-1"], "--gpus-per-worker=-1.0 is out of range"),
+                        (["--backend", "ray", "--ray-address", "nowhere"], "--ray-address='nowhere' is not a Ray "
+                                                                           "address; give local, auto or ray://"),
+                        (["--workers", "2"], "--workers is a flag of --backend ray, not of --backend local")):
+        assert main(base + flags) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing made, no Ray started
 
 
 # ------------------------------------------------------------------ a real local Ray
