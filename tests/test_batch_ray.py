@@ -165,7 +165,12 @@ def test_ray_images_are_the_local_backends_bytes_written_or_collected(ray_sessio
     ck = str(tiny_models["diffusers"]["checkpoint"])
     jobs = write_jobs(tmp_path / "jobs.jsonl", 5, lora=lora_file, number_of_images=2)
     local = _run(jobs, tmp_path / "local", backend="local", checkpoint=ck, device="cpu")
-    shared = _run(jobs, tmp_path / "shared", checkpoint=ck, device="cpu", workers=2)
+    import torch
+
+    be = RayBackend(ck, device="cpu", workers=2)
+    be.check()  # CPU workers run torch with the threads this process has (a CPU's sums depend on the count)
+    assert [s.threads for s in be.slots] == [torch.get_num_threads()] * 2
+    shared = _run(jobs, tmp_path / "shared", backend=be)
     collected = _run(jobs, tmp_path / "collect", checkpoint=ck, device="cpu", workers=2, collect=True)
     assert local.done == shared.done == collected.done == 5 and shared.images == collected.images == 10
     want = check_exactly_once(tmp_path / "local", 5, 2)

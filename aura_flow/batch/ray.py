@@ -50,6 +50,7 @@ SHARED_STORAGE = ("the model files must be on storage every node can read (a sha
 MAX_RESTARTS = 3  # Ray restarts a dead worker this often (it loads the model again)
 MAX_TASK_RETRIES = 3  # and retries a task of a dead worker this often on the restarted one
 MAX_ATTEMPTS = 3  # the driver sends a job whose worker Ray gave up on to another worker this often, then fails it
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 LOCAL_OBJECT_STORE = 256 * 2**20  # bytes of /dev/shm for a Ray started in this process (images are small)
 
 
@@ -99,18 +100,34 @@ def _same_bytes(path, data: bytes) -> bool:
         return False
 
 
+def _as_local_threads(env: dict) -> None:
+    """torch's thread count as a process started with ``env``'s thread variables would have it (torch's own default
+    where they are unset: this node's cores, not the CPU share Ray gave the actor)."""
+    import sys
+
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if "torch" in sys.modules:  # too late for the variables: the count torch would take from them
+        sys.modules["torch"].set_num_threads(int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+
+
 class Worker:
     """The body of a worker actor: one `LocalBackend` whose model loads once (made a Ray actor by `RayBackend`).
-    threads: torch's CPU threads (None: leave as is)."""
 
-    def __init__(self, options: dict, threads):
+    threads_env: for a CPU worker, the driver's ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (None where unset), put in
+    place of the ones Ray sets (its CPU share) before torch loads, so torch runs as many threads as the local backend
+    on this node: a CPU's float sums depend on the thread count, and the images must be the same bytes. None: a GPU
+    worker, left as Ray sets it."""
+
+    def __init__(self, options: dict, threads_env):
         self.name = f"{platform.node()}:{os.getpid()}"
         self.error, self.local = None, None
         try:
-            if threads:
-                import torch
-
-                torch.set_num_threads(int(threads))
+            if threads_env is not None:
+                _as_local_threads(threads_env)
             from .local import LocalBackend
 
             self.local = LocalBackend(**options)
@@ -120,8 +137,10 @@ class Worker:
             self.error = f"worker {self.name} cannot load the model: {exc}; {SHARED_STORAGE}"
 
     def ready(self):
-        """(name, error or None): the driver waits on this before any job is sent."""
-        return self.name, self.error
+        """(name, error or None, torch's CPU threads): the driver waits on this before any job is sent."""
+        import torch
+
+        return self.name, self.error, torch.get_num_threads()
 
     def run(self, job, folder) -> dict:
         """One job: ``{"worker", "seconds"}`` and ``"files"`` (written into ``folder``) or, when ``folder`` is None,
@@ -189,7 +208,7 @@ class _Slot:
     """The driver's view of one worker actor."""
 
     def __init__(self, handle, name: str):
-        self.handle, self.name, self.loras, self.alive = handle, name, None, True
+        self.handle, self.name, self.loras, self.alive, self.threads = handle, name, None, True, None
         self.running: dict = {}  # object ref -> (job, attempt)
         self.done = self.images = 0
         self.t0 = None  # when its first job was sent
@@ -203,7 +222,8 @@ class RayBackend:
     """Jobs on Ray worker actors. ``address``: "local" (Ray started in this process on this machine, unless this
     process already runs Ray), "auto" (the cluster this machine belongs to) or ``ray://HOST:PORT``. ``workers``:
     how many (default: one per GPU-set where Ray sees GPUs, else one per node). ``gpus_per_worker``: GPUs each
-    (default 1 where the cluster has GPUs, else 0: CPU workers sharing each node's cores). ``collect``: return the
+    (default 1 where the cluster has GPUs, else 0: CPU workers, each running torch on every core of its node as the
+    local backend does, so that the bytes are the same: two on one node share its cores). ``collect``: return the
     images to the driver instead of writing them from the workers. The model options (``checkpoint``,
     ``tokenizer``, ``text_encoder``, ``vae``, ``dtype``, ``device``, ``speed``, ``noise_device``) are the local
     backend's; the files must be readable on every node."""
@@ -302,8 +322,8 @@ class RayBackend:
         ray = self.ray
         actor = ray.remote(Worker).options(num_cpus=self.cpus, num_gpus=self.gpu_each, max_restarts=MAX_RESTARTS,
                                            max_task_retries=MAX_TASK_RETRIES)
-        threads = None if self.gpu_each else self.cpus
-        handles = [actor.remote(self.options, threads) for _ in range(self.n_workers)]
+        threads_env = None if self.gpu_each else {k: os.environ.get(k) for k in THREAD_VARS}
+        handles = [actor.remote(self.options, threads_env) for _ in range(self.n_workers)]
         self.slots = [_Slot(h, f"worker{i}") for i, h in enumerate(handles)]
         log.info("ray: starting %d workers (%g CPUs, %g GPUs each); each loads the model", len(handles), self.cpus,
                  self.gpu_each)
@@ -311,11 +331,12 @@ class RayBackend:
             answers = ray.get([h.ready.remote() for h in handles])
         except ray.exceptions.RayActorError as exc:
             raise LoadError(f"a Ray worker died while loading the model ({exc}); {SHARED_STORAGE}") from None
-        for slot, (name, error) in zip(self.slots, answers):
+        for slot, (name, error, threads) in zip(self.slots, answers):
             if error:
                 raise LoadError(error)
-            slot.name = name
-        log.info("ray: %d workers ready (%s)", len(self.slots), ", ".join(s.name for s in self.slots))
+            slot.name, slot.threads = name, threads
+        log.info("ray: %d workers ready (%s)", len(self.slots),
+                 ", ".join(f"{s.name} with {s.threads} CPU threads" for s in self.slots))
 
     # -------------------------------------------------------------- running
     def run(self, jobs, sink, stop) -> None:
