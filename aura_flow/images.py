@@ -19,7 +19,8 @@ import os
 import uuid
 from pathlib import Path
 
-from .params import OUTPUT_FORMATS, ParameterError, check_choice, check_range
+from .errors import ParameterError
+from .params import OUTPUT_FORMATS, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
