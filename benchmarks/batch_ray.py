@@ -8,9 +8,9 @@ jobs (distinct prompts and seeds), and runs it with ``aura_flow.batch.run`` into
 backend, then with the Ray backend (Ray started once in this process, ``--ray-address local``'s way) for each
 --workers count. The file holds --jobs jobs more than the most workers; a run is timed from the moment each of its
 workers has recorded its first job (model loaded, first run warm: the local backend has one "worker") to the last
-job recorded: what a long batch pays per image, not the start-up, which shows in the run's whole wall time. The Ray rows check that their images are the local row's bytes. CPU workers split
-the cores (2 workers on 2 cores: 1 thread each), so on one machine more workers cannot beat one worker using every
-core; on a cluster each worker has its own node or GPU.
+job recorded: what a long batch pays per image, not the start-up, which shows in the run's whole wall time. The Ray rows check that their images are the local row's bytes. A CPU worker runs
+torch on every core of its node, as the local backend does (the bytes depend on the thread count), so on one
+machine two workers share its cores and cannot beat one; on a cluster each worker has its own node or GPU.
 """
 from __future__ import annotations
 
