@@ -16,6 +16,7 @@ from ..errors import ParameterError
 from ..params import DTYPES
 from ..headless import ServerUnavailable
 from .batch_comfyui import COMFYUI_DESTS, comfyui_flags
+from . import batch_ray
 from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_output_folder,
                     generation_params, parse_lora_flag)
 
@@ -36,6 +37,7 @@ BACKEND_FLAGS = {
     "local": (_local_flags, ("checkpoint", "tokenizer", "text_encoder", "vae", "dtype", "device", "speed",
                              "noise_device")),
     "comfyui": (comfyui_flags, COMFYUI_DESTS),
+    "ray": (batch_ray.add_flags, batch_ray.DESTS),
 }
 
 
