@@ -13,29 +13,22 @@ from __future__ import annotations
 import sys
 
 from ..errors import ParameterError
-from ..params import DTYPES
 from ..headless import ServerUnavailable
-from .batch_comfyui import COMFYUI_DESTS, comfyui_flags
 from . import batch_ray
-from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_output_folder,
-                    generation_params, parse_lora_flag)
+from .batch_comfyui import COMFYUI_DESTS, comfyui_flags
+from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_model_flags, add_speed_flag,
+                    check_output_folder, generation_params, parse_lora_flag)
 
 
 def _local_flags(p) -> None:
     g = p.add_argument_group("--backend local", "the in-process engine (the model loads once)")
-    g.add_argument("--checkpoint", help="diffusers folder, all-in-one or transformer .safetensors")
-    g.add_argument("--tokenizer", help="tokenizer.model or tokenizer folder (single files)")
-    g.add_argument("--text-encoder", help="Pile-T5-XL .safetensors or folder (transformer-only files)")
-    g.add_argument("--vae", help="SDXL VAE .safetensors or folder (transformer-only files)")
-    g.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)}")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_model_flags(g)
     add_speed_flag(g)
 
 
 # backend name -> (add its flags, the dests handed to its make(**options))
 BACKEND_FLAGS = {
-    "local": (_local_flags, ("checkpoint", "tokenizer", "text_encoder", "vae", "dtype", "device", "speed",
-                             "noise_device")),
+    "local": (_local_flags, batch_ray.MODEL_DESTS),
     "comfyui": (comfyui_flags, COMFYUI_DESTS),
     "ray": (batch_ray.add_flags, batch_ray.DESTS),
 }
