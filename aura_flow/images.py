@@ -3,11 +3,16 @@
 Torch-free (Pillow only), shared by the Save node, the command line and the headless runner.
 
 Metadata is a dict of JSON-serialisable values (ComfyUI passes ``{"prompt": <API graph>, "workflow": <editor
-graph>}``); each value is stored as JSON text, ASCII-escaped so any prompt survives every container:
+graph>}``); each value is stored as JSON text, ASCII-escaped so any Unicode text survives every container:
 - png: one text chunk per key, as ComfyUI's own Save Image writes it;
 - webp and jpg: EXIF, in the layout ComfyUI's animated-WEBP saver uses and its editor reads back when an image is
   dropped on it: ``prompt`` in tag 0x0110 (Model) as ``"prompt:<json>"``, every other key in the tags below
-  0x010F (Make, then ImageDescription, ...) as ``"<key>:<json>"``.
+  0x010F (Make, then ImageDescription, ...) as ``"<key>:<json>"``, in UTF-8.
+Keys are any Unicode text too. A key a container cannot hold as it is (a png keyword is 1-79 Latin-1 characters by
+the PNG standard, in tEXt and iTXt alike; an EXIF entry ends its key at the first ":") is stored as its JSON string,
+``"\u5de5..."`` with the quotes, which `read_metadata` turns back into the key. A png key that is over 79
+characters even so is refused (ParameterError naming it; webp and jpg hold it). A value that is not JSON is refused
+naming its key.
 A jpg's EXIF segment holds at most 64 KiB; keys that do not fit are dropped, largest first, with a warning.
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .errors import ParameterError
+from .errors import ParameterError, shown
 from .params import OUTPUT_FORMATS, check_choice, check_range
 
 log = logging.getLogger(__name__)
@@ -30,13 +35,54 @@ _EXIF_PROMPT_TAG = 0x0110  # Model
 _EXIF_FIRST_OTHER_TAG = 0x010F  # Make; further keys count down from here
 _EXIF_LAST_OTHER_TAG = 0x010D  # DocumentName: three free ASCII tags below Model are enough for prompt+workflow+1
 _JPEG_EXIF_LIMIT = 65533 - 8  # one APP1 segment, less its "Exif\0\0" header and length field
+PNG_KEYWORD_MAX = 79  # the PNG standard's limit for a text chunk's keyword (Latin-1 characters)
+
+
+def _json_text(key, value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as exc:  # not JSON (bytes, a tensor, a circular dict)
+        raise ParameterError(f"image metadata: the value of {shown(key)} cannot be saved ({exc}); metadata values "
+                             "must be JSON (text, numbers, lists, dicts)") from None
+
+
+def _stored_key(key, fmt: str) -> str:
+    """``key`` as it is written in a ``fmt`` file: itself where the container holds it as it is, else its JSON
+    string (ASCII, in quotes). A png keyword that cannot be held either way is a ParameterError."""
+    if not isinstance(key, str):
+        raise ParameterError(f"image metadata: the key {shown(key)} is not text; metadata keys must be strings")
+    if fmt == "png":
+        plain = 0 < len(key) <= PNG_KEYWORD_MAX and key == key.strip() and "\0" not in key and \
+            all(ord(c) < 256 and c.isprintable() for c in key)
+    else:
+        plain = bool(key) and ":" not in key and key.isprintable()
+    if plain and not key.startswith('"'):
+        return key
+    escaped = json.dumps(key)
+    if fmt == "png" and len(escaped) > PNG_KEYWORD_MAX:
+        raise ParameterError(f"image metadata: the key {shown(key)} cannot be a png text keyword: that is at most "
+                             f"{PNG_KEYWORD_MAX} Latin-1 characters, and the key takes {len(escaped)} as JSON escapes; "
+                             "use a shorter key, or save as webp or jpg, which hold any key")
+    return escaped
+
+
+def _read_key(stored: str) -> str:
+    """The key `_stored_key` wrote."""
+    if stored.startswith('"'):
+        try:
+            key = json.loads(stored)
+        except ValueError:
+            return stored
+        return key if isinstance(key, str) else stored
+    return stored
 
 
 def _exif_for(metadata: dict, *, limit: int | None = None):
     """An EXIF block holding ``metadata`` in ComfyUI's key:json layout; keys over ``limit`` bytes are dropped."""
     from PIL import Image
 
-    texts = {key: f"{key}:{json.dumps(value)}" for key, value in metadata.items()}
+    texts = {key: f"{_stored_key(key, 'exif')}:{_json_text(key, value)}".encode("utf-8")
+             for key, value in metadata.items()}
     while True:
         exif = Image.Exif()
         tag = _EXIF_FIRST_OTHER_TAG
@@ -82,7 +128,7 @@ def encode_image(pil, fmt: str, quality: int = 80, metadata: dict | None = None)
 
             info = PngInfo()
             for key, value in metadata.items():
-                info.add_text(key, json.dumps(value))
+                info.add_text(_stored_key(key, "png"), _json_text(key, value))
             options["pnginfo"] = info
     else:
         options["quality"] = quality
@@ -129,18 +175,30 @@ def read_metadata(source) -> dict:
     if image.format == "PNG":
         for key, text in getattr(image, "text", {}).items():
             try:
-                out[key] = json.loads(text)
+                out[_read_key(key)] = json.loads(text)
             except ValueError:
-                out[key] = text
+                out[_read_key(key)] = text
         return out
     exif = image.getexif()
     for tag in range(_EXIF_LAST_OTHER_TAG, _EXIF_PROMPT_TAG + 1):
         text = exif.get(tag)
-        if not isinstance(text, str) or ":" not in text:
+        if isinstance(text, bytes):
+            text = text.decode("latin-1")
+        if not isinstance(text, str):
             continue
-        key, _, payload = text.partition(":")
+        try:  # Pillow reads EXIF text as Latin-1; it was written as UTF-8
+            text = text.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass  # another writer's text: as it is
         try:
-            out[key] = json.loads(payload)
+            if text.startswith('"'):  # a key stored as its JSON string
+                key, end = json.JSONDecoder().raw_decode(text)
+                if not isinstance(key, str) or text[end:end + 1] != ":":
+                    continue
+                out[key] = json.loads(text[end + 1:])
+            elif ":" in text:
+                key, _, payload = text.partition(":")
+                out[key] = json.loads(payload)
         except ValueError:
             continue  # a camera's own Make/Model string, not ours
     return out

@@ -117,39 +117,59 @@ def _refuse_code(folder: Path) -> None:
                             f"code from a model folder is never run. {TOKENIZER_HINT}")
 
 
-_OPEN, _CLOSE = "\0\2", "\0\1"  # stand-ins for escaped parentheses while parsing
+# Escaped parentheses are kept as two-character elements ("\\(") of a list of one-character ones while parsing, so
+# no character a user can type stands in for them (ComfyUI itself swaps them for "\0\2" / "\0\1", which a prompt
+# holding those control characters turns into parentheses); every prompt ComfyUI parses parses the same here.
+_ESCAPED = {"\\(": "(", "\\)": ")"}
 
 
-def _split_parentheses(text: str) -> list[str]:
+def _elements(text: str) -> list[str]:
+    """``text`` as one-character elements, an escaped parenthesis as one two-character element."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i:i + 2] in _ESCAPED:
+            out.append(text[i:i + 2])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return out
+
+
+def _split_parentheses(elements: list[str]) -> list[list[str]]:
     """Top-level pieces: plain runs and whole ``( ... )`` groups (an unclosed group runs to the end)."""
-    pieces, current, depth = [], "", 0
-    for char in text:
-        if char == "(":
+    pieces, current, depth = [], [], 0
+    for element in elements:
+        if element == "(":
             if depth == 0:
                 if current:
                     pieces.append(current)
-                current = ""
-            current += char
+                current = []
+            current.append(element)
             depth += 1
-        elif char == ")":
+        elif element == ")":
             depth -= 1
-            current += char
+            current.append(element)
             if depth == 0:
                 pieces.append(current)
-                current = ""
+                current = []
         else:
-            current += char
+            current.append(element)
     if current:
         pieces.append(current)
     return pieces
 
 
-def _shown(piece: str) -> str:
-    piece = piece.replace(_CLOSE, "\\)").replace(_OPEN, "\\(")
-    return repr(piece if len(piece) <= 60 else piece[:60] + "…")
+def _text(piece: list[str]) -> str:
+    return "".join(_ESCAPED.get(e, e) for e in piece)
 
 
-def _check_weight(weight: float, piece: str, name: str) -> None:
+def _shown(piece: list[str]) -> str:
+    typed = "".join(piece)  # as the user wrote it, escapes included
+    return repr(typed if len(typed) <= 60 else typed[:60] + "…")
+
+
+def _check_weight(weight: float, piece: list[str], name: str) -> None:
     lo, hi = WEIGHT_RANGE
     if not math.isfinite(weight) or not lo <= weight <= hi:
         raise ParameterError(f"{name}: the weight {weight:g} of {_shown(piece)} is out of range; allowed: {lo:g}..{hi:g}"
@@ -157,35 +177,35 @@ def _check_weight(weight: float, piece: str, name: str) -> None:
                              "for a literal parenthesis)")
 
 
-def _weights(text: str, weight: float, name: str, depth: int = 0) -> list[tuple[str, float]]:
+def _weights(elements: list[str], weight: float, name: str, depth: int = 0) -> list[tuple[str, float]]:
     if depth > MAX_NESTING:
         raise ParameterError(f"{name}: parentheses nested over {MAX_NESTING} deep; at most {MAX_NESTING} (write \\( "
                              "for a literal parenthesis)")
     out = []
-    for piece in _split_parentheses(text):
+    for piece in _split_parentheses(elements):
         if len(piece) >= 2 and piece[0] == "(" and piece[-1] == ")":
             inner, inner_weight = piece[1:-1], weight * 1.1
-            colon = inner.rfind(":")
+            colon = len(inner) - 1 - inner[::-1].index(":") if ":" in inner else -1
             if colon > 0:
                 try:
-                    inner_weight = float(inner[colon + 1:])
+                    inner_weight = float("".join(inner[colon + 1:]))  # an escaped parenthesis makes no number
                     inner = inner[:colon]
                 except ValueError:
                     pass
             out += _weights(inner, inner_weight, name, depth + 1)
         else:
-            if piece.strip():  # a weight on nothing but spaces changes no token
+            if _text(piece).strip():  # a weight on nothing but spaces changes no token
                 _check_weight(weight, piece, name)
-            out.append((piece, weight))
+            out.append((_text(piece), weight))
     return out
 
 
 def parse_weights(text: str, name: str = "prompt") -> list[tuple[str, float]]:
     """ComfyUI's prompt weighting: ``"a (red:1.5) ((cat))"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0),
-    ("cat", 1.21)]``; ``\\(`` / ``\\)`` stay literal parentheses. A weight outside `WEIGHT_RANGE` (or not finite)
-    on any text is a ParameterError naming ``name``, the weight and the allowed range."""
-    text = text.replace("\\)", _CLOSE).replace("\\(", _OPEN)
-    return [(seg.replace(_CLOSE, ")").replace(_OPEN, "("), w) for seg, w in _weights(text, 1.0, name)]
+    ("cat", 1.21)]``; ``\\(`` / ``\\)`` stay literal parentheses, and every other character (control characters
+    included) stays itself. A weight outside `WEIGHT_RANGE` (or not finite) on any text is a ParameterError naming
+    ``name``, the weight and the allowed range."""
+    return _weights(_elements(text), 1.0, name)
 
 
 def check_prompt(name: str, text, *, weights: bool = True) -> str:

@@ -120,16 +120,21 @@ def build_tokenizer(dest: Path, tokenizer_class: str | None = None, max_tokens: 
 
 
 # ---------------------------------------------------------------- building
-def build_modules(preset="tiny", seed=0, vocab_size=96):
-    """Random-weight transformer, text encoder and VAE (fp32, CPU), seeded."""
+def build_modules(preset="tiny", seed=0, vocab_size=96, device=None):
+    """Random-weight transformer, text encoder and VAE (fp32), seeded, built on ``device`` (default the CPU; a GPU
+    initialises the full preset's 8 billion values in seconds, where the CPU takes minutes; its random numbers are
+    other than the CPU's)."""
+    import contextlib
+
     from diffusers import AuraFlowTransformer2DModel, AutoencoderKL
     from transformers import UMT5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = AuraFlowTransformer2DModel(**transformer_config(preset))
-    # diffusers zero-initialises nothing here, but make the output layers non-trivial anyway
-    text_encoder = UMT5EncoderModel(t5_config(preset, vocab_size))
-    vae = AutoencoderKL(**vae_config(preset))
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        transformer = AuraFlowTransformer2DModel(**transformer_config(preset))
+        # diffusers zero-initialises nothing here, but make the output layers non-trivial anyway
+        text_encoder = UMT5EncoderModel(t5_config(preset, vocab_size))
+        vae = AutoencoderKL(**vae_config(preset))
     for m in (transformer, text_encoder, vae):
         m.eval()
     return transformer, text_encoder, vae
@@ -159,7 +164,7 @@ def _save_sharded(sd: dict, folder: Path, stem: str, shards: int, variant: str |
 
 
 def build_tiny(dest, layout: str = "diffusers", *, preset: str = "tiny", seed: int = 0, variant: str | None = None,
-               shards: int = 2) -> Path:
+               shards: int = 2, device=None, dtype: torch.dtype | None = None) -> Path:
     """Write a random-weight AuraFlow in ``layout`` under ``dest`` and return what to pass to ``aura_flow.load``.
 
     - "diffusers": a folder like fal/AuraFlow-v0.3 (sharded transformer; ``variant="fp16"`` writes the fp16 files).
@@ -168,7 +173,8 @@ def build_tiny(dest, layout: str = "diffusers", *, preset: str = "tiny", seed: i
     - "transformer_only" / "transformer_only_diffusers": a transformer .safetensors in the original / diffusers key
       names, with ``text_encoder.safetensors``, ``vae.safetensors`` (original VAE keys) and ``tokenizer.model``
       beside it in ``dest`` for the separate-file options.
-    The same seed gives the same weights in every layout.
+    The same seed gives the same weights in every layout. device: where the modules are built (`build_modules`);
+    dtype: the dtype every file holds (default fp32, or fp16 with ``variant="fp16"``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; valid: {', '.join(LAYOUTS)}")
@@ -180,16 +186,22 @@ def build_tiny(dest, layout: str = "diffusers", *, preset: str = "tiny", seed: i
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(sp_file)).vocab_size()
-    transformer, text_encoder, vae = build_modules(preset, seed, vocab)
-    tsd = transformer.state_dict()
-    esd = {k: v for k, v in text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    vsd = vae.state_dict()
+    transformer, text_encoder, vae = build_modules(preset, seed, vocab, device)
+
+    def saved(module):  # on the CPU, in the dtype to write, one part at a time
+        if device is None and dtype is None:
+            return module.state_dict()
+        return {k: v.to(device="cpu", dtype=dtype) for k, v in module.state_dict().items()}
+
+    tsd = saved(transformer)
+    esd = {k: v for k, v in saved(text_encoder).items() if k != "encoder.embed_tokens.weight"}
+    vsd = saved(vae)
     head_meta = {HEAD_DIM_KEY: str(transformer.config.attention_head_dim)}
     nblocks = len(vae.config.block_out_channels)
 
     if layout == "diffusers":
         root = dest / "diffusers"
-        dtype = torch.float16 if variant == "fp16" else None
+        dtype = torch.float16 if variant == "fp16" else dtype
 
         def cast(sd):
             return {k: v.to(dtype) for k, v in sd.items()} if dtype else sd

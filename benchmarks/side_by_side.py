@@ -15,11 +15,11 @@ HALF_PSNR_DB = 40.0
 
 
 # ---------------------------------------------------------------- contenders
-def pack_contender(pipe, args, noise, speed="auto", name="pack"):
+def pack_contender(pipe, args, noise, speed="auto", name="pack", sampler="euler"):
     def run():
         stamps = []
         r = pipe.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
-                          height=args.height, steps=args.steps, cfg=args.cfg, seed=args.seed, sampler="euler",
+                          height=args.height, steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=sampler,
                           scheduler="normal", shift=1.73, noise=noise, speed=speed,
                           callback=lambda i, n, x0: stamps.append(time.perf_counter()))
         return r.tensor[0], stamps

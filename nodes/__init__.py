@@ -9,6 +9,7 @@ from .conditioning import AuraFlowTextEncode
 from .generate import AuraFlowGenerate
 from .loading import AuraFlowLoader
 from .lora import AuraFlowLoraLoader
+from .prompt_list import AuraFlowPromptList
 from .remote import AuraFlowRemoteGenerate
 from .sampling import AuraFlowSampler
 from .saving import AuraFlowSaveImage
@@ -25,6 +26,7 @@ NODES = (
     ("AuraFlowVAEDecode", AuraFlowVAEDecode, "AuraFlow VAE Decode"),
     ("AuraFlowVAEEncode", AuraFlowVAEEncode, "AuraFlow VAE Encode"),
     ("AuraFlowSaveImage", AuraFlowSaveImage, "AuraFlow Save Image"),
+    ("AuraFlowPromptList", AuraFlowPromptList, "AuraFlow Prompt List"),
 )
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _display in NODES}

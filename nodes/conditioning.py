@@ -11,7 +11,7 @@ import logging
 
 from ..aura_flow.errors import ParameterError
 from .comfyui import devices, memory
-from .words import node_words
+from .words import TEXT_ENCODER, check_connected, check_text, node_words
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class AuraFlowTextEncode:
     SEARCH_ALIASES = ["aura flow", "pony", "t5", "prompt", "clip text encode"]
 
     def encode(self, text_encoder, text):
+        check_connected("text_encoder", text_encoder, "encode_prompt", TEXT_ENCODER)
+        check_text("text", text, "give the prompt as text ('' for none)")
         with node_words({"prompt": "text"}):
             memory.load(text_encoder, "text_encoder")
             context = text_encoder.encode_prompt(text)

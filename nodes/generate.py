@@ -13,7 +13,7 @@ from ..aura_flow.plan import plan_generation
 from .comfyui import devices, memory, progress
 from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
-from .words import WEIGHT_DTYPE, node_words
+from .words import MODEL, WEIGHT_DTYPE, check_connected, check_prompts, node_words
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class AuraFlowGenerate:
     SEARCH_ALIASES = ["aura flow", "pony", "text to image", "txt2img"]
 
     def generate(self, model, speed="auto", noise_device="cpu", **params):
+        check_connected("model", model, "generate", MODEL)
+        check_prompts(params)
         with node_words({"dtype": WEIGHT_DTYPE}):
             return self._generate(model, speed, noise_device, params)
 
@@ -59,4 +61,5 @@ class AuraFlowGenerate:
                 data = encode_image(pil, plan.output_format, plan.output_quality)
                 decoded.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0)
             images = torch.from_numpy(np.stack(decoded))
-        return (attach(images.to(devices.intermediate_device()), result.record or None), result.seed)
+        return (attach(images.to(devices.intermediate_device()), result.record or None, result.params or None),
+                result.seed)

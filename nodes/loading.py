@@ -7,7 +7,7 @@ from ..aura_flow.params import DTYPES
 from .comfyui import devices, folders, memory
 from .conditioning import TextEncoder
 from .vae import AuraFlowVAE
-from .words import node_words
+from .words import check_text, node_words
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ class AuraFlowLoader:
 
     def load(self, checkpoint, text_encoder=FROM_CHECKPOINT, vae=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT,
              weight_dtype="auto"):
+        pick = "pick a file in the list (press R in the editor to refresh it)"
+        check_text("checkpoint", checkpoint, pick)
+        for name, value in (("text_encoder", text_encoder), ("vae", vae), ("tokenizer", tokenizer)):
+            if value is not None:  # None: from the checkpoint, as the default
+                check_text(name, value, f"{pick}, or {FROM_CHECKPOINT!r}")
         ckpt = folders.resolve_model(checkpoint, MODEL_FOLDERS, what="checkpoint", diffusers=True)
 
         def optional(name, folder, what, **kw):

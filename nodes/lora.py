@@ -5,6 +5,7 @@ import logging
 
 from ..aura_flow.params import LORA_STRENGTH, check_range
 from .comfyui import folders
+from .words import MODEL, check_connected, check_text
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,8 @@ class AuraFlowLoraLoader:
 
     def load(self, model, lora_name, strength=1.0):
         strength = check_range("strength", strength, LORA_STRENGTH)
-        with_loras = getattr(model, "with_loras", None)
-        if with_loras is None:
-            raise TypeError(f"AuraFlow LoRA Loader: model is a {type(model).__name__}, not an AuraFlow model; "
-                            f"connect AuraFlow Loader's model output (or another AuraFlow LoRA Loader's)")
+        with_loras = check_connected("model", model, "with_loras", MODEL).with_loras
+        check_text("lora_name", lora_name, "pick a LoRA in the list (press R in the editor to refresh it)")
         path = folders.resolve_model(lora_name, (folders.LORA_FOLDER,), what="LoRA")
         # the file is checked and matched onto the transformer now (cached per file version); nothing is applied
         # until a run of the new model, and the input model keeps its own list

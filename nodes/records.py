@@ -8,17 +8,25 @@ that makes new tensors (a resize, a batch join) drops it, and the image is then 
 from __future__ import annotations
 
 ATTRIBUTE = "_auraflow_record"
+# AuraFlow Generate's checked parameters (prompt, seed, ...), saved as ``parameters`` as the command line saves them:
+# with a list node upstream (AuraFlow Prompt List) the workflow alone no longer says which prompt made which image
+PARAMETERS = "_auraflow_parameters"
 
 
-def attach(tensor, record):
-    """``tensor`` carrying ``record`` (nothing is attached for None); returns the tensor."""
-    if record is not None:
-        try:
-            setattr(tensor, ATTRIBUTE, record)
-        except (AttributeError, TypeError):  # not a torch tensor (a test's stand-in): nothing to carry
-            pass
+def attach(tensor, record, parameters=None):
+    """``tensor`` carrying ``record`` and ``parameters`` (nothing is attached for None); returns the tensor."""
+    for name, value in ((ATTRIBUTE, record), (PARAMETERS, parameters)):
+        if value is not None:
+            try:
+                setattr(tensor, name, value)
+            except (AttributeError, TypeError):  # not a torch tensor (a test's stand-in): nothing to carry
+                pass
     return tensor
 
 
 def record_of(tensor) -> dict | None:
     return getattr(tensor, ATTRIBUTE, None)
+
+
+def parameters_of(tensor) -> dict | None:
+    return getattr(tensor, PARAMETERS, None)

@@ -25,6 +25,7 @@ from ..aura_flow.plan import plan_generation
 from .comfyui import devices, folders, progress
 from .routes import key_file_path
 from .widgets import generation_inputs
+from .words import check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class AuraFlowRemoteGenerate:
         params = {name: args[name] for name in ("prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width",
                                                  "height", "sampler", "scheduler", "number_of_images",
                                                  "output_format", "output_quality")}
+        check_prompts(params)
         plan = plan_generation(params, remote=True)  # parameter errors before the key is looked up
         options = {name: args[name] for name in ("expand_prompt", "noise_source", "enable_safety_checker")}
         client = args["client"]

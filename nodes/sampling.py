@@ -10,7 +10,7 @@ from .comfyui import devices, memory, native, progress
 from .conditioning import conds_from_conditioning
 from .records import attach
 from .widgets import generation_inputs, noise_device_input, speed_input
-from .words import WEIGHT_DTYPE, node_words
+from .words import SAMPLER_MODEL, WEIGHT_DTYPE, check_connected, check_given, node_words
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ class AuraFlowSampler:
             native.check_auraflow(model)
             width_ctx = native.context_width(model)
         else:
+            check_connected("model", model, "sample", SAMPLER_MODEL)
             width_ctx = getattr(model, "context_dim", None)
+        check_given(seed=seed)
         pos = conds_from_conditioning(positive, "positive", width_ctx)
         neg = conds_from_conditioning(negative, "negative", width_ctx)
         # every setting is checked (and the schedule made) before the model is loaded

@@ -5,27 +5,58 @@ import logging
 import os
 
 from ..aura_flow import params as P
-from ..aura_flow.errors import ParameterError
+from ..aura_flow.errors import ParameterError, shown
 from ..aura_flow.images import EXT, encode_image, write_first_free
 from .comfyui import folders
-from .records import record_of
+from .records import parameters_of, record_of
 from .words import node_words
 
 log = logging.getLogger(__name__)
 
-NAME_LIMIT = 255 - len("_00000_.webp") - 8  # bytes of one file or folder name (the usual file system limit is 255)
+NAME_MAX = 255  # bytes of one file or folder name on the usual file systems (ext4, btrfs, xfs, APFS, NTFS's 255 chars)
 
 
-def check_prefix(prefix) -> str:
-    """A filename prefix that can name files: text without NUL, each name short enough for the file system."""
+def name_max(folder=None) -> int:
+    """The longest file name, in bytes, ``folder``'s file system takes (`NAME_MAX` where it cannot say)."""
+    try:
+        found = os.pathconf(folder, "PC_NAME_MAX") if folder is not None else None
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or the folder is not there yet
+        found = None
+    return min(found, NAME_MAX) if isinstance(found, int) and found > 0 else NAME_MAX
+
+
+def _bytes(name: str) -> int:
+    return len(name.encode("utf-8", "surrogateescape"))
+
+
+def file_name(base: str, counter: int, fmt: str) -> str:
+    """The name a saved image gets: ``<base>_<counter, 5 digits or more>_.<ext>``, as ComfyUI's Save Image names."""
+    return f"{base}_{counter:05}_{EXT[fmt]}"
+
+
+def check_prefix(prefix, fmt: str = "png") -> str:
+    """A filename prefix that can name files: text without NUL; each folder name at most `NAME_MAX` bytes, and the
+    last part short enough that the image's whole file name (counter and extension added) is too."""
     if not isinstance(prefix, str) or not prefix.strip() or "\0" in prefix:
-        raise ParameterError(f"filename_prefix={prefix!r}: give a file name (no NUL character), such as 'AuraFlow' or "
-                             "'AuraFlow/cat'")
-    for name in prefix.replace("\\", "/").split("/"):
-        if len(name.encode("utf-8", "surrogateescape")) > NAME_LIMIT:
-            raise ParameterError(f"filename_prefix: the name {name[:40]!r}… is {len(name.encode('utf-8', 'replace'))} "
-                                 f"bytes long; at most {NAME_LIMIT} (file names are limited to 255 bytes)")
+        raise ParameterError(f"filename_prefix={shown(prefix)}: give a file name (no NUL character), such as "
+                             "'AuraFlow' or 'AuraFlow/cat'")
+    *folders_, stem = prefix.replace("\\", "/").split("/")
+    for name in folders_:
+        if _bytes(name) > NAME_MAX:
+            raise ParameterError(f"filename_prefix: the folder name {name[:40]!r}… is {_bytes(name)} bytes long; at "
+                                 f"most {NAME_MAX} (file and folder names are limited to {NAME_MAX} bytes)")
+    check_file_name(stem, 1, fmt, "filename_prefix")
     return prefix
+
+
+def check_file_name(base: str, counter: int, fmt: str, name: str, folder=None) -> None:
+    """ParameterError when `file_name` (``base``, ``counter``, ``fmt``) is longer than the file system takes."""
+    final, limit = file_name(base, counter, fmt), name_max(folder)
+    if _bytes(final) > limit:
+        room = limit - _bytes(file_name("", counter, fmt))
+        raise ParameterError(f"{name}: the name {base[:40]!r}… is {_bytes(base)} bytes long; at most {room} (the file "
+                             f"name {final[:20]!r}…{final[-12:]!r} would be {_bytes(final)} bytes, and file names are "
+                             f"limited to {limit} bytes)")
 
 
 def check_images(images) -> None:
@@ -87,8 +118,14 @@ class AuraFlowSaveImage:
         fmt = P.check_choice("format", format, P.OUTPUT_FORMATS)
         with node_words({"output_quality": "quality"}):
             quality = P.check_range("output_quality", quality)
-        check_prefix(filename_prefix)
+        check_prefix(filename_prefix, fmt)
         check_images(images)
+        if not isinstance(embed_workflow, bool) and embed_workflow not in (0, 1):
+            raise ParameterError(f"embed_workflow={shown(embed_workflow)} is not true or false")
+        for hidden, value in (("prompt", prompt), ("extra_pnginfo", extra_pnginfo)):
+            if value is not None and not isinstance(value, dict):
+                raise ParameterError(f"{hidden}: expected ComfyUI's {hidden.upper()} (a dict), got "
+                                     f"{type(value).__name__}")
         P.check_format_size(fmt, int(images.shape[2]), int(images.shape[1]), "format")
         metadata = None
         if embed_workflow and not folders.metadata_disabled():
@@ -99,9 +136,14 @@ class AuraFlowSaveImage:
                 metadata[key] = value
             if record_of(images) is not None:  # from an AuraFlow run upstream (nodes/records.py)
                 metadata["auraflow"] = record_of(images)
+            if parameters_of(images) is not None:  # AuraFlow Generate's prompt, seed... (the CLI's entry too)
+                metadata["parameters"] = parameters_of(images)
         height, width = int(images.shape[1]), int(images.shape[2])
         folder, stem, counter, subfolder = folders.save_image_path(filename_prefix, self.output_dir, width, height)
-        check_prefix(stem)  # ComfyUI's %date%-style variables may have made it longer
+        for batch_number in range(len(images)):  # the real names (ComfyUI's %date%-style variables may have made
+            # the stem longer, the counter may have more digits): all checked before the first file is written
+            check_file_name(stem.replace("%batch_num%", str(batch_number)), counter + batch_number, fmt,
+                            "filename_prefix", folder)
         real_out = os.path.realpath(self.output_dir)
         if os.path.commonpath((real_out, os.path.realpath(folder))) != real_out:  # a link out of the folder
             raise ParameterError(f"filename_prefix={filename_prefix!r}: {folder} leads outside the output folder "
@@ -114,7 +156,7 @@ class AuraFlowSaveImage:
             data = encode_image(Image.fromarray(pixels), fmt, quality, metadata)
             base = stem.replace("%batch_num%", str(batch_number))
             # the counter ComfyUI gave, or the next free one when another save took it meanwhile: never replaced
-            path = write_first_free(folder, data, (f"{base}_{n:05}_{EXT[fmt]}" for n in range(counter, counter + 100000)))
+            path = write_first_free(folder, data, (file_name(base, n, fmt) for n in range(counter, counter + 100000)))
             counter = int(path.name[len(base) + 1:].split("_", 1)[0]) + 1
             results.append({"filename": path.name, "subfolder": subfolder, "type": self.type})
         log.debug("saved %d %s image(s) to %s", len(results), fmt, folder)

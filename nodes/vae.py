@@ -14,6 +14,7 @@ from ..aura_flow.errors import ParameterError
 from ..aura_flow.weights.devices import module_bytes
 from .comfyui import devices, memory
 from .records import attach, record_of
+from .words import VAE, check_connected
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class AuraFlowVAEDecode:
     SEARCH_ALIASES = ["aura flow", "pony", "vae decode"]
 
     def decode(self, samples, vae):
+        check_connected("vae", vae, "decode", VAE)
         if not isinstance(samples, dict):
             raise ParameterError("samples: expected a LATENT (from AuraFlow Sampler or VAE Encode)")
         if samples.get("noise_mask") is not None:
@@ -195,4 +197,5 @@ class AuraFlowVAEEncode:
     SEARCH_ALIASES = ["aura flow", "pony", "vae encode", "img2img"]
 
     def encode(self, pixels, vae):
+        check_connected("vae", vae, "encode", VAE)
         return ({"samples": vae.encode(pixels)},)

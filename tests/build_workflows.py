@@ -18,14 +18,42 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "example_workflows"
 sys.path.insert(0, str(HERE))
-from workflow_exec import all_classes, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
+from workflow_exec import CORE_NODES, all_classes, editor_type, inputs_of, is_widget, load_pack, widget_slots  # noqa: E402
 
 PROMPT = ("A mesmerizing 3D render of the words 'Happy birthday' in a dreamy, pastel-coloured cursive script, "
           "floating above a gradient from deep purple to soft pink, with a rainbow, hearts and twinkling stars, "
           "ukiyo-e and graffiti, vibrant, dark fantasy, typography")
 SEED = 2425367  # the hosted API's example seed
 FROM = "(from checkpoint)"
+# Each file a loader node of a bundled workflow names, with where it comes from and the ComfyUI folder it goes in:
+# written into the node's properties.models, as ComfyUI's own templates do, so the editor offers the downloads when
+# the files are missing (instead of red nodes). The registry id (pyproject's project name) goes in cnr_id.
+CNR_ID = "comfyui-auraflow"
+CORE_ID = "comfy-core"
+HF = "https://huggingface.co"
+MODEL_FILES = {
+    # fal's all-in-one AuraFlow v0.3 (transformer, Pile-T5-XL text encoder, SDXL VAE in one file)
+    "aura_flow_0.3.safetensors": (f"{HF}/fal/AuraFlow-v0.3/resolve/main/aura_flow_0.3.safetensors", "checkpoints"),
+    # city96's GGUF of the transformer, with the text encoder and VAE from fal's repository
+    "aura_flow_0.3-Q8_0.gguf": (f"{HF}/city96/AuraFlow-v0.3-gguf/resolve/main/aura_flow_0.3-Q8_0.gguf",
+                                "diffusion_models"),
+    "auraflow_v0.3_text_encoder.fp16.safetensors": (
+        f"{HF}/fal/AuraFlow-v0.3/resolve/main/text_encoder/model.fp16.safetensors", "text_encoders"),
+    "auraflow_v0.3_vae.fp16.safetensors": (
+        f"{HF}/fal/AuraFlow-v0.3/resolve/main/vae/diffusion_pytorch_model.fp16.safetensors", "vae"),
+    # Pony V7 (README, "Pony V7")
+    "pony-v7-base.safetensors": (f"{HF}/purplesmartai/pony-v7-base/resolve/main/safetensor/pony-v7-base.safetensors",
+                                 "diffusion_models"),
+    "pony_v7_text_encoder.fp16.safetensors": (
+        f"{HF}/purplesmartai/pony-v7-base/resolve/main/text_encoder/model.fp16.safetensors", "text_encoders"),
+    "pony_v7_vae.fp16.safetensors": (
+        f"{HF}/purplesmartai/pony-v7-base/resolve/main/vae/diffusion_pytorch_model.fp16.safetensors", "vae"),
+}
+FILE_WIDGETS = ("checkpoint", "text_encoder", "vae", "tokenizer")  # AuraFlow Loader's file inputs
 LOADER = ("AuraFlowLoader", {"checkpoint": "aura_flow_0.3.safetensors"}, {})
+GGUF_LOADER = ("AuraFlowLoader", {"checkpoint": "aura_flow_0.3-Q8_0.gguf",
+                                  "text_encoder": "auraflow_v0.3_text_encoder.fp16.safetensors",
+                                  "vae": "auraflow_v0.3_vae.fp16.safetensors"}, {})
 # Pony V7 (purplesmartai/pony-v7-base): the transformer-only file in models/diffusion_models, its text encoder
 # (text_encoder/model.fp16.safetensors) and VAE (vae/diffusion_pytorch_model.fp16.safetensors) saved under these
 # names; the tokenizer is ComfyUI's own Pile-T5 one (the same vocabulary). Settings: README, "Pony V7".
@@ -39,7 +67,15 @@ PONY_PROMPT = ("score_9, A cheerful red fox sits on a mossy rock in a misty autu
 PONY_SAMPLER = {"seed": SEED, "steps": 40, "cfg": 3.5, "sampler_name": "euler", "scheduler": "normal",
                 "shift": 1.73, "width": 1024, "height": 1024}
 
-# name -> (title, [(node type, widget values that differ from the defaults, {input: (source index, output)})])
+LIST_PROMPTS = ("# one job a line: plain prompts, or JSONL objects such as {\"prompt\": \"a fox\", \"seed\": 7}\n"
+                "A red fox sitting in fresh snow at dawn, soft golden light, detailed fur\n"
+                "A lighthouse on a rocky coast during a storm, dramatic waves, oil painting\n"
+                "A cozy reading nook with a window seat, rain outside, warm lamp light, watercolor\n")
+LIST_WIRES = {key: (1, i) for i, key in enumerate(("prompt", "negative_prompt", "seed", "steps", "cfg", "width",
+                                                   "height", "sampler", "scheduler", "shift"))}
+
+# name -> (title, [(node type, widget values that differ from the defaults, {input: (source index, output)})]);
+# a wire into a widget input links it, as the editor does when a link is dropped on a widget
 WORKFLOWS = {
     "auraflow_generate": ("AuraFlow: text to image in one node", [
         LOADER,
@@ -69,6 +105,11 @@ WORKFLOWS = {
         ("AuraFlowVAEDecode", {}, {"samples": (5, 0), "vae": (0, 2)}),
         ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/img2img"}, {"images": (6, 0)}),
     ]),
+    "auraflow_gguf": ("AuraFlow GGUF: text to image with a quantized transformer", [
+        GGUF_LOADER,
+        ("AuraFlowGenerate", {"prompt": PROMPT, "seed": SEED}, {"model": (0, 0)}),
+        ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/gguf"}, {"images": (1, 0)}),
+    ]),
     "auraflow_pony_v7": ("Pony V7: text to image with its recommended settings", [
         PONY_LOADER,
         ("AuraFlowTextEncode", {"text": PONY_PROMPT}, {"text_encoder": (0, 1)}),
@@ -76,6 +117,12 @@ WORKFLOWS = {
         ("AuraFlowSampler", PONY_SAMPLER, {"model": (0, 0), "positive": (1, 0), "negative": (2, 0)}),
         ("VAEDecode", {}, {"samples": (3, 0), "vae": (0, 2)}),
         ("AuraFlowSaveImage", {"filename_prefix": "PonyV7"}, {"images": (4, 0)}),
+    ]),
+    "auraflow_prompt_list": ("AuraFlow: one image per line of a prompt list", [
+        LOADER,
+        ("AuraFlowPromptList", {"text": LIST_PROMPTS, "seed": SEED}, {}),
+        ("AuraFlowGenerate", {}, {"model": (0, 0), **LIST_WIRES}),
+        ("AuraFlowSaveImage", {"filename_prefix": "AuraFlow/list"}, {"images": (2, 0)}),
     ]),
 }
 EXTRA_SLOT_VALUE = {"control_after_generate": "randomize", "image_upload": "image"}
@@ -93,6 +140,16 @@ def _widget_values(cls, given: dict) -> dict:
     return values
 
 
+def properties(kind: str, values: dict) -> dict:
+    """A node's editor properties: the pack that provides it, and for AuraFlow Loader the files it names (which
+    every file of a bundled loader must have: an entry in MODEL_FILES)."""
+    props = {"cnr_id": CORE_ID if kind in CORE_NODES else CNR_ID, "Node name for S&R": kind}
+    if kind == "AuraFlowLoader":
+        names = [values[w] for w in FILE_WIDGETS if values.get(w) not in (None, "", FROM)]
+        props["models"] = [{"name": n, "url": MODEL_FILES[n][0], "directory": MODEL_FILES[n][1]} for n in names]
+    return props
+
+
 def build(name: str, classes: dict) -> tuple[dict, dict]:
     """(editor-format workflow, API-format prompt) for one entry of WORKFLOWS."""
     _title, spec = WORKFLOWS[name]
@@ -104,15 +161,17 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
         inputs = dict(values)
         sockets = []
         for input_name, (input_kind, _opts) in inputs_of(cls).items():
-            if is_widget(input_kind):
+            widget = is_widget(input_kind)
+            if widget and input_name not in wires:
                 continue
             link_id = None
             if input_name in wires:
                 src, out = wires[input_name]
                 link_id = len(links) + 1
-                links.append([link_id, src + 1, out, node_id, len(sockets), input_kind])
+                links.append([link_id, src + 1, out, node_id, len(sockets), editor_type(input_kind)])
                 inputs[input_name] = [str(src + 1), out]
-            sockets.append({"name": input_name, "type": input_kind, "link": link_id})
+            sockets.append({"name": input_name, "type": editor_type(input_kind), "link": link_id,
+                            **({"widget": {"name": input_name}} if widget else {})})
         api[str(node_id)] = {"class_type": kind, "inputs": inputs}
         slots = widget_slots(cls)
         widgets = []
@@ -124,12 +183,13 @@ def build(name: str, classes: dict) -> tuple[dict, dict]:
                 widgets.append(values[slot[0]])
         nodes.append({"id": node_id, "type": kind, "pos": [40 + 380 * _depth(spec, index), 0],
                       "size": [340, 0], "flags": {}, "order": index, "mode": 0,
-                      "inputs": sockets, "outputs": [], "properties": {"Node name for S&R": kind},
+                      "inputs": sockets, "outputs": [],
+                      "properties": properties(kind, values),
                       "widgets_values": widgets})
     for node, (kind, _g, _w) in zip(nodes, spec):
         cls = classes[kind]
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        node["outputs"] = [{"name": n, "type": t, "slot_index": i,
+        node["outputs"] = [{"name": n, "type": editor_type(t), "slot_index": i,
                             "links": [link[0] for link in links if link[1] == node["id"] and link[2] == i]}
                            for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
     column_bottom: dict[int, int] = {}  # stack each column by the nodes' real heights, so none hides another

@@ -54,6 +54,8 @@ def test_config_is_inferred_from_shapes(tiny_pipe):
     # without metadata, a width that is a multiple of 256 gets AuraFlow's 256-wide heads
     sd = {k: v for k, v in tiny_pipe.transformer.state_dict().items()}
     sd["pos_embed.proj.weight"] = torch.zeros(3072, 16)
+    sd["pos_embed.pos_embed"] = torch.empty(1, 256, 3072, device="meta")
+    sd["context_embedder.weight"] = torch.empty(3072, 32, device="meta")
     assert infer_transformer_config(sd)["num_attention_heads"] == 12
 
 

@@ -195,8 +195,10 @@ def saver(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("prefix, message", [
     ("cat\0.png", "filename_prefix='cat\\\\x00.png': give a file name \\(no NUL character\\)"),
-    ("a" * 300, "filename_prefix: the name 'aaaa.*is 300 bytes long; at most 235"),
-    ("ok/" + "ł" * 200, "is 400 bytes long; at most 235"),
+    ("a" * 300, "filename_prefix: the name 'aaaa.*is 300 bytes long; at most 244 \\(the file name .* would be 311 "
+                "bytes, and file names are limited to 255 bytes\\)"),
+    ("ok/" + "ł" * 200, "is 400 bytes long; at most 244"),
+    ("ł" * 200 + "/ok", "the folder name 'łłł.*is 400 bytes long; at most 255"),
     ("", "give a file name"),
 ])
 def test_save_refuses_prefixes_that_cannot_name_a_file(saver, tmp_path, prefix, message):

@@ -374,6 +374,7 @@ def test_save_without_metadata(saver, tmp_path, monkeypatch):
     assert imageio.read_metadata(tmp_path / out["ui"]["images"][0]["filename"]) == {}
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=True)
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))  # a submodule comes with its package
     monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
     out = saver.save(gradient(1), "plain", "webp", 80, True, prompt=prompt, extra_pnginfo={"workflow": {}})
     assert imageio.read_metadata(tmp_path / out["ui"]["images"][0]["filename"]) == {}

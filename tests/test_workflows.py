@@ -62,10 +62,83 @@ def test_editor_and_api_formats_agree(name):
         assert twin["class_type"] == node["type"]
         slots = wx.widget_slots(classes[node["type"]])
         named = {slot[0]: value for slot, value in zip(slots, node["widgets_values"]) if slot is not None}
-        assert named == {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+        linked = {s["name"] for s in node["inputs"] if s["link"] is not None}  # a linked widget keeps its value
+        assert {k: v for k, v in named.items() if k not in linked} == \
+            {k: v for k, v in twin["inputs"].items() if not isinstance(v, list)}
+        assert linked == {k for k, v in twin["inputs"].items() if isinstance(v, list)}
     for link_id, src, src_slot, dst, dst_slot, _kind in wf["links"]:
         dst_node = next(n for n in wf["nodes"] if n["id"] == dst)
         assert prompt[str(dst)]["inputs"][dst_node["inputs"][dst_slot]["name"]] == [str(src), src_slot]
+
+
+# ComfyUI's model folders a bundled workflow may name (folder_paths' keys; AuraFlow Loader reads these)
+MODEL_DIRECTORIES = {"checkpoints", "diffusion_models", "unet", "text_encoders", "vae", "diffusers", "loras"}
+WIDGET_DIRECTORIES = {"checkpoint": {"checkpoints", "diffusion_models", "unet", "diffusers"},
+                      "text_encoder": {"text_encoders"}, "vae": {"vae"}, "tokenizer": {"text_encoders"}}
+
+
+def model_problems(workflow: dict) -> list[str]:
+    """What keeps ComfyUI's editor from offering the downloads of a workflow's files: every file widget of every
+    loader node must be named in the node's properties.models, with an https URL ending in the same file type and
+    a model folder that fits the widget; the node's cnr_id must be the pack's registry id."""
+    problems = []
+    for node in workflow["nodes"]:
+        props = node.get("properties", {})
+        if props.get("cnr_id") != (build.CORE_ID if node["type"] in wx.CORE_NODES else build.CNR_ID):
+            problems.append(f"node {node['id']}: cnr_id {props.get('cnr_id')!r}")
+        if node["type"] != "AuraFlowLoader":
+            continue
+        slots = wx.widget_slots(classes[node["type"]])
+        values = {slot[0]: v for slot, v in zip(slots, node["widgets_values"]) if slot is not None}
+        models = {m.get("name"): m for m in props.get("models", [])}
+        for widget, allowed in WIDGET_DIRECTORIES.items():
+            name = values.get(widget)
+            if name in (None, "", build.FROM):
+                continue
+            entry = models.pop(name, None)
+            if entry is None:
+                problems.append(f"node {node['id']}: {widget} {name!r} is not in properties.models")
+                continue
+            url, directory = entry.get("url", ""), entry.get("directory")
+            if not url.startswith("https://") or url.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
+                problems.append(f"node {node['id']}: {name!r} has url {url!r}, not an https URL of such a file")
+            if directory not in MODEL_DIRECTORIES or directory not in allowed:
+                problems.append(f"node {node['id']}: {name!r} goes in {directory!r}, not a folder {widget} reads")
+        problems += [f"node {node['id']}: {n!r} in properties.models is no widget's file" for n in models]
+    return problems
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_loader_names_its_files_for_the_editors_downloads(name):
+    assert model_problems(editor(name)) == []
+
+
+def test_the_bundled_files_are_the_published_ones():
+    loaders = [n for name in NAMES for n in editor(name)["nodes"] if n["type"] == "AuraFlowLoader"]
+    assert len(loaders) == 6  # generate, txt2img_nodes, img2img, gguf, pony_v7, prompt_list
+    urls = {m["name"]: m["url"] for n in loaders for m in n["properties"]["models"]}
+    assert urls["aura_flow_0.3.safetensors"] == \
+        "https://huggingface.co/fal/AuraFlow-v0.3/resolve/main/aura_flow_0.3.safetensors"
+    assert urls["aura_flow_0.3-Q8_0.gguf"].startswith("https://huggingface.co/city96/AuraFlow-v0.3-gguf/resolve/")
+    assert all(u.startswith("https://huggingface.co/purplesmartai/pony-v7-base/resolve/main/")
+               for n, u in urls.items() if n.startswith("pony"))
+    tomllib = pytest.importorskip("tomllib")
+    assert build.CNR_ID == tomllib.loads((wx.ROOT / "pyproject.toml").read_text())["project"]["name"]
+
+
+def test_the_model_check_catches_what_the_editor_could_not_offer():
+    wf = editor("auraflow_pony_v7")
+    loader = wf["nodes"][0]
+    models = loader["properties"]["models"]
+    models[0]["url"] = models[0]["url"].replace("https://", "http://")
+    models[1]["directory"] = "vae"  # the text encoder in the VAE folder
+    del models[2]
+    loader["properties"]["cnr_id"] = "comfy-core"
+    problems = model_problems(wf)
+    assert any("'pony-v7-base.safetensors' has url 'http://" in p for p in problems)
+    assert any("'pony_v7_text_encoder.fp16.safetensors' goes in 'vae'" in p for p in problems)
+    assert any("vae 'pony_v7_vae.fp16.safetensors' is not in properties.models" in p for p in problems)
+    assert any("node 1: cnr_id 'comfy-core'" in p for p in problems)
 
 
 def test_the_checks_catch_broken_workflows():
@@ -102,11 +175,11 @@ def shrink(prompt: dict, checkpoint: str) -> dict:
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "AuraFlowLoader":
-            inputs.update(checkpoint=checkpoint, weight_dtype="fp32")
+        if node["class_type"] == "AuraFlowLoader":  # the tiny model's own text encoder and VAE
+            inputs.update(checkpoint=checkpoint, weight_dtype="fp32", text_encoder=build.FROM, vae=build.FROM)
         if node["class_type"] != "AuraFlowRemoteGenerate":
             for key, value in (("width", 64), ("height", 64), ("steps", 2)):
-                if key in inputs:
+                if key in inputs and not isinstance(inputs[key], list):  # a link stays
                     inputs[key] = value
     return prompt
 
@@ -116,7 +189,7 @@ def saved(tmp_path, ui: dict) -> list:
     return [tmp_path / "output" / f["subfolder"] / f["filename"] for f in files]
 
 
-@pytest.mark.parametrize("name", ["auraflow_generate", "auraflow_txt2img_nodes", "auraflow_img2img"])
+@pytest.mark.parametrize("name", ["auraflow_generate", "auraflow_txt2img_nodes", "auraflow_img2img", "auraflow_gguf"])
 def test_local_workflows_run_and_save_images_with_their_graph(env, name):
     tmp_path, checkpoint = env
     prompt = shrink(api(name), checkpoint)
@@ -131,6 +204,12 @@ def test_local_workflows_run_and_save_images_with_their_graph(env, name):
         "version": pack.aura_flow.__version__, "checkpoint": {"name": "diffusers", "hash": hash_of(checkpoint)},
         "dtype": "fp32", "compute_dtype": "float32", "device": "cpu", "speed": "auto", "noise_device": "cpu",
         "loras": []}
+    generators = [v for v in prompt.values() if v["class_type"] == "AuraFlowGenerate"]
+    if generators:  # AuraFlow Generate also says its parameters, as the command line's images do
+        widgets = generators[0]["inputs"]
+        assert metadata.pop("parameters") == {k: widgets[k] for k in (
+            "prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height", "sampler", "scheduler",
+            "number_of_images", "output_format", "output_quality")}
     assert metadata == {"prompt": prompt, "workflow": workflow}
     images = outputs[next(k for k, v in prompt.items() if v["class_type"] == "AuraFlowSaveImage")][0]
     assert images.shape == (1, 64, 64, 3) and 0 <= images.min() and images.max() <= 1

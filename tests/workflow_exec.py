@@ -6,10 +6,11 @@ formats against the nodes' INPUT_TYPES, and run API-format workflows node by nod
 - `CORE_NODES`: the few ComfyUI core nodes the bundled workflows use, with the same ids, inputs and outputs as
   ComfyUI 0.29's (nodes.py), and plain implementations good enough to run a workflow without ComfyUI.
 - `check_api(prompt, classes)` / `check_editor(workflow, classes)` return a list of problems ([] when sound).
-- `execute(prompt, classes, ...)` runs an API-format prompt in topological order and returns every node's outputs
-  and the ``ui`` dicts of output nodes. A node whose function is a coroutine function runs as an asyncio task, as
-  ComfyUI's execution.py (``_async_map_node_over_list``) runs it: the executor goes on with the nodes that do not
-  need its outputs, so several async nodes wait together; a plain function blocks the loop while it runs, as there.
+- `execute(prompt, classes, ...)` runs an API-format prompt in topological order, a node fed lists once per element
+  as ComfyUI does (`map_node_over_list`, `merge_result_data`), and returns every node's outputs and the ``ui`` dicts
+  of output nodes. A node whose function is a coroutine function runs as an asyncio task, as ComfyUI's execution.py
+  (``_async_map_node_over_list``) runs it: the executor goes on with the nodes that do not need its outputs, so
+  several async nodes wait together; a plain function blocks the loop while it runs, as there.
 """
 from __future__ import annotations
 
@@ -139,6 +140,11 @@ def inputs_of(cls) -> dict:
     return out
 
 
+def editor_type(kind) -> str:
+    """An input's or output's type as the editor saves it: a combo (a list of names) is "COMBO"."""
+    return "COMBO" if isinstance(kind, (list, tuple)) else kind
+
+
 def is_widget(kind) -> bool:
     return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
 
@@ -214,7 +220,11 @@ def check_api(prompt: dict, classes: dict) -> list[str]:
                 if not 0 <= value[1] < len(out_types):
                     problems.append(f"{where}: input {name!r} links to output {value[1]} of {value[0]}, which has "
                                     f"{len(out_types)}")
-                elif not isinstance(kind, (list, tuple)) and out_types[value[1]] not in kind.split(","):
+                elif isinstance(kind, (list, tuple)):  # a combo takes an output typed as the same list of names
+                    if not isinstance(out_types[value[1]], (list, tuple)) or list(out_types[value[1]]) != list(kind):
+                        problems.append(f"{where}: combo {name!r} fed by {editor_type(out_types[value[1]])}, not by "
+                                        "an output typed as its own list of names")
+                elif out_types[value[1]] not in kind.split(","):
                     problems.append(f"{where}: {name!r} ({kind}) fed by {out_types[value[1]]}")
                 continue
             why = check_value(kind, opts, value, open_combo=name in _open_combos(cls))
@@ -236,16 +246,19 @@ def check_editor(workflow: dict, classes: dict) -> list[str]:
         for i, socket in enumerate(node.get("inputs", [])):
             if socket["name"] not in inputs:
                 problems.append(f"{where}: unknown input socket {socket['name']!r}")
-            elif inputs[socket["name"]][0] != socket["type"]:
+            elif editor_type(inputs[socket["name"]][0]) != socket["type"]:
                 problems.append(f"{where}: socket {socket['name']!r} typed {socket['type']}, node says "
-                                f"{inputs[socket['name']][0]}")
+                                f"{editor_type(inputs[socket['name']][0])}")
+            elif is_widget(inputs[socket["name"]][0]) and socket.get("widget") != {"name": socket["name"]}:
+                problems.append(f"{where}: widget socket {socket['name']!r} does not name its widget")
         for name, (kind, _o) in inputs.items():
             if not is_widget(kind) and name in cls.INPUT_TYPES().get("required", {}) and \
                     not any(s["name"] == name for s in node.get("inputs", [])):
                 problems.append(f"{where}: required input socket {name!r} missing")
         outs = [o["type"] for o in node.get("outputs", [])]
-        if outs != list(cls.RETURN_TYPES):
-            problems.append(f"{where}: outputs {outs} differ from the node's {list(cls.RETURN_TYPES)}")
+        want = [editor_type(t) for t in cls.RETURN_TYPES]
+        if outs != want:
+            problems.append(f"{where}: outputs {outs} differ from the node's {want}")
         slots = widget_slots(cls)
         values = node.get("widgets_values", [])
         if len(values) != len(slots):
@@ -293,59 +306,116 @@ def topological_order(prompt: dict) -> list[str]:
     return order
 
 
-def execute(prompt: dict, classes: dict, *, workflow: dict | None = None) -> tuple[dict, dict]:
-    """Run an API-format ``prompt``; returns ({node id: output tuple}, {node id: ui dict}).
+def _calls(cls, inputs: dict) -> list[dict]:
+    """The keyword arguments of each run of a node, as ComfyUI's ``_map_node_over_list`` makes them: every input is a
+    list (a widget's value a list of one, a linked input its source's output list); a node without ``INPUT_IS_LIST``
+    runs once per element of the longest list, a shorter list repeating its last element; one with it runs once on
+    the lists."""
+    if getattr(cls, "INPUT_IS_LIST", False):
+        return [inputs]
+    longest = max((len(v) for v in inputs.values()), default=0)
+    return [{k: v[i if len(v) > i else -1] for k, v in inputs.items()} for i in range(longest)] or [{}]
 
+
+def _collect(returned) -> tuple[list, list]:
+    results, uis = [], []
+    for result in returned:
+        if isinstance(result, dict):
+            if "ui" in result:
+                uis.append(result["ui"])
+            result = result.get("result", ())
+        results.append(tuple(result))
+    return results, uis
+
+
+def map_node_over_list(cls, inputs: dict) -> tuple[list, list]:
+    """Run one node (a plain function) once per `_calls` entry. Returns (results, uis)."""
+    func = getattr(cls(), cls.FUNCTION)
+    return _collect([func(**kwargs) for kwargs in _calls(cls, inputs)])
+
+
+async def map_node_over_list_async(cls, inputs: dict) -> tuple[list, list]:
+    """The same for a coroutine function: its runs awaited together, as ComfyUI's ``_async_map_node_over_list``."""
+    import asyncio
+
+    func = getattr(cls(), cls.FUNCTION)
+    return _collect(await asyncio.gather(*(func(**kwargs) for kwargs in _calls(cls, inputs))))
+
+
+def merge_result_data(results: list, cls) -> list:
+    """ComfyUI's merge: an ``OUTPUT_IS_LIST`` output concatenates the runs' lists, any other output lists each
+    run's value."""
+    is_list = getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(results[0])
+    return [[x for r in results for x in r[i]] if flag else [r[i] for r in results]
+            for i, flag in zip(range(len(results[0])), is_list)]
+
+
+def execute(prompt: dict, classes: dict, *, workflow: dict | None = None, lists: bool = False) -> tuple[dict, dict]:
+    """Run an API-format ``prompt``; returns ({node id: outputs}, {node id: ui dict}).
+
+    Nodes run as ComfyUI runs them, lists included (`map_node_over_list`, `merge_result_data`), coroutine functions
+    as tasks that run side by side. With ``lists=True`` each output is ComfyUI's list of values (one per run, or a
+    list output's elements); by default it is the one value of a node that ran once (a node that made a list
+    raises: ask for lists). The ``ui`` dicts of output nodes are merged over their runs as ComfyUI merges them.
     Hidden inputs are filled as ComfyUI fills them: PROMPT with the prompt, EXTRA_PNGINFO with
     ``{"workflow": workflow}`` when one is given (one dict for the whole prompt, as ComfyUI passes its
     ``extra_data["extra_pnginfo"]`` to every node), UNIQUE_ID with the node id.
     """
     import asyncio  # here, not at import: load_pack's import time is measured (test_nodes)
 
-    return asyncio.run(_execute(prompt, classes, workflow))
+    outputs, ui = asyncio.run(_execute(prompt, classes, workflow))
+    if lists:
+        return outputs, ui
+    single = {}
+    for node_id, outs in outputs.items():
+        if any(len(values) != 1 for values in outs):
+            raise ValueError(f"node {node_id} ({prompt[node_id]['class_type']}) made lists; run with lists=True")
+        single[node_id] = tuple(values[0] for values in outs)
+    return single, ui
 
 
 async def _execute(prompt: dict, classes: dict, workflow: dict | None) -> tuple[dict, dict]:
     import asyncio
     import inspect
 
-    outputs, ui, pending = {}, {}, {}  # pending: node id -> the task of an async node still running
+    outputs, ui, pending = {}, {}, {}  # pending: node id -> (class, the task of an async node still running)
     extra_pnginfo = {"workflow": workflow} if workflow else None
     order = topological_order(prompt)
 
-    def store(node_id, result):
-        if isinstance(result, dict):
-            if "ui" in result:
-                ui[node_id] = result["ui"]
-            result = result.get("result", ())
-        outputs[node_id] = tuple(result)
+    def store(node_id, cls, ran):
+        results, uis = ran
+        outputs[node_id] = merge_result_data(results, cls) if results and results[0] else []
+        if uis:
+            ui[node_id] = {k: [y for x in uis for y in x[k]] for k in uis[0]}
 
-    for node_id in order:
-        node = prompt[node_id]
-        links = [v[0] for v in node.get("inputs", {}).values()
-                 if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
-        for src in links:  # wait only for the async nodes this one needs
-            if src in pending:
-                store(src, await pending.pop(src))
-        cls = classes[node["class_type"]]
-        kwargs = {}
-        for name, value in node.get("inputs", {}).items():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-                value = outputs[value[0]][value[1]]
-            kwargs[name] = value
-        for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
-            kwargs[name] = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)
-        function = getattr(cls(), cls.FUNCTION)
-        if inspect.iscoroutinefunction(function):
-            pending[node_id] = asyncio.create_task(function(**kwargs))
-            await asyncio.sleep(0)  # let it start, as ComfyUI does
-        else:
-            store(node_id, function(**kwargs))
     try:
         for node_id in order:
+            node = prompt[node_id]
+            links = [v[0] for v in node.get("inputs", {}).values()
+                     if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
+            for src in links:  # wait only for the async nodes this one needs
+                if src in pending:
+                    src_cls, task = pending.pop(src)
+                    store(src, src_cls, await task)
+            cls = classes[node["class_type"]]
+            inputs = {}
+            for name, value in node.get("inputs", {}).items():
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                    inputs[name] = outputs[value[0]][value[1]]
+                else:
+                    inputs[name] = [value]
+            for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+                inputs[name] = [{"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)]
+            if inspect.iscoroutinefunction(getattr(cls, cls.FUNCTION)):
+                pending[node_id] = (cls, asyncio.create_task(map_node_over_list_async(cls, inputs)))
+                await asyncio.sleep(0)  # let it start, as ComfyUI does
+            else:
+                store(node_id, cls, map_node_over_list(cls, inputs))
+        for node_id in order:
             if node_id in pending:
-                store(node_id, await pending[node_id])
+                cls, task = pending.pop(node_id)
+                store(node_id, cls, await task)
     finally:
-        for task in pending.values():
+        for _cls, task in pending.values():
             task.cancel()
     return outputs, ui

@@ -59,9 +59,10 @@ def job_format(path) -> str:
 
 
 def _lines(path, label):
-    """(line number, text) of the file, one line at a time, each at most MAX_LINE_BYTES, decoded as UTF-8."""
+    """(line number, text) of the file (or binary stream), one line at a time, each at most MAX_LINE_BYTES, decoded
+    as UTF-8."""
     try:
-        fh = open(path, "rb")
+        fh = path if hasattr(path, "readline") else open(path, "rb")
     except OSError as exc:
         raise JobFileError(f"{label}: cannot read the job file ({exc.strerror or exc})") from None
     with fh:
@@ -98,10 +99,11 @@ def _value(key: str, text: str):
         return text
 
 
-def raw_lines(path, label=None):
-    """(line number, {key: value}) of every job line of the file, as written (nothing checked but the format)."""
+def raw_lines(path, label=None, fmt=None):
+    """(line number, {key: value}) of every job line of the file, as written (nothing checked but the format).
+    ``path`` may be a binary stream (``io.BytesIO``), then give ``label`` and ``fmt`` (jsonl, csv or text)."""
     label = label or os.fspath(path)
-    fmt = job_format(path)
+    fmt = fmt or job_format(path)
     if fmt == "jsonl":
         for n, text in _lines(path, label):
             if _skipped(text):
@@ -265,13 +267,15 @@ def _derived_seed(params: dict, loras, sets, count: int) -> int:
 
 
 def read_jobs(path, *, defaults=None, seeds=None, grid=(), remote: bool = False, accepts_sets: bool = False,
-              check_lora_files: bool = True, label=None):
+              check_lora_files: bool = True, label=None, fmt=None):
     """Yield every `Job` of the job file at ``path``, checked, in file order (a generator: streaming).
 
     defaults: values for keys a line leaves out (the generation flags; ``loras`` too). seeds: N seeds per job.
     grid: ``[(key, [values]), ...]`` (`parse_grid`). remote: the hosted API's ranges. accepts_sets: ``NODE.INPUT``
     keys allowed (comfyui). check_lora_files: read each LoRA file's header once (a local run).
-    Raises `JobFileError` naming the file, the line and the key.
+    label, fmt: the name said in messages and the format (default: the path and its extension); a binary stream
+    (``io.BytesIO(text.encode())``) in place of ``path`` needs both. Raises `JobFileError` naming the file, the line
+    and the key.
     """
     label = label or os.fspath(path)
     n_seeds = 1 if seeds is None else seeds
@@ -289,7 +293,7 @@ def read_jobs(path, *, defaults=None, seeds=None, grid=(), remote: bool = False,
     base_params, base_extra, base_sets = checker.split(defaults)
     seen: dict = {}  # sha256[:8] of an unseeded line's parameters -> lines like it so far
     total = 0
-    for n, obj in raw_lines(path, label):
+    for n, obj in raw_lines(path, label, fmt):
         try:
             params, extra, sets = checker.split(obj)
             merged = {**base_params, **params}

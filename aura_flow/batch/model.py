@@ -82,7 +82,11 @@ class Sink(Protocol):
 
     where: a small dict saying where the job ran, written into its manifest line: ``{"server": URL}``,
     ``{"request_id": ID}``, ``{"worker": NAME}`` or ``{}``.
+    ``folder``: the output folder (a `pathlib.Path`), where a backend whose workers write the images themselves puts
+    them (under `runner.image_names`) before reporting ``done(job, files=...)``.
     """
+
+    folder: object
 
     def started(self, job: Job, where: Mapping) -> None:
         """The job was handed to a worker or server (progress only; nothing is written)."""

@@ -33,8 +33,12 @@ from .progress import make_progress
 log = logging.getLogger("aura_flow.batch")
 
 # backend name -> module with make(**options) -> Backend (imported when chosen)
-BACKENDS = {"local": "aura_flow.batch.local"}
-BACKENDS["hosted"] = "aura_flow.batch.hosted"
+BACKENDS = {
+    "local": "aura_flow.batch.local",
+    "comfyui": "aura_flow.batch.comfyui",
+    "ray": "aura_flow.batch.ray",
+    "hosted": "aura_flow.batch.hosted",
+}
 MAX_ERRORS = 5  # failures kept in the summary
 
 
@@ -121,11 +125,7 @@ class ManifestSink:
         self.progress.postfix(values)
 
     def _write(self, job, data: bytes, i: int) -> str:
-        ext = image_extension(data)
-        stem = job.file_names(ext)[i].rsplit(".", 1)[0] if i < job.params["number_of_images"] \
-            else f"{job.stem}_{i:02d}"
-        names = (f"{stem}.{ext}" if n == 0 else f"{stem}_{n}.{ext}" for n in range(1000))
-        return write_first_free(self.folder, data, names).name
+        return write_first_free(self.folder, data, image_names(job, i, image_extension(data))).name
 
     def done(self, job, images=None, *, files=None, where, seconds: float, extra=None) -> list[str]:
         with self.lock:
@@ -160,6 +160,14 @@ class ManifestSink:
             if len(self.summary.errors) < MAX_ERRORS:
                 self.summary.errors.append((job.line, job.key, str(error)))
         self.progress.finished(job, False)
+
+
+def image_names(job, i: int, ext: str):
+    """The names image ``i`` of ``job`` may be written under, in order (the first free one is taken): the job's
+    name, then ``_1``, ``_2``... The sink and the workers of a backend that write into the folder use these."""
+    stem = job.file_names(ext)[i].rsplit(".", 1)[0] if i < job.params["number_of_images"] \
+        else f"{job.stem}_{i:02d}"
+    return (f"{stem}.{ext}" if n == 0 else f"{stem}_{n}.{ext}" for n in range(1000))
 
 
 def _file_sha256(path) -> str:

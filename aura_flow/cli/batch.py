@@ -2,7 +2,8 @@
 
 The generation flags give the defaults for keys a line leaves out. Everything is checked before a model loads; the
 manifest ``DIR/manifest.jsonl`` records each job, so the same command run again resumes.
-Exit codes: 0 all done, 1 some failed, 2 bad flags or a bad job file, 130 interrupted.
+Exit codes: 0 all done, 1 some failed, 2 bad flags or a bad job file, 3 no ComfyUI server answers (comfyui),
+130 interrupted.
 
 Backends: each has an entry in `BACKEND_FLAGS`: a function adding its flags to the parser (in its own group) and
 the flags' dests that become its options (``aura_flow.batch.runner.BACKENDS[name]``'s ``make(**options)``).
@@ -12,27 +13,25 @@ from __future__ import annotations
 import sys
 
 from ..errors import ParameterError
-from ..params import DTYPES
+from ..headless import ServerUnavailable
+from . import batch_ray
+from .batch_comfyui import COMFYUI_DESTS, comfyui_flags
 from .batch_hosted import HOSTED_DESTS, hosted_flags
-from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_output_folder,
-                    generation_params, parse_lora_flag)
+from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_model_flags, add_speed_flag,
+                    check_output_folder, generation_params, parse_lora_flag)
 
 
 def _local_flags(p) -> None:
     g = p.add_argument_group("--backend local", "the in-process engine (the model loads once)")
-    g.add_argument("--checkpoint", help="diffusers folder, all-in-one or transformer .safetensors")
-    g.add_argument("--tokenizer", help="tokenizer.model or tokenizer folder (single files)")
-    g.add_argument("--text-encoder", help="Pile-T5-XL .safetensors or folder (transformer-only files)")
-    g.add_argument("--vae", help="SDXL VAE .safetensors or folder (transformer-only files)")
-    g.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)}")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_model_flags(g)
     add_speed_flag(g)
 
 
 # backend name -> (add its flags, the dests handed to its make(**options))
 BACKEND_FLAGS = {
-    "local": (_local_flags, ("checkpoint", "tokenizer", "text_encoder", "vae", "dtype", "device", "speed",
-                             "noise_device")),
+    "local": (_local_flags, batch_ray.MODEL_DESTS),
+    "comfyui": (comfyui_flags, COMFYUI_DESTS),
+    "ray": (batch_ray.add_flags, batch_ray.DESTS),
     "hosted": (hosted_flags, HOSTED_DESTS),
 }
 
@@ -96,6 +95,9 @@ def run_batch(args) -> int:
     except JobFileError as exc:  # in the job file's words (file, line, key), not the flags'
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except ServerUnavailable as exc:  # comfyui: no server answers (the jobs not done stay to resume)
+        sys.stderr.write(f"error: {exc}\n")
+        return 3
     if args.dry_run:
         sys.stderr.write(f"would run {summary.to_run} of {summary.total} jobs; skipped {summary.skipped}\n")
         return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import LoadError, ParameterError, reword
 from ..images import check_output_folder  # noqa: F401  (re-exported: the commands check --out with it)
-from ..params import DEFAULTS, LORA_STRENGTH, MAX_SEED, MIN_SHIFT, NOISE_DEVICES, OUTPUT_FORMATS, RANGES
+from ..params import DEFAULTS, DTYPES, LORA_STRENGTH, MAX_SEED, MIN_SHIFT, NOISE_DEVICES, OUTPUT_FORMATS, RANGES
 from ..pipeline.modes import SPEED_NAMES
 
 
@@ -53,6 +53,16 @@ def add_speed_flag(p) -> None:
                    help=f"one of: {', '.join(SPEED_NAMES)}. auto is the lossless padding fold on the CPU and exact "
                         "elsewhere; cfg_cutoff, step_cache and fast trade a measured bit of fidelity for time "
                         "(README: Speed and benchmarks)")
+
+
+def add_model_flags(p, *, required: bool = False) -> None:
+    """The local model's files, dtype and device (``generate``, ``batch``'s local and ray backends)."""
+    p.add_argument("--checkpoint", required=required, help="diffusers folder, all-in-one or transformer .safetensors")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer folder (single files)")
+    p.add_argument("--text-encoder", help="Pile-T5-XL .safetensors or folder (transformer-only files)")
+    p.add_argument("--vae", help="SDXL VAE .safetensors or folder (transformer-only files)")
+    p.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)}")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
 
 
 def add_local_flags(p) -> None:

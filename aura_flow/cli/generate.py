@@ -8,20 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..params import DTYPES
-from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_speed_flag, check_lora_flags,
-                    check_output_folder, generation_params)
+from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_model_flags, add_speed_flag,
+                    check_lora_flags, check_output_folder, generation_params)
 
 
 def register(sub):
     g = sub.add_parser("generate", help="text to image with a local AuraFlow checkpoint",
                        formatter_class=HelpFormatter)
-    g.add_argument("--checkpoint", required=True, help="diffusers folder, all-in-one or transformer .safetensors")
-    g.add_argument("--tokenizer", help="tokenizer.model or tokenizer folder (single files)")
-    g.add_argument("--text-encoder", help="Pile-T5-XL .safetensors or folder (transformer-only files)")
-    g.add_argument("--vae", help="SDXL VAE .safetensors or folder (transformer-only files)")
-    g.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)}")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_model_flags(g, required=True)
     add_speed_flag(g)
     add_local_flags(g)
     add_generation_flags(g)

@@ -61,10 +61,13 @@ def add_service_flags(g, *, timeout: float | None = 180.0) -> None:
     g.add_argument("--key-file", default=None, help="file holding the API key (default: $AURAFLOW_SEGMIND_KEY_FILE "
                                                     "or ~/.config/auraflow/segmind_api_key; for fal "
                                                     "$AURAFLOW_FAL_KEY_FILE or ~/.config/auraflow/fal_key)")
-    if "--timeout" not in g._option_string_actions:
+    shared = g._option_string_actions.get("--timeout")
+    if shared is None:
         g.add_argument("--timeout", type=float, default=timeout,
                        help="seconds to wait for one image, queue and generation included"
                             + ("" if timeout else " (hosted: 180)"))
+    else:  # e.g. --backend comfyui's: one flag, each backend reading it its own way
+        shared.help += "; --backend hosted: seconds to wait for one image, queue and generation included"
     g.add_argument("--concurrency", type=int, default=2, help="requests at a time")
     g.add_argument("--api-version", choices=remote_api.API_VERSIONS, default=None,
                    help="segmind only. v2: the async queue (submit, then poll; the default, or $SEGMIND_API_VERSION); "

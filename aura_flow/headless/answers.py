@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 OUTPUT_KEYS = ("images", "gifs", "videos", "audio")  # history output lists whose entries name files for /view
 MAX_OUTPUT_FILES = 10000  # per prompt; a SaveImage of a 4096 batch names 4096
-MAX_NAME_BYTES = 255 - 8  # a file name, with room for the "_NNNNN" of a name already taken
+MAX_NAME_BYTES = 255  # a file or folder name on the usual file systems
 _TEXT_LIMIT = 2000  # characters of one ComfyUI error text shown
 
 
@@ -110,7 +110,7 @@ def destination(out_dir, item: dict) -> tuple[Path, str] | None:
     name = item["filename"].replace("\\", "/").rsplit("/", 1)[-1]
     parts = [p for p in (item.get("subfolder") or "").replace("\\", "/").split("/") if p not in ("", ".", "..")]
     if name in ("", ".", "..") or "\0" in name or any("\0" in p for p in parts) or \
-            len(os.fsencode(name)) > MAX_NAME_BYTES or any(len(os.fsencode(p)) > 255 for p in parts):
+            len(os.fsencode(name)) > MAX_NAME_BYTES or any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in parts):
         log.warning("skipped an output with an unusable file name %r", item["filename"][:80])
         return None
     root = Path(out_dir)
@@ -123,10 +123,15 @@ def destination(out_dir, item: dict) -> tuple[Path, str] | None:
 
 
 def free_names(name: str):
-    """``name``, then ``stem_1.ext``, ``stem_2.ext``...: the candidates `aura_flow.images.write_first_free` tries."""
+    """``name``, then ``stem_1.ext``, ``stem_2.ext``...: the candidates `aura_flow.images.write_first_free` tries. A
+    long stem is shortened (on a character) where the number would make the name over `MAX_NAME_BYTES`."""
     stem, dot, ext = name.rpartition(".")
     if not dot or not stem:
         stem, dot, ext = name, "", ""
     yield name
     for n in range(1, 100000):
-        yield f"{stem}_{n}{dot}{ext}"
+        tail = f"_{n}{dot}{ext}"
+        room = MAX_NAME_BYTES - len(os.fsencode(tail))
+        while stem and len(os.fsencode(stem)) > room:
+            stem = stem[:-1]
+        yield f"{stem}{tail}"

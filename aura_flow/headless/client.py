@@ -71,9 +71,13 @@ class ComfyClient:
                                     "ComfyUI?")
         return status, data
 
-    def submit(self, prompt: dict) -> str:
-        """POST /prompt; the prompt id, or QueueError with ComfyUI's validation errors."""
-        status, data = self.json("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})
+    def submit(self, prompt: dict, prompt_id: str | None = None) -> str:
+        """POST /prompt (under ``prompt_id`` when given: ComfyUI takes a client's own id); the prompt id, or
+        QueueError with ComfyUI's validation errors."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if prompt_id is not None:
+            body["prompt_id"] = prompt_id
+        status, data = self.json("POST", "/prompt", body)
         if status == 400:
             raise QueueError(format_validation_error(data))
         prompt_id = data.get("prompt_id")
@@ -153,10 +157,15 @@ class ComfyClient:
         where = destination(out_dir, item)
         if where is None:
             return None
+        folder, name = where
+        return write_first_free(folder, self.fetch(item), free_names(name))
+
+    def fetch(self, item: dict) -> bytes:
+        """GET /view for one output entry ``{"filename", "subfolder", "type"}``: the file's bytes (at most
+        `MAX_FILE_BYTES`)."""
         query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder") or "",
                                         "type": item.get("type") or "output"})
         status, raw = self.request("GET", f"/view?{query}", limit=MAX_FILE_BYTES)
         if status != 200:
             raise ServerUnavailable(f"GET {self.server}/view?{query[:300]}: HTTP {status}")
-        folder, name = where
-        return write_first_free(folder, raw, free_names(name))
+        return raw

@@ -89,6 +89,8 @@ def prepare_lora(lora, transformer) -> PreparedLora:
                             f"{target.layer}; the file mixes two copies of one LoRA. Keep one of them.")
         matches[target.layer] = (group, target)
     _refuse_unusable(file, matches, unmatched, text_groups)
+    for layer_name, (group, _target) in matches.items():  # from the header: nothing oversized or odd is read
+        file.check_sizes(group.params.values(), (layers[layer_name].out_features, layers[layer_name].in_features))
 
     tensors = file.read([key for group, _ in matches.values() for key in group.params.values()])  # only these
     patches = {}
@@ -101,15 +103,17 @@ def prepare_lora(lora, transformer) -> PreparedLora:
             raise LoadError(f"{file.name}: {key} makes a change of shape {tuple(patch.shape)} for layer {layer_name}, "
                             f"whose weight is {expected}. The LoRA was trained for a different model or AuraFlow "
                             f"size; use one made for this checkpoint.")
+        out_f, in_f = expected
+        if magnitude is not None and tuple(magnitude.shape) not in ((out_f,), (out_f, 1), (1, in_f)):
+            raise LoadError(f"{file.name}: DoRA magnitude of {group.path} has shape {tuple(magnitude.shape)}, expected "
+                            f"({out_f},), ({out_f}, 1) or (1, {in_f}) for layer {layer_name}. The file is damaged or "
+                            "for another model.")
         if target.swapped_halves:  # the file's rows are in the original layout: (shift, scale) <-> (scale, shift)
-            perm = swap_halves(expected[0])
+            perm = swap_halves(out_f)
             patch = PermutedRows(patch, perm)
-            if magnitude is not None and magnitude.shape[0] == expected[0]:
+            if magnitude is not None and magnitude.shape[0] == out_f and tuple(magnitude.shape) != (1, in_f):
                 magnitude = magnitude[perm]
         if magnitude is not None:
-            if magnitude.numel() not in expected:
-                raise LoadError(f"{file.name}: DoRA magnitude of {group.path} has shape {tuple(magnitude.shape)}, "
-                                f"layer {layer_name} has {expected}. The file is damaged or for another model.")
             patch = DoraPatch.of(patch, magnitude, layer)
         if layer.weight.device.type != "meta":
             patch = patch.to(layer.weight.device)
@@ -171,10 +175,10 @@ class ApplyReport:
         return [r.metadata() for r in self.loras]
 
 
-def apply_loras(transformer, loras) -> ApplyReport:
+def apply_loras(transformer, loras, *, warn_repeats: bool = True) -> ApplyReport:
     """Make exactly ``loras`` (a list of ``(lora, strength)``; a lora is a path, a `LoraFile` or a `PreparedLora`)
     active on ``transformer``: every patchable layer's ``patches`` is replaced, so ``[]`` removes all. Several LoRAs
-    stack; a strength is a number in -100..100 as in ComfyUI's LoRA loaders (negative subtracts, 0 skips; beyond
+    stack (the same file twice too, with a warning unless ``warn_repeats=False``); a strength is a number in -100..100 as in ComfyUI's LoRA loaders (negative subtracts, 0 skips; beyond
     that the weights overflow into a NaN image). Everything is checked before any layer changes.
     """
     layers = patchable_layers(transformer)
@@ -201,6 +205,8 @@ def apply_loras(transformer, loras) -> ApplyReport:
             continue
         for name, patch in lora.patches.items():
             planned[name].append((patch, strength))
+    if warn_repeats:
+        warn_repeated([r.path for r in reports], [r.name for r in reports])
     for name, layer in layers.items():
         layer.patches = tuple(planned[name])
     patched = sum(1 for p in planned.values() if p)
@@ -208,6 +214,20 @@ def apply_loras(transformer, loras) -> ApplyReport:
         log.info("LoRAs active: %s (%d layers patched)",
                  ", ".join(f"{r.name}@{r.strength:g}" for r in reports), patched)
     return ApplyReport(reports, patched)
+
+
+def warn_repeated(paths, names) -> list[str]:
+    """Log a warning for each file that comes more than once in a LoRA list (their strengths add up, which is
+    rarely meant); -> the messages."""
+    seen, messages = {}, []
+    for path, name in zip(paths, names):
+        seen.setdefault(str(Path(path).resolve()), []).append(name)
+    for path, names_of in seen.items():
+        if len(names_of) > 1:
+            messages.append(f"{names_of[0]}: the same LoRA is given {len(names_of)} times ({path}); its strengths add "
+                            "up. Give it once with the strength you want")
+            log.warning(messages[-1])
+    return messages
 
 
 def _label(lora) -> str:

@@ -49,6 +49,7 @@ def check_loras(items) -> tuple[LoraEntry, ...]:
     """``items`` (``(path, strength)`` pairs, `LoraEntry`s) checked: strengths in range and finite, files present and
     readable as LoRAs (their headers only). Raises ParameterError / LoadError naming the file and the fix."""
     from ..lora import LoraFile
+    from ..lora.apply import warn_repeated
 
     if items is None:
         return ()
@@ -63,6 +64,7 @@ def check_loras(items) -> tuple[LoraEntry, ...]:
         strength = check_strength(strength, Path(str(path)).name)
         file = LoraFile(path)  # LoadError when missing, not safetensors, or unreadable
         out.append(LoraEntry(str(file.path.resolve()), strength))
+    warn_repeated([e.path for e in out], [Path(e.path).name for e in out])
     return tuple(out)
 
 
@@ -105,7 +107,7 @@ class LoraState:
             same = len(prepared) == len(self._applied) and all(
                 p is q and s == t for (p, s), (q, t) in zip(prepared, self._applied))
             if not same or self.report is None:
-                self.report = apply_loras(self.transformer, prepared)
+                self.report = apply_loras(self.transformer, prepared, warn_repeats=False)  # check_loras warned
                 self.active, self._applied = entries, prepared
             return self.report
 

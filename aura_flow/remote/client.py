@@ -294,9 +294,12 @@ class RemoteClient:
         if not result.images:
             if len(result.failures) == 1:
                 err = result.failures[0]
-            else:
+            elif result.failures:
                 err = RemoteError(f"no image arrived: {result.failure_summary()}",
                                   status=result.failures[0].status, billed=None)
+            else:  # every request was cancelled (a deadline passed) before one answered or failed
+                err = RemoteError(f"no image arrived: the {n} request(s) were cancelled before any answered",
+                                  billed=None)
             err.result = result
             raise err
         return result

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 from .linear import PatchableLinear
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,19 @@ def diffusers_names(keys, source) -> dict[str, tuple[str, bool]]:
         return {k: (k, False) for k in keys}
     from diffusers.loaders.single_file_utils import convert_auraflow_transformer_checkpoint_to_diffusers
 
+    for k in keys:  # the converter reads a block number after every "double_layers" / "single_layers" with int()
+        if "double_layers" in k or "single_layers" in k:
+            parts = k.split(".")
+            if len(parts) < 2 or not (parts[1].isascii() and parts[1].isdigit() and len(parts[1]) <= 5):
+                raise LoadError(f"{source}: key {shown(k)} has block index {shown(parts[1] if len(parts) > 1 else '')}"
+                                ", expected a whole number 0..99999 after double_layers. / single_layers.; the file "
+                                "is damaged or of another model. Download it again")
     names = {k: k for k in keys if k != ORIGINAL_NORM_OUT}
     try:
         converted = convert_auraflow_transformer_checkpoint_to_diffusers(names)
     except KeyError as exc:
-        raise LoadError(f"{source}: the AuraFlow transformer has no {exc.args[0]} tensor; the file is incomplete or "
-                        f"holds another model. Download or convert it again.") from None
+        raise LoadError(f"{source}: the AuraFlow transformer has no {shown(exc.args[0])} tensor; the file is "
+                        "incomplete or holds another model. Download or convert it again.") from None
     out = {d: (o, False) for d, o in converted.items() if o is not None}
     if ORIGINAL_NORM_OUT in keys:
         out[NORM_OUT] = (ORIGINAL_NORM_OUT, True)
@@ -120,7 +127,7 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
         shapes = {k: torch.empty((1, *v.shape) if k in _BATCH_OF_ONE and len(v.shape) == 2 else v.shape,
                                  device="meta") for k, v in entries.items()}
         try:
-            config = infer_transformer_config(shapes, metadata)
+            config = infer_transformer_config(shapes, metadata, source)
         except KeyError as exc:
             raise LoadError(f"{source}: no {exc.args[0]} tensor found; this is not a complete AuraFlow transformer.") \
                 from None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import LoadError, shown
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
-from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config
+from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config, warn_unknown
 from .devices import resolve_device, resolve_dtypes
 from .layouts import is_gguf, transformer_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
@@ -191,6 +191,11 @@ def _t5_config(values: dict, cfg_file: Path):
     """A UMT5Config from a config.json's checked values (never code: ``auto_map`` and the like are not followed)."""
     from transformers import UMT5Config
 
+    kind = values.get("model_type", "umt5")
+    if kind not in ("t5", "umt5", "mt5"):
+        raise LoadError(f"{cfg_file}: model_type={shown(kind)}: the config of another model, not a T5 encoder; "
+                        "AuraFlow's text encoder is Pile-T5-XL (give it as text_encoder=PATH)")
+    warn_unknown(values, {*UMT5Config().to_dict(), "auto_map"}, "UMT5Config", cfg_file)
     try:
         return UMT5Config(**{k: v for k, v in values.items() if k not in ("architectures", "auto_map")})
     except (TypeError, ValueError, AttributeError) as exc:
@@ -213,16 +218,39 @@ def _read_vae(where: tuple):
 
 
 def _read_tokenizer(where: tuple) -> PromptTokenizer:
+    import torch
+
     if where[0] == "checkpoint":
         _kind, reader, key = where
-        return PromptTokenizer.from_sentencepiece_bytes(reader.get(key).numpy().tobytes(),
-                                                        f"{reader.files[0]}:{key[len('text_encoders.'):]}")
+        data = reader.get(key)
+        try:
+            return PromptTokenizer.from_sentencepiece_bytes(data.reshape(-1).view(torch.uint8).numpy().tobytes(),
+                                                            f"{reader.files[0]}:{key[len('text_encoders.'):]}")
+        except (RuntimeError, ValueError, TypeError) as exc:  # sentencepiece's own errors for a damaged model
+            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key} ({data.numel():,} "
+                            f"{str(data.dtype).replace('torch.', '')} values) is no sentencepiece model "
+                            f"({str(exc)[:120]}); the checkpoint is damaged. Give a tokenizer as tokenizer=PATH") \
+                from None
     return PromptTokenizer.load(where[1])
 
 
 def _source(where: tuple) -> str:
     return str(where[1].files[0] if where[0] == "checkpoint" else where[-1] if where[0] == "safetensors"
                else where[1])
+
+
+def _check_parts_fit(c: Components, ckpt, where: _Located) -> None:
+    """The parts' sizes against each other (each file may be fine alone): the text encoder's width is what the
+    transformer's context embedder takes, the VAE's latent channels what the transformer samples."""
+    width, wanted = c.text_encoder.config.d_model, c.transformer.config.joint_attention_dim
+    if width != wanted:
+        raise LoadError(f"{_source(where.text_encoder)}: the text encoder gives {width}-wide embeddings, but the "
+                        f"transformer {ckpt} takes {wanted} (joint_attention_dim); they are of different models. "
+                        "Use the text encoder made for this checkpoint (Pile-T5-XL: 2048)")
+    channels, wanted = c.vae.config.latent_channels, c.transformer.config.in_channels
+    if channels != wanted:
+        raise LoadError(f"{_source(where.vae)}: the VAE has {channels} latent channels, but the transformer {ckpt} "
+                        f"samples {wanted}; they are of different models. Use the SDXL VAE (4 channels)")
 
 
 def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto"):
@@ -242,6 +270,7 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
     c.vae = _read_vae(where.vae)
     c.text_encoder = _read_text_encoder(where.text_encoder, compute)
     c.transformer = _read_transformer(where.transformer, storage, compute)
+    _check_parts_fit(c, ckpt, where)
     c.sources = {"transformer": str(ckpt), "text_encoder": _source(where.text_encoder), "vae": _source(where.vae),
                  "tokenizer": c.tokenizer.source}
     return c

@@ -18,8 +18,9 @@ import logging
 
 import torch
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 from .assemble import Dense, assemble_transformer
+from .configs import check_floats
 from .layouts import TRANSFORMER_KEYS, find_prefix
 from .quantized_linear import ScaledFp8Linear
 
@@ -75,16 +76,29 @@ def _check_formats(sd: dict, metadata: dict | None, source) -> None:
     formats = {}
     header = (metadata or {}).get("_quantization_metadata")
     if header:
-        for layer, conf in json.loads(header).get("layers", {}).items():
+        layers = _json(header, source, "metadata _quantization_metadata")
+        layers = layers.get("layers", {}) if isinstance(layers, dict) else None
+        if not isinstance(layers, dict):
+            raise LoadError(f"{source}: metadata _quantization_metadata has no \"layers\" object; the file is damaged")
+        for layer, conf in layers.items():
             formats[layer] = conf.get("format") if isinstance(conf, dict) else conf
     for k, v in sd.items():
         if k.endswith(".comfy_quant"):
-            formats[k[:-len(".comfy_quant")]] = json.loads(bytes(v.tolist()).decode("utf-8")).get("format")
-    odd = {layer: f for layer, f in formats.items() if f not in FP8_FORMATS}
+            conf = _json(bytes(v.reshape(-1).to(torch.uint8).tolist()) if v.numel() <= 1 << 16 else b"", source, k)
+            formats[k[:-len(".comfy_quant")]] = conf.get("format") if isinstance(conf, dict) else conf
+    odd = {layer: f for layer, f in formats.items() if not (isinstance(f, str) and f in FP8_FORMATS)}
     if odd:
         layer, fmt = next(iter(odd.items()))
-        raise LoadError(f"{source}: layer {layer} is quantized as {fmt!r} ({len(odd)} such layers); this pack reads "
+        raise LoadError(f"{source}: layer {shown(layer)} is quantized as {shown(fmt)} ({len(odd)} such layers); this pack reads "
                         f"float8 layers only. Use a GGUF, an fp8 or a bf16 file of this model instead.")
+
+
+def _json(raw, source, field):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise LoadError(f"{source}: {field} is not readable JSON ({exc.__class__.__name__}: {str(exc)[:120]}); the "
+                        "file is damaged. Download it again.") from None
 
 
 def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata: dict | None = None,
@@ -102,6 +116,13 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
     # both suffixes have the same length
     scales = {k[:-len(_SCALE_SUFFIXES[0])] + ".weight": part.pop(k) for k in list(part) if k.endswith(_SCALE_SUFFIXES)}
     dropped = [part.pop(k) for k in list(part) if k.endswith(_DROPPED_SUFFIXES)]
+    check_floats(part, "transformer", source)
+    for k, scale in scales.items():
+        rows = part[k].shape[0] if k in part and part[k].dim() else 0
+        if not scale.is_floating_point() or scale.numel() not in (1, rows) or not bool(torch.isfinite(scale).all()):
+            raise LoadError(f"{source}: the fp8 scale of {k} has shape {tuple(scale.shape)} and dtype "
+                            f"{str(scale.dtype).replace('torch.', '')}, expected one finite float or one per row "
+                            f"({rows}); the file is damaged. Download it again.")
     stored = {}
     for k, t in part.items():
         scale = scales.get(k)

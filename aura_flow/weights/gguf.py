@@ -21,11 +21,12 @@ from pathlib import Path
 import gguf
 import torch
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 from .assemble import Dense, assemble_transformer
 from .configs import HEAD_DIM_KEY
 from .layouts import TRANSFORMER_KEYS, find_prefix, is_gguf  # noqa: F401  (is_gguf re-exported)
 from .gguf_dequant import can_dequantize, dequantize
+from .gguf_header import MAX_DIMS, check_header
 from .quantized_linear import GGUFLinear
 
 log = logging.getLogger(__name__)
@@ -36,19 +37,40 @@ ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 _UNNAMED_ARCHES = (None, "pig")
 
 
-def _field(reader: gguf.GGUFReader, name: str):
-    """A header value: str, int, float, list of them, or None when absent."""
+def _field(reader: gguf.GGUFReader, name: str, path="the file"):
+    """A header value: str, int, float, list of them, or None when absent; LoadError naming the file and the field
+    for text that is not UTF-8 or a value of no known form."""
     field = reader.get_field(name)
     if field is None:
         return None
-    kind = field.types[0]
-    if kind == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    if kind == gguf.GGUFValueType.ARRAY:
-        if field.types[-1] == gguf.GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    return field.parts[field.data[0]].tolist()[0]
+    try:
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.STRING:
+            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        if kind == gguf.GGUFValueType.ARRAY:
+            if len(field.types) > 1 and field.types[-1] == gguf.GGUFValueType.STRING:
+                return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            return [field.parts[i].tolist()[0] for i in field.data]
+        return field.parts[field.data[0]].tolist()[0]
+    except (UnicodeDecodeError, IndexError, TypeError, ValueError) as exc:
+        raise LoadError(f"{path}: GGUF metadata {name} cannot be read ({exc.__class__.__name__}: "
+                        f"{str(exc)[:120]}); the file is damaged. Download it again.") from None
+
+
+def _orig_shape(reader, path, tensor) -> list[int] | None:
+    """The shape ComfyUI-GGUF records for a tensor it flattened: whole numbers >= 1, as many elements as stored."""
+    key = ORIG_SHAPE_KEY + tensor.name
+    shape = _field(reader, key, path)
+    if shape is None:
+        return None
+    n = int(tensor.n_elements)
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= n for d in shape) or \
+            math.prod(shape) != n:
+        raise LoadError(f"{path}: GGUF metadata {key}={shown(shape)} is not a shape of {n:,} elements (1 to "
+                        f"{MAX_DIMS} whole numbers >= 1 whose product is the tensor's size); the file is damaged. "
+                        "Download or convert it again.")
+    return shape
 
 
 class GGUFStored:
@@ -60,7 +82,8 @@ class GGUFStored:
         self.offset, self.nbytes, self.swapped = offset, nbytes, swapped
 
     def raw(self) -> torch.Tensor:
-        """The tensor's bytes (uint8, file order), read into memory the tensor owns."""
+        """The tensor's bytes (uint8, file order), read into memory the tensor owns (their range was checked
+        against the file's size when the header was read)."""
         out = torch.empty(self.nbytes, dtype=torch.uint8)
         self.file.seek(self.offset)
         if self.file.readinto(memoryview(out.numpy())) != self.nbytes:
@@ -87,14 +110,14 @@ class GGUFStored:
 
 
 def _check_arch(reader, path, keys) -> str:
-    arch = _field(reader, "general.architecture")
+    arch = _field(reader, "general.architecture", path)
     if arch == ARCH:
         return arch
     if arch in _UNNAMED_ARCHES and find_prefix(keys, TRANSFORMER_KEYS) is not None:
         log.warning("%s: GGUF without an AuraFlow architecture tag (%r); its tensors are AuraFlow's, loading it",
                     path, arch)
         return ARCH
-    found = f"architecture {arch!r}" if arch is not None else "no general.architecture and no AuraFlow tensors"
+    found = f"architecture {shown(arch)}" if arch is not None else "no general.architecture and no AuraFlow tensors"
     raise LoadError(f"{path}: a GGUF of {found}, not an AuraFlow transformer (architecture {ARCH!r}). Pick an "
                     f"AuraFlow or Pony V7 GGUF; load other models with their own loader (for image models, "
                     f"ComfyUI-GGUF's Unet Loader (GGUF)).")
@@ -102,6 +125,7 @@ def _check_arch(reader, path, keys) -> str:
 
 def _open_checked(path) -> tuple[gguf.GGUFReader, list[str]]:
     """The header of an AuraFlow GGUF (a reader and its tensor names); LoadError naming what else it is."""
+    check_header(path)  # every count against the bytes present: gguf-py trusts them
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, OverflowError, MemoryError) as exc:
@@ -126,6 +150,7 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
     """``({unprefixed name: GGUFStored}, header metadata)`` of an AuraFlow GGUF; ``file`` is ``path`` opened 'rb'."""
     reader, names = _open_checked(path)
     prefix = find_prefix(names, TRANSFORMER_KEYS) or ""
+    size = os.path.getsize(path)
     stored = {}
     for t in reader.tensors:
         if not t.name.startswith(prefix):
@@ -135,12 +160,19 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
             raise LoadError(f"{path}: tensor {t.name} is {qtype.name}, a type neither this pack nor the installed "
                             f"gguf package can unpack. Update gguf (pip install -U gguf) or use a file of another "
                             f"quant type.")
-        shape = _field(reader, ORIG_SHAPE_KEY + t.name)
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
+        end = int(t.data_offset) + int(t.n_bytes)
+        if int(t.n_elements) % block or end > size:
+            raise LoadError(f"{path}: tensor {t.name} ({int(t.n_elements):,} {qtype.name} elements) " +
+                            (f"ends at byte {end:,}, past the end of the {size:,}-byte file; the download is "
+                             "truncated" if end > size else f"is not a whole number of {block}-element blocks") +
+                            ". Download it again.")
+        shape = _orig_shape(reader, path, t)
         if shape is None:
             shape = [int(d) for d in reversed(t.shape.tolist())]
         stored[t.name[len(prefix):]] = GGUFStored(file, t.name, qtype, shape, int(t.data_offset), int(t.n_bytes))
     metadata = {}
-    head_dim = _field(reader, HEAD_DIM_KEY)
+    head_dim = _field(reader, HEAD_DIM_KEY, path)
     if head_dim is not None:
         metadata[HEAD_DIM_KEY] = str(head_dim)
     return stored, metadata

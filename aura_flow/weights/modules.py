@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import LoadError
-from .configs import check_vae_config, constructor_config, count_blocks, infer_t5_config, infer_vae_config
+from .configs import (check_floats, check_vae_config, constructor_config, count_blocks, infer_t5_config,
+                      infer_vae_config)
 from .layouts import find_prefix, transformer_prefix
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ def _materialize(cls_or_factory, sd: dict, what: str, source):
     """Build a module on the meta device and assign the loaded tensors (no random init, no second copy)."""
     from .assemble import build_on_meta, check_unexpected
 
+    check_floats(sd, what, source)
     module = build_on_meta(cls_or_factory, what, source)
     expected = set(module.state_dict().keys())
     missing = sorted(expected - set(sd))
@@ -77,7 +79,7 @@ def text_encoder_from_sd(sd: dict, source, config=None):
         sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
     sd.pop("encoder.embed_tokens.weight", None)
     if config is None:
-        config = infer_t5_config(sd)
+        config = infer_t5_config(sd, source)
     return build_text_encoder(sd, config, source)
 
 
@@ -90,11 +92,16 @@ def vae_from_sd(sd: dict, source, config=None):
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         ldm = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        n = count_blocks(ldm, "encoder.down.")
-        sd = convert_ldm_vae_checkpoint(ldm, {"down_block_types": ["DownEncoderBlock2D"] * n,
-                                              "up_block_types": ["UpDecoderBlock2D"] * n})
+        n = count_blocks(ldm, "encoder.down.", source)
+        try:
+            sd = convert_ldm_vae_checkpoint(ldm, {"down_block_types": ["DownEncoderBlock2D"] * n,
+                                                  "up_block_types": ["UpDecoderBlock2D"] * n})
+        except (KeyError, ValueError, IndexError, RuntimeError) as exc:
+            raise LoadError(f"{source}: the VAE's weights cannot be mapped ({exc.__class__.__name__}: "
+                            f"{str(exc)[:200]}); the file is incomplete or of another model. Download it again") \
+                from None
     if config is None:
-        config = infer_vae_config(sd)
+        config = infer_vae_config(sd, source)
     return build_vae(sd, config, source)
 
 
@@ -109,5 +116,6 @@ def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=Non
     if is_scaled_fp8(sd, metadata) or has_fp8_weights(sd):
         return load_fp8_transformer(sd, source, compute, metadata, config)
     prefix = transformer_prefix(source, sd)
+    check_floats({k: v for k, v in sd.items() if k.startswith(prefix)}, "transformer", source)
     stored = {k[len(prefix):]: Dense(v, storage) for k, v in sd.items() if k.startswith(prefix)}
     return assemble_transformer(stored, source, compute, metadata, config)

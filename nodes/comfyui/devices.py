@@ -2,24 +2,24 @@
 releasing cached device memory. (Bringing weights to the device is `memory`'s, through ComfyUI's memory manager.)"""
 from __future__ import annotations
 
-from . import module
-
 
 def intermediate_device():
     """Where ComfyUI keeps LATENT / IMAGE / CONDITIONING tensors between nodes (the CPU unless --gpu-only)."""
-    mm = module("comfy.model_management")
-    if mm is not None:
-        return mm.intermediate_device()
-    import torch
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        import torch
 
-    return torch.device("cpu")
+        return torch.device("cpu")
+    return mm.intermediate_device()
 
 
 def load_placement() -> tuple[str, str]:
     """(device, dtype) to load with: ComfyUI's offload device and the dtype it would pick for a model on its GPU;
     ("auto", "auto") outside ComfyUI."""
-    mm = module("comfy.model_management")
-    if mm is None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
         return "auto", "auto"
     device = mm.get_torch_device()
     if mm.should_use_bf16(device):
@@ -33,11 +33,12 @@ def load_placement() -> tuple[str, str]:
 
 def empty_cache():
     """Release cached device memory (ComfyUI's soft_empty_cache; torch's own outside ComfyUI)."""
-    mm = module("comfy.model_management")
-    if mm is not None:
-        mm.soft_empty_cache()
-        return
-    import torch
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return
+    mm.soft_empty_cache()

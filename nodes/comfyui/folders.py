@@ -1,11 +1,11 @@
 """ComfyUI's folders: model files the loaders list and resolve, the output folder and its save paths, the user
-folder. Outside ComfyUI: plain paths, ``$AURAFLOW_OUTPUT_DIR`` (default ``./output``), no lists."""
+folder, files of the input folder. Outside ComfyUI: plain paths, ``$AURAFLOW_OUTPUT_DIR`` (default ``./output``),
+``$AURAFLOW_INPUT_DIR`` (default ``./input``), no model lists."""
 from __future__ import annotations
 
 import os
 
 from ...aura_flow.errors import ParameterError
-from . import module
 
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")  # single files, searched in this order
 DIFFUSERS_FOLDER = "diffusers"  # folders holding a model_index.json
@@ -19,9 +19,18 @@ GGUF_SOURCE = "diffusion_models"
 GGUF_EXTENSIONS = {".gguf"}
 
 
+def comfy_folder_paths():
+    """ComfyUI's ``folder_paths`` module, or None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return folder_paths
+
+
 def register_gguf_folder(fp=None) -> bool:
     """Add `GGUF_FOLDER` to ComfyUI's folder table (once); False outside ComfyUI or on one without the table."""
-    fp = fp or module("folder_paths")
+    fp = fp or comfy_folder_paths()
     table = getattr(fp, "folder_names_and_paths", None)
     if table is None:
         return False
@@ -40,7 +49,7 @@ def gguf_names() -> list[str]:
 
 def model_names(folder: str) -> list[str]:
     """File names ComfyUI lists in one of its model folders; [] outside ComfyUI."""
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     if fp is None:
         return []
     try:
@@ -58,7 +67,7 @@ def _folder_paths(fp, folder: str) -> list[str]:
 
 def diffusers_names() -> list[str]:
     """Sub-folders of ComfyUI's ``models/diffusers`` folders that hold a ``model_index.json``."""
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     if fp is None:
         return []
     names = []
@@ -72,7 +81,7 @@ def diffusers_names() -> list[str]:
 
 def tokenizer_names() -> list[str]:
     """Tokenizer files under ComfyUI's text_encoders folders (sentencepiece ``*.model`` or ``tokenizer.json``)."""
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     if fp is None:
         return []
     names = []
@@ -91,7 +100,7 @@ def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: 
     outside it, and for names ComfyUI does not list, an existing plain path is accepted, so tests and headless
     prompts can name files directly.
     """
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     if fp is not None:
         if GGUF_FOLDER in folders:
             register_gguf_folder(fp)
@@ -119,15 +128,53 @@ def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: 
 
 
 def output_directory() -> str:
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     if fp is not None:
         return fp.get_output_directory()
     return os.path.abspath(os.environ.get("AURAFLOW_OUTPUT_DIR") or "output")
 
 
+def input_directory() -> str:
+    fp = comfy_folder_paths()
+    if fp is not None:
+        return fp.get_input_directory()
+    return os.path.abspath(os.environ.get("AURAFLOW_INPUT_DIR") or "input")
+
+
+MAX_INPUT_LISTED = 20000  # entries of the input folder looked at for one list (it may hold many images)
+
+
+def input_files(extensions) -> list[str]:
+    """Files of the input folder (and its sub-folders, hidden ones left out) whose names end with one of
+    ``extensions``, as sorted '/'-separated relative paths; at most `MAX_INPUT_LISTED` entries are looked at."""
+    base = input_directory()
+    names, seen = [], 0
+    for root, dirs, files in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        seen += len(dirs) + len(files)
+        names += [os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/")
+                  for f in files if f.lower().endswith(tuple(extensions)) and not f.startswith(".")]
+        if seen > MAX_INPUT_LISTED:
+            break
+    return sorted(names)
+
+
+def input_file(name: str, what: str) -> str:
+    """The full path of ``name`` (a relative path from `input_files`) inside the input folder; a name that leads
+    out of it (``..``, an absolute path, a link) or names no file is refused naming ``what`` (the node input)."""
+    base = os.path.realpath(input_directory())
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.isabs(name) or os.path.commonpath((base, path)) != base:
+        raise ParameterError(f"{what}={name!r} is outside the input folder {base}; pick a file from the list")
+    if not os.path.isfile(path):
+        raise ParameterError(f"{what}={name!r} is not a file in the input folder {base}; put it there and press R "
+                             "in the editor to refresh the list")
+    return path
+
+
 def user_directory() -> str | None:
     """ComfyUI's user folder (``ComfyUI/user``), or None outside ComfyUI."""
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     return fp.get_user_directory() if fp is not None else None
 
 
@@ -140,7 +187,7 @@ def save_image_path(prefix: str, output_dir: str, width: int, height: int) -> tu
     """
     escaping = ParameterError(f"filename_prefix={prefix!r} would save outside the output folder {output_dir}; "
                               "use a name or a relative sub-folder such as 'AuraFlow/cat'")
-    fp = module("folder_paths")
+    fp = comfy_folder_paths()
     if fp is not None:
         try:
             folder, stem, counter, subfolder, _prefix = fp.get_save_image_path(prefix, output_dir, width, height)
@@ -167,5 +214,8 @@ def save_image_path(prefix: str, output_dir: str, width: int, height: int) -> tu
 
 def metadata_disabled() -> bool:
     """True when ComfyUI runs with ``--disable-metadata``."""
-    cli_args = module("comfy.cli_args")
-    return bool(cli_args is not None and getattr(getattr(cli_args, "args", None), "disable_metadata", False))
+    try:
+        import comfy.cli_args as cli_args
+    except ImportError:
+        return False
+    return bool(getattr(getattr(cli_args, "args", None), "disable_metadata", False))

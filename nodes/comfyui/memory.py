@@ -19,26 +19,40 @@ import contextlib
 import logging
 import math
 
-from . import module
 
 log = logging.getLogger(__name__)
 
 PATCHER_ATTR = "_comfyui_patcher"  # on the part's own module: one patcher per loaded pipeline, shared by its views
 
-# part -> (container class name, child name inside it, ComfyUI's load-device and offload-device functions)
+# part -> (container class name, child name inside it)
 PARTS = {
-    "transformer": ("AuraFlowTransformer", "diffusion_model", "get_torch_device", "unet_offload_device"),
-    "text_encoder": ("AuraFlowTextEncoder", "transformer", "text_encoder_device", "text_encoder_offload_device"),
-    "vae": ("AuraFlowAutoencoder", "first_stage_model", "vae_device", "vae_offload_device"),
+    "transformer": ("AuraFlowTransformer", "diffusion_model"),
+    "text_encoder": ("AuraFlowTextEncoder", "transformer"),
+    "vae": ("AuraFlowAutoencoder", "first_stage_model"),
 }
+
+
+def part_devices(part: str) -> tuple:
+    """(load device, offload device) ComfyUI gives ``part``, as for its own models of that kind."""
+    import comfy.model_management as mm  # inside ComfyUI only (managed())
+
+    if part == "transformer":
+        return mm.get_torch_device(), mm.unet_offload_device()
+    if part == "text_encoder":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    return mm.vae_device(), mm.vae_offload_device()
 
 _CLASSES: dict = {}
 
 
 def managed() -> bool:
     """True inside ComfyUI (its memory manager is there to own the weights)."""
-    mm = module("comfy.model_management")
-    return mm is not None and hasattr(mm, "load_models_gpu") and module("comfy.model_patcher") is not None
+    try:
+        import comfy.model_management as mm
+        import comfy.model_patcher  # noqa: F401 (the patchers are made from its ModelPatcher)
+    except ImportError:
+        return False
+    return hasattr(mm, "load_models_gpu")
 
 
 # ------------------------------------------------------------------------------------------ containers, patcher
@@ -97,7 +111,7 @@ def patcher_class():
     """`AuraFlowPatcher`: ComfyUI's ModelPatcher (the legacy, estimate-based one, as ComfyUI-GGUF uses beside
     dynamic VRAM), plus: after every load, the modules its lowvram walk skips are put on the device too."""
     if "patcher" not in _CLASSES:
-        mp = module("comfy.model_patcher")
+        import comfy.model_patcher as mp
 
         class AuraFlowPatcher(mp.ModelPatcher):
             def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
@@ -131,9 +145,8 @@ def patcher(obj, part: str):
     found = part_mod.__dict__.get(PATCHER_ATTR)
     if found is not None:
         return found
-    mm = module("comfy.model_management")
-    name, child, load_fn, offload_fn = PARTS[part]
-    load_device, offload_device = getattr(mm, load_fn)(), getattr(mm, offload_fn)()
+    name, child = PARTS[part]
+    load_device, offload_device = part_devices(part)
     compute = getattr(obj, "dtype", None)
     if part == "vae":
         import torch
@@ -160,7 +173,8 @@ def load(obj, part: str, *, memory_required: float = 0, minimum_memory_required:
     p = patcher(obj, part)
     if p is None:
         return None
-    mm = module("comfy.model_management")
+    import comfy.model_management as mm  # there: a patcher was made
+
     mm.load_models_gpu([p], memory_required=memory_required, minimum_memory_required=minimum_memory_required,
                        force_full_load=force_full_load)
     placed = getattr(obj, "placed", None)
@@ -191,8 +205,9 @@ def load_vae(vae_owner, shape, *, decode: bool) -> None:
 
 def transformer_memory(input_shape, model) -> float:
     """ComfyUI's BaseModel.memory_required for AuraFlow (memory_usage_factor 2.0) at ``input_shape``."""
-    mm = module("comfy.model_management")
-    if mm is None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
         return 0
     area = input_shape[0] * math.prod(input_shape[2:])
     if mm.xformers_enabled() or mm.pytorch_attention_flash_attention():

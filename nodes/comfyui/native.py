@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 from ...aura_flow.errors import ParameterError
-from . import module
 from .samplers import comfy_model_sampling
 
 log = logging.getLogger(__name__)
@@ -20,8 +19,11 @@ log = logging.getLogger(__name__)
 
 def is_comfy_model(model) -> bool:
     """True for a ComfyUI MODEL (a ModelPatcher); False outside ComfyUI."""
-    mp = module("comfy.model_patcher")
-    return mp is not None and isinstance(model, mp.ModelPatcher)
+    try:
+        import comfy.model_patcher as mp
+    except ImportError:
+        return False
+    return isinstance(model, mp.ModelPatcher)
 
 
 def context_width(model) -> int | None:
@@ -36,7 +38,10 @@ def context_width(model) -> int | None:
 
 def check_auraflow(model) -> None:
     """Refuse, in the node's words, a MODEL that is not AuraFlow."""
-    base = module("comfy.model_base")
+    try:
+        import comfy.model_base as base
+    except ImportError:
+        base = None
     inner = getattr(model, "model", None)
     if base is None or not isinstance(inner, base.AuraFlow):
         raise ParameterError(f"model: this ComfyUI MODEL holds {type(inner).__name__}, not AuraFlow. Load an AuraFlow "
@@ -47,8 +52,9 @@ def check_auraflow(model) -> None:
 def sample(model, positive, negative, latent: dict, plan, *, progress=None) -> dict:
     """Sample ``latent`` with ComfyUI's guider on ``model`` (already checked) and ``plan``'s settings; returns the
     LATENT as ComfyUI's KSampler does (a copy, noise_mask kept)."""
-    comfy_sample = module("comfy.sample")
-    samplers = module("comfy.samplers")
+    import comfy.sample as comfy_sample  # there: the MODEL is ComfyUI's
+    import comfy.samplers as samplers
+
     if plan.speed not in (None, "auto", "exact"):
         log.info("AuraFlow Sampler: speed %r applies to models from AuraFlow Loader; a ComfyUI MODEL runs "
                  "ComfyUI's own AuraFlow", plan.speed)

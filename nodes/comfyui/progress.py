@@ -6,7 +6,6 @@ import contextlib
 import logging
 
 from ...aura_flow.errors import Interrupted
-from . import module
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +20,10 @@ class Progress:
 
     def __init__(self, total: int):
         self.total = int(total)
-        utils = module("comfy.utils")
+        try:
+            import comfy.utils as utils
+        except ImportError:
+            utils = None
         self.bar = utils.ProgressBar(self.total) if utils is not None else None
         self.previewer = _previewer() if self.bar is not None else None
 
@@ -40,10 +42,11 @@ class Progress:
 
 
 def _previewer():
-    latent_preview = module("latent_preview")
-    formats = module("comfy.latent_formats")
-    mm = module("comfy.model_management")
-    if latent_preview is None or formats is None or mm is None:
+    try:
+        import comfy.latent_formats as formats
+        import comfy.model_management as mm
+        import latent_preview
+    except ImportError:
         return None
     try:
         return latent_preview.get_previewer(mm.get_torch_device(), formats.SDXL())
@@ -54,7 +57,10 @@ def _previewer():
 
 def send_text(text: str, node_id) -> None:
     """Progress text under a node (newer ComfyUI only; nothing elsewhere)."""
-    server = module("server")
+    try:
+        import server
+    except ImportError:
+        return
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if node_id is not None and hasattr(instance, "send_progress_text"):
         instance.send_progress_text(text, node_id)
@@ -62,15 +68,20 @@ def send_text(text: str, node_id) -> None:
 
 def should_stop():
     """A ``should_stop`` for the engine: true once the user pressed Cancel in ComfyUI; None outside it."""
-    mm = module("comfy.model_management")
-    return mm.processing_interrupted if mm is not None else None
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    return mm.processing_interrupted
 
 
 def raise_if_cancelled() -> None:
     """Raise ComfyUI's own interrupt when the user pressed Cancel (nothing outside ComfyUI)."""
-    mm = module("comfy.model_management")
-    if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ import logging
 import types
 
 from ...aura_flow.sampling import registry
-from . import module
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ LEFT_OUT = ("_cfg_pp",)  # need ComfyUI's sampler_post_cfg_function hooks
 
 def comfy_model_sampling(shift: float):
     """ComfyUI's model sampling for AuraFlow (discrete flow, CONST prediction, multiplier 1) at ``shift``."""
-    ms = module("comfy.model_sampling")
+    import comfy.model_sampling as ms  # inside ComfyUI only (its MODEL, or a sampler registered from it)
 
     class AuraFlowModelSampling(ms.ModelSamplingDiscreteFlow, ms.CONST):
         pass
@@ -48,7 +47,9 @@ def comfy_sampler_function(name: str):
     """A k-diffusion-convention function running ComfyUI's sampler ``name`` on the engine's denoiser."""
 
     def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        sampler = module("comfy.samplers").sampler_object(name)
+        import comfy.samplers as samplers  # registered from it
+
+        sampler = samplers.sampler_object(name)
         view = ComfyModelView(model, comfy_model_sampling(model.model_sampling.shift))
         extra = {"model_options": {}, **(extra_args or {})}
         return sampler.sampler_function(view, x, sigmas, extra_args=extra, callback=callback, disable=disable,
@@ -60,8 +61,10 @@ def comfy_sampler_function(name: str):
 
 def register_comfyui_samplers() -> list[str]:
     """Register ComfyUI's sampler names the engine lacks; idempotent, and a no-op outside ComfyUI."""
-    samplers = module("comfy.samplers")
-    if samplers is None or module("comfy.model_sampling") is None:
+    try:
+        import comfy.model_sampling  # noqa: F401 (comfy_model_sampling needs it)
+        import comfy.samplers as samplers
+    except ImportError:
         return []
     added = []
     for name in list(getattr(samplers.KSampler, "SAMPLERS", ())):

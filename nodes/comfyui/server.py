@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-from . import module
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +17,10 @@ def add_routes(path: str, add) -> bool:
     """
     if path in _ADDED:
         return True
-    server = module("server")
+    try:
+        import server
+    except ImportError:
+        return False
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is None:
         return False

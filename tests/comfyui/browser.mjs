@@ -5,7 +5,8 @@
 // job: { url, chromium, outDir, workflows: [{name, path}], plot: {nodeType, set: {widget: value}, expectCount},
 //        vue: {nodeType} }
 // For each editor-format workflow: load it with app.loadGraphData and report the node types the editor does not
-// know, nodes it flags with errors and any missing-node message on screen. Then the sigma plot in the classic
+// know, nodes it flags with errors, any missing-node message on screen, and which of the files its loaders name in
+// properties.models the missing-models dialog lists. Then the sigma plot in the classic
 // canvas renderer: put a plot node on the canvas, change its widgets through their callbacks, wait for the plot
 // to redraw with the new schedule, screenshot it, and check that a 400 from the route shows its message. Then the
 // same node in the Vue renderer ("Nodes 2.0"), changed with a real click on a widget button. Then (hooks) a
@@ -23,14 +24,23 @@ const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", 
 const result = { consoleErrors: [], pageErrors: [], workflows: {}, plot: null };
 
 function missingText() {
-  // any visible element that talks about missing nodes (the dialog / error overlay the editor shows)
+  // any visible element that talks about missing nodes (the dialog / error overlay the editor shows); the
+  // missing-models dialog's own lines ("models were not found") are models, not nodes, and are left to shownModels
   const hits = [];
   for (const el of document.querySelectorAll("body *")) {
     if (el.children.length || !el.offsetParent) continue;
     const text = el.textContent?.trim() ?? "";
+    if (/\bmodels?\b/i.test(text) && !/node/i.test(text)) continue;
     if (/missing node|not found|missing.*(custom|node)|nodes? (are|is) missing/i.test(text)) hits.push(text.slice(0, 200));
   }
   return hits;
+}
+
+function shownModels(names) {
+  // the file names of properties.models that some visible element shows (the missing-models dialog lists them)
+  const visible = [...document.querySelectorAll("body *")].filter((el) => el.offsetParent && !el.children.length)
+    .map((el) => el.textContent ?? "").join("\n");
+  return names.filter((name) => visible.includes(name));
 }
 
 async function waitForApp(page) {
@@ -90,6 +100,8 @@ try {
       };
     }, data);
     report.missingText = await page.evaluate(missingText);
+    report.models = (data.nodes ?? []).flatMap((n) => (n.properties?.models ?? []).map((m) => m.name));
+    report.shownModels = await page.evaluate(shownModels, report.models);
     await page.screenshot({ path: path.join(job.outDir, `workflow-${wf.name}.png`) });
     result.workflows[wf.name] = report;
     // close any dialog so the next load starts clean

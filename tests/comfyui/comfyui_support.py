@@ -2,6 +2,7 @@
 bundled workflows name them, and starting / waiting for a ComfyUI process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -164,6 +165,30 @@ class ComfyServer:
     def get_json(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=60) as resp:
             return json.loads(resp.read())
+
+
+@contextlib.contextmanager
+def launch(checkout: Path, base: Path, log_name: str = "comfyui.log", **env):
+    """A ComfyUI process of ``checkout`` on a free port of 127.0.0.1 with ``--base-directory base`` (on the CPU,
+    ``env`` added to its environment), up and answering; stopped when the block ends."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = base / log_name
+    cmd = [comfy_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, cwd=checkout, stdout=log, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
+    try:
+        wait_until_up(url, process, log_path)
+        yield ComfyServer(url, base, base / "custom_nodes" / PACK_DIR_NAME, log_path, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, timeout: float = START_TIMEOUT) -> None:

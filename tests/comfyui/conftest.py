@@ -15,7 +15,6 @@ Environment:
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,8 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest runs in importlib mode (see pyproject.toml)
 
-from comfyui_support import (PACK_DIR_NAME, ROOT, ComfyServer, build_models_for_workflows, comfy_python, copy_pack,
-                             free_port, provide_input_images, wait_until_up)
+from comfyui_support import ROOT, build_models_for_workflows, copy_pack, launch, provide_input_images
 
 
 # the --comfyui option is added in tests/conftest.py, so that it works from the repository root
@@ -74,21 +72,5 @@ def remote_service():
 def comfy_server(comfy_base, remote_service):
     checkout, base = comfy_base
     service, key = remote_service
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = base / "comfyui.log"
-    env = dict(os.environ, SEGMIND_API_KEY=key, SEGMIND_API_URL=service.url, PYTHONUNBUFFERED="1")
-    cmd = [comfy_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, cwd=checkout, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_until_up(url, process, log_path)
-        yield ComfyServer(url, base, base / "custom_nodes" / PACK_DIR_NAME, log_path, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with launch(checkout, base, SEGMIND_API_KEY=key, SEGMIND_API_URL=service.url) as server:
+        yield server

@@ -236,11 +236,19 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
         "last_node_id": 1, "last_link_id": 0, "links": [], "groups": [], "config": {}, "extra": {}, "version": 0.4,
         "nodes": [{"id": 1, "type": "AuraFlowNoSuchNode", "pos": [0, 0], "size": [200, 80], "flags": {}, "order": 0,
                    "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": []}]}))
+    # the GGUF workflow with its files under names not installed here: the missing-models dialog offers each one
+    absent = json.loads(next(p for p in editor if p.stem == "auraflow_gguf").read_text(encoding="utf-8"))
+    for node in absent["nodes"]:
+        for model in node["properties"].get("models", []):
+            node["widgets_values"] = ["absent_" + v if v == model["name"] else v for v in node["widgets_values"]]
+            model["name"] = "absent_" + model["name"]
+    models_control = tmp_path / "control_missing_models.json"
+    models_control.write_text(json.dumps(absent))
     shots = tmp_path / "shots"
     shots.mkdir()
     job = {"url": comfy_server.url + "/", "chromium": chromium, "outDir": str(shots),
-           "workflows": [{"name": p.stem, "path": str(p)} for p in editor] + [{"name": "control",
-                                                                                "path": str(control)}],
+           "workflows": [{"name": p.stem, "path": str(p)} for p in editor] + [
+               {"name": "control", "path": str(control)}, {"name": "models_control", "path": str(models_control)}],
            "plot": {"nodeType": "AuraFlowSampler", "set": {"scheduler": "karras", "steps": 10,
                                                            "sampler_name": "euler"}, "expectCount": 11},
            "vue": {"nodeType": "AuraFlowSampler"}, "hooks": True}
@@ -259,12 +267,15 @@ def test_editor_loads_workflows_and_draws_the_sigma_plot(comfy_server, tmp_path)
     assert hooks["remoteMenu"] == ["Set remote API key (Segmind, fal)…"] and hooks["samplerMenu"] == []
     assert hooks["menuShown"], "right-clicking AuraFlow Remote Generate shows no 'Set remote API key (Segmind, fal)…'"
 
+    offered = result["workflows"].pop("models_control")
+    assert len(offered["models"]) == 3 and offered["shownModels"] == offered["models"], offered
     ctl = result["workflows"].pop("control")
     assert ctl["unknown"] == ["AuraFlowNoSuchNode"] and ctl["brokenNodes"] == ["1:AuraFlowNoSuchNode"]
     assert any("AuraFlowNoSuchNode" in text for text in ctl["missingText"]), ctl
     for name, report in result["workflows"].items():
         assert report["unknown"] == [] and report["brokenNodes"] == [], (name, report)
         assert report["missingText"] == [], (name, report["missingText"])
+        assert report["shownModels"] == [], (name, report["shownModels"])  # installed here: nothing to offer
         assert report["loadedNodes"] == report["fileNodes"] > 0, (name, report)
 
     plot = result["plot"]
