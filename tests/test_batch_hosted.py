@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from remote_checks import (FAST, FAST_POLL, assert_bands, clean_env, fast_default_polls, json_body,  # noqa: E402,F401
                            key_never_logged, svc)
 from remote_server import KEY  # noqa: E402
+from batch_support import signal_when  # noqa: E402
 
 from aura_flow.batch import run  # noqa: E402
 from aura_flow.batch.hosted import HostedBackend  # noqa: E402
@@ -287,18 +287,8 @@ def test_killed_after_a_submit_the_rerun_fetches_by_request_id_and_submits_nothi
     out = tmp_path / "out"
     cmd, penv = _cli("batch", jobs, "--out", out, "--backend", "hosted", "--concurrency", "1", "--width", 512,
                      "--height", 512, "--output-format", "png")
-    proc = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(r["status"] == "submitted" for r in _records(out)):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1] if proc.poll() else ""
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _, stdout, stderr = signal_when(cmd, out, lambda recs: any(r["status"] == "submitted" for r in recs),
+                                    signal.SIGKILL, env=penv, timeout=60)
     recs = _records(out)
     assert [r["status"] for r in recs] == ["submitted"] and len(env.submits) == 1  # killed before its image
     rid = recs[0]["request_id"]

@@ -9,10 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from batch_support import signal_when
 
 from aura_flow.batch import run
 from aura_flow.batch.local import LocalBackend
@@ -195,19 +195,9 @@ def test_sigint_after_two_images_then_a_rerun_does_each_job_once(tiny_models, tm
     out = tmp_path / "out"
     cmd, env = _cli(jobs, "--out", out, "--checkpoint", tiny_models["diffusers"]["checkpoint"], "--device", "cpu",
                     "--width", 128, "--height", 128, "--steps", 12, "--sampler", "euler")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while sum(r["status"] == "done" for r in _records(out)) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    code, _, err = signal_when(cmd, out, lambda recs: sum(r["status"] == "done" for r in recs) >= 2, signal.SIGINT,
+                               env=env)
+    assert code == 130, err
     # the third job was running (or about to start: then none was in flight)
     assert ("interrupted; in flight: line 3 (job" in err or "interrupted; in flight: none" in err), err
     assert "Traceback" not in err
