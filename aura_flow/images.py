@@ -278,14 +278,18 @@ def check_output_folder(path, flag: str = "--out") -> Path:
     (or creatable) by this user. Nothing is created yet."""
     folder = Path(os.fspath(path)).expanduser()
     if "\0" in str(folder):
-        raise ParameterError(f"{flag} {str(folder)!r}: a path cannot hold a NUL character")
-    if folder.exists() and not folder.is_dir():
-        raise ParameterError(f"{flag} {folder}: is a file, not a folder; give a folder to write the images into")
-    probe = folder
-    while not probe.exists():  # the nearest existing parent decides whether the folder can be made
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+        raise ParameterError(f"{flag} {shown(str(folder))}: a path cannot hold a NUL character")
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ParameterError(f"{flag} {folder}: is a file, not a folder; give a folder to write the images into")
+        probe = folder
+        while not probe.exists():  # the nearest existing parent decides whether the folder can be made
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+    except OSError as exc:  # a name over the file system's limit (255 bytes a name, 4096 a path), a link loop
+        raise ParameterError(f"{flag} {shown(str(folder))}: cannot be used as a folder ({exc.strerror or exc}); "
+                             "give a shorter path") from None
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ParameterError(f"{flag} {folder}: {probe} is not a writable folder; give a folder you can write to")
     return folder

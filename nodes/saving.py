@@ -40,6 +40,11 @@ def check_prefix(prefix, fmt: str = "png") -> str:
     if not isinstance(prefix, str) or not prefix.strip() or "\0" in prefix:
         raise ParameterError(f"filename_prefix={shown(prefix)}: give a file name (no NUL character), such as "
                              "'AuraFlow' or 'AuraFlow/cat'")
+    try:
+        prefix.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no file system can store it
+        raise ParameterError(f"filename_prefix={shown(prefix)}: character {exc.start + 1} is a lone surrogate "
+                             f"{ord(prefix[exc.start]):#x}, which no file name can hold; give valid text") from None
     *folders_, stem = prefix.replace("\\", "/").split("/")
     for name in folders_:
         if _bytes(name) > NAME_MAX:

@@ -34,7 +34,6 @@ from ..errors import ParameterError
 log = logging.getLogger(__name__)
 
 FATAL_STATUSES = (401, 402, 403, 406)  # the key or the account: every other request would fail alike
-MAX_CONCURRENCY = 32
 
 
 @dataclass
@@ -73,11 +72,9 @@ class HostedBackend:
     def __init__(self, *, concurrency: int = 2, key_file=None, timeout=None, api_version=None, provider=None,
                  model=None, poll=None, retry=None):
         from ..remote import SEGMIND, check_model, get_provider, positive_seconds, resolve_api_version
+        from ..remote.client import check_concurrency
 
-        if type(concurrency) is not int or not 1 <= concurrency <= MAX_CONCURRENCY:
-            raise ParameterError(f"concurrency={concurrency!r} is out of range; give requests at a time, 1 to "
-                                 f"{MAX_CONCURRENCY} (the free tier allows 5 requests a minute)")
-        self.concurrency = concurrency
+        self.concurrency = check_concurrency(concurrency, "concurrency")
         self.timeout = positive_seconds(180.0 if timeout is None else timeout, "timeout")
         self.provider = get_provider(provider)
         self.model = check_model(self.provider, model)

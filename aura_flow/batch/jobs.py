@@ -29,6 +29,8 @@ import io
 import itertools
 import json
 import os
+import stat
+import unicodedata
 from pathlib import Path
 
 from ..errors import LoadError, ParameterError, shown
@@ -41,6 +43,8 @@ MAX_SEEDS = 10000  # --seeds
 MAX_GRID = 10000  # jobs one line's --grid makes
 MAX_JOBS = 10_000_000  # jobs in one file, after expansion
 MAX_NAME = 120  # characters of a ``name``
+MAX_NAME_BYTES = 200  # its bytes in UTF-8: the file name adds up to ~45 (index, seed, counter, extension) of 255
+_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10))})
 MAX_LORAS = 16  # LoRAs of one job
 TEXT_KEYS = frozenset({"prompt", "negative_prompt", "sampler", "scheduler", "output_format", "name"})
 KNOWN_KEYS = GENERATION_KEYS + ("loras", "name")
@@ -62,6 +66,10 @@ def _lines(path, label):
     """(line number, text) of the file (or binary stream), one line at a time, each at most MAX_LINE_BYTES, decoded
     as UTF-8."""
     try:
+        if not hasattr(path, "readline") and os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode) \
+                and not os.path.isdir(path):  # a FIFO would block, a device never end; both are read twice
+            raise JobFileError(f"{label}: not a regular file (a pipe or a device); the jobs are read twice (checked, "
+                               "then run), so write them into a file and give that")
         fh = path if hasattr(path, "readline") else open(path, "rb")
     except OSError as exc:
         raise JobFileError(f"{label}: cannot read the job file ({exc.strerror or exc})") from None
@@ -109,10 +117,14 @@ def raw_lines(path, label=None, fmt=None):
             if _skipped(text):
                 continue
             try:
-                obj = json.loads(text)
-            except ValueError as exc:
-                raise JobFileError(f"{label} line {n}: not valid JSON ({exc.msg} at column {exc.colno}); write one "
-                                   "JSON object a line") from None
+                obj = json.loads(text, object_pairs_hook=_no_repeated_keys)
+            except JobFileError as exc:
+                raise JobFileError(f"{label} line {n}: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # also a number over 4300 digits, nesting too deep
+                where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else \
+                    "nested too deep" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+                raise JobFileError(f"{label} line {n}: not valid JSON ({where}); write one JSON object a line") \
+                    from None
             if not isinstance(obj, dict):
                 raise JobFileError(f"{label} line {n}: a JSON {type(obj).__name__}, not an object; write one object "
                                    'a line, e.g. {"prompt": "a fox"}')
@@ -132,6 +144,10 @@ def raw_lines(path, label=None, fmt=None):
                 header = [c.strip() for c in cells]
                 if not any(header):
                     raise JobFileError(f"{label} line {n}: the first line must name the columns, e.g. prompt,seed")
+                twice = sorted({c for c in header if header.count(c) > 1})
+                if twice:
+                    raise JobFileError(f"{label} line {n}: the column {shown(twice[0])} is named twice; name each "
+                                       "column once")
                 continue
             if not any(c.strip() for c in cells):
                 continue
@@ -141,6 +157,15 @@ def raw_lines(path, label=None, fmt=None):
             yield n, {k: _value(k, v) for k, v in zip(header, cells) if v != ""}
 
 
+def _no_repeated_keys(pairs):
+    """A JSON object's pairs as a dict; a key given twice (which would silently keep the last) is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        key = next(k for i, (k, _) in enumerate(pairs) if any(k == k2 for k2, _ in pairs[:i]))
+        raise JobFileError(f"the key {shown(key)} is given twice in one object; give each key once")
+    return obj
+
+
 def parse_grid(values) -> list:
     """``--grid KEY=V1,V2,...`` flags into ``[(KEY, [v1, v2, ...]), ...]`` (values parsed as in CSV cells)."""
     out = []
@@ -148,9 +173,9 @@ def parse_grid(values) -> list:
         key, sep, rest = str(text).partition("=")
         key = key.strip()
         if not sep or not key or not rest:
-            raise ParameterError(f"--grid {text}: write KEY=V1,V2,..., e.g. --grid steps=10,20,30")
+            raise ParameterError(f"--grid {shown(text)}: write KEY=V1,V2,..., e.g. --grid steps=10,20,30")
         if any(k == key for k, _ in out):
-            raise ParameterError(f"--grid {text}: {key} is given twice; list all its values in one --grid")
+            raise ParameterError(f"--grid {shown(text)}: {shown(key)} is given twice; list all its values in one --grid")
         out.append((key, [_value(key, v) for v in next(csv.reader([rest]))]))
     return out
 
@@ -167,12 +192,19 @@ def grid_size(grid) -> int:
 
 
 def check_name(value) -> str:
+    """A ``name``: the start of file names in any file system (the seed, index and extension follow it)."""
     if not isinstance(value, str) or not value.strip():
         raise ParameterError(f"name={shown(value)} is not a file name; give text such as \"fox_01\"")
-    bad = [c for c in value if c in "/\\:\0" or ord(c) < 32]
-    if bad or value in (".", "..") or len(value) > MAX_NAME:
-        raise ParameterError(f"name={shown(value)} cannot name a file; use at most {MAX_NAME} characters without "
-                             "/, \\, : or control characters")
+    # separators, ':' (a drive, an NTFS stream), '*?"<>|' (refused on Windows), control and invisible formatting
+    # characters (a right-to-left override disguises a name), lone surrogates (not encodable)
+    bad = [c for c in value if c in '/\\:*?"<>|' or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
+    if bad or value in (".", "..") or len(value) > MAX_NAME or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+        raise ParameterError(f"name={shown(value)} cannot name a file; use at most {MAX_NAME} characters "
+                             f"({MAX_NAME_BYTES} bytes in UTF-8) without / \\ : * ? \" < > |, control or formatting "
+                             "characters")
+    if value.split(".")[0].strip().upper() in _RESERVED or value[-1] in ". ":
+        raise ParameterError(f"name={shown(value)} cannot name a file on Windows (a reserved device name, or a name "
+                             "ending in '.' or a space); e.g. add a letter: \"my_" + value.strip(". ") + '"')
     return value
 
 

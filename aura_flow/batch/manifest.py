@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..remote.endpoint import REQUEST_ID
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "manifest.jsonl"
@@ -28,6 +30,7 @@ _CODES = {DONE: 1, FAILED: 2, SUBMITTED: 3}
 _NAMES = {v: k for k, v in _CODES.items()}
 MAX_ERROR = 2000  # characters of an error kept in a line
 MAX_IDS = 64  # request ids kept per job
+MAX_LINE = 1 << 20  # bytes of one line read back: ours are well under 64 KiB; a longer one was not written by us
 
 
 def read_records(path):
@@ -40,7 +43,7 @@ def read_records(path):
     with fh:
         n = 0
         pending = None  # a bad line, reported once a later line shows it is not the last
-        for raw in fh:
+        for raw in _bounded_lines(fh):
             n += 1
             if pending is not None:
                 log.warning("%s line %d: not a manifest record (%s); skipped", path, *pending)
@@ -59,6 +62,20 @@ def read_records(path):
         if pending is not None:
             log.warning("%s line %d: not a manifest record (%s); skipped", path, *pending)
         return bool(n) and torn
+
+
+def _bounded_lines(fh):
+    """The file's lines as bytes, each at most MAX_LINE (a longer one is skipped to its end and given as b"{}\n",
+    which is no record): a manifest edited or damaged by hand never makes one huge read."""
+    while True:
+        raw = fh.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = fh.readline(MAX_LINE)
+            raw = b"{}\n" if raw else b"{}"
+        yield raw
 
 
 def _rid(entry) -> str:
@@ -100,7 +117,8 @@ class Manifest:
         if status == SUBMITTED:
             rid, image = record.get("request_id"), record.get("image")
             ids = old[1:] if isinstance(old, tuple) else ()
-            if isinstance(rid, str) and rid not in map(_rid, ids) and len(ids) < MAX_IDS:
+            if isinstance(rid, str) and REQUEST_ID.fullmatch(rid) and rid not in map(_rid, ids) \
+                    and len(ids) < MAX_IDS:  # an id edited into the file ('..', 'a/b') is never asked for
                 # with the image of the job the request makes, when the line says it (hosted: one per image)
                 ids += ((rid, image) if type(image) is int else rid,)
             self._index[key] = (_CODES[SUBMITTED],) + ids

@@ -87,7 +87,11 @@ def run_batch(args) -> int:
 
     check_output_folder(args.out)
     defaults = _defaults(args)
-    grid = parse_grid(args.grid)
+    try:
+        grid = parse_grid(args.grid)
+    except ParameterError as exc:  # its words are --grid's own (KEY=V1,V2), not flags to reword
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     options = _options(args)
     try:
         summary = run(args.jobs, args.out, backend=args.backend, defaults=defaults, seeds=args.seeds, grid=grid,

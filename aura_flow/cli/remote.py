@@ -20,10 +20,12 @@ import time
 from .. import remote as remote_api
 from ..images import write_new_file
 from ..plan import plan_generation
+from ..remote.client import check_concurrency
 from .flags import HelpFormatter, add_generation_flags, check_output_folder, generation_params
 
 # the client's option names as this command spells them, for its messages
 FLAG_NAMES = {"timeout": "--timeout", "api_version": "--api-version", "number_of_images": "--number-of-images",
+              "concurrency": "--concurrency",
               "provider": "--provider", "model": "--model", **{name: "--" + name.replace("_", "-") for name in (
                   "prompt", "negative_prompt", "cfg", "seed", "shift", "steps", "width", "height", "sampler",
                   "scheduler", "output_format", "output_quality", "expand_prompt", "noise_source",
@@ -78,6 +80,7 @@ def run(args) -> int:
     """Exit codes: 0 all images written, 1 some or all failed (what arrived is still written), 130 interrupted."""
     plan = plan_generation(generation_params(args), remote=True)  # before the key is read
     timeout = remote_api.positive_seconds(args.timeout, "--timeout")
+    check_concurrency(args.concurrency, "--concurrency")
     check_output_folder(args.out)
     n = plan.number_of_images
     record = Record(args.out, plan.params(), provider=args.provider, model=args.model or "aura-flow")

@@ -32,7 +32,14 @@ def check_server(server) -> str:
     server = server.strip()
     if "://" not in server:
         server = "http://" + server
-    parts = urllib.parse.urlsplit(server)
+    try:  # an address urllib or the socket layer cannot take (a bad [IPv6], port, host name or character)
+        parts = urllib.parse.urlsplit(server)
+        _port = parts.port
+        (parts.hostname or "").encode("idna")
+        server.replace(parts.hostname or "", "").encode("ascii")
+    except ValueError:  # UnicodeError is one
+        raise ParameterError(f"server={shown(server)}: not an address that can be reached; give ComfyUI's address, "
+                             f"such as {DEFAULT_SERVER}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ParameterError(f"server={shown(server)}: give ComfyUI's http:// or https:// address, such as "
                              f"{DEFAULT_SERVER}")
@@ -53,7 +60,7 @@ def run_workflow(prompt: dict, server: str = DEFAULT_SERVER, *, sets=(), out_dir
     """Queue ``prompt`` on the ComfyUI at ``server``, wait for it and download its images into ``out_dir``.
 
     Everything is checked before the prompt is queued (the workflow, the edits, the address, the timeout)."""
-    prompt = apply_sets(check_workflow(prompt), sets)
+    prompt = check_workflow(apply_sets(check_workflow(prompt), sets))  # a --set may add a link
     client = ComfyClient(check_server(server))
     timeout = check_timeout(timeout)
     prompt_id = client.submit(prompt)

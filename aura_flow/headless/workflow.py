@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import stat
 from pathlib import Path
 
 from ..errors import ParameterError, shown
@@ -18,14 +19,20 @@ def load_workflow(path) -> dict:
     """Read an API-format workflow (``{"id": {"class_type", "inputs"}}``), or ``{"prompt": {...}}`` around one."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read for ever, a device never end
+            raise ParameterError(f"{path}: not a regular file (a folder, a pipe or a device); give the workflow's "
+                                 ".json file")
+        size = info.st_size
         if size > MAX_WORKFLOW_BYTES:
             raise ParameterError(f"{path}: {size:,} bytes is too large for a workflow (at most {MAX_WORKFLOW_BYTES:,}); "
                                  "is it the right file?")
         data = json.loads(path.read_text(encoding="utf-8"))
+    except ParameterError:
+        raise
     except FileNotFoundError:
         raise ParameterError(f"{path}: no such workflow file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
         raise ParameterError(f"{path}: not a JSON workflow ({exc.__class__.__name__}: {str(exc)[:200]})") from None
     return check_workflow(data, str(path))
 
@@ -46,14 +53,51 @@ def check_workflow(data, where: str = "workflow") -> dict:
         if not isinstance(node.get("inputs", {}), dict):
             raise ParameterError(f"{where}: node {shown(node_id)} ({shown(node['class_type'])}): inputs must be a JSON "
                                  "object")
+    _check_links(data, where)
     return data
+
+
+def _links(node: dict):
+    """(input name, source node id) of every link into ``node`` (ComfyUI's form: ``["<node id>", <output index>]``)."""
+    for name, value in node.get("inputs", {}).items():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and type(value[1]) is int:
+            yield name, value[0]
+
+
+def _check_links(data: dict, where: str) -> None:
+    """Every link names a node of the workflow, and no node depends on itself (ComfyUI would refuse or never finish
+    either); found before anything is queued, in one pass over the links (no recursion)."""
+    for node_id, node in data.items():
+        for name, source in _links(node):
+            if source not in data:
+                raise ParameterError(f"{where}: node {shown(node_id)} input {shown(name)} links to node "
+                                     f"{shown(source)}, which is not in the workflow")
+    state: dict = {}  # node id -> 1 while on the path being walked, 2 when done
+    for start in data:
+        if state.get(start):
+            continue
+        stack = [(start, iter([s for _, s in _links(data[start])]))]
+        state[start] = 1
+        while stack:
+            node_id, sources = stack[-1]
+            source = next(sources, None)
+            if source is None:
+                state[node_id] = 2
+                stack.pop()
+            elif state.get(source) == 1:
+                raise ParameterError(f"{where}: node {shown(source)} depends on itself through its inputs (a cycle: "
+                                     f"{' -> '.join(shown(n) for n, _ in stack[-8:])} -> {shown(source)}); a workflow "
+                                     "must run from its loaders to its outputs")
+            elif not state.get(source):
+                state[source] = 1
+                stack.append((source, iter([s for _, s in _links(data[source])])))
 
 
 def parse_value(text: str):
     """``--set`` values: JSON when they parse (5, 1.5, true, null, "x", [..]), else the text as a string."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than JSON can be read
+    except (ValueError, RecursionError):  # nested deeper than JSON can be read, a number over 4300 digits
         return text
 
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import LoadError, ParameterError
+from ..errors import LoadError, ParameterError, shown
 from ..params import LORA_STRENGTH
 from ..provenance import file_hash, file_key
 
@@ -62,7 +62,11 @@ def check_loras(items) -> tuple[LoraEntry, ...]:
         except (TypeError, ValueError):
             raise ParameterError(f"loras: each item is (path, strength), got {item!r}") from None
         strength = check_strength(strength, Path(str(path)).name)
-        file = LoraFile(path)  # LoadError when missing, not safetensors, or unreadable
+        try:
+            file = LoraFile(path)  # LoadError when missing, not safetensors, or unreadable
+        except OSError as exc:  # a name over the file system's limit, a link loop: no file can be there
+            raise LoadError(f"{shown(str(path))}: not a path to a LoRA file ({exc.strerror or exc}); check the "
+                            "path") from None
         out.append(LoraEntry(str(file.path.resolve()), strength))
     warn_repeated([e.path for e in out], [Path(e.path).name for e in out])
     return tuple(out)

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..errors import ParameterError
+from ..errors import ParameterError, shown
 
 __all__ = ["SpeedOptions", "MODES", "SPEED_NAMES", "PSNR_BOUNDS", "resolve", "check"]
 
@@ -61,7 +61,7 @@ def check(speed):
     if speed is None or isinstance(speed, SpeedOptions) or speed in SPEED_NAMES:
         return speed
     if isinstance(speed, str):
-        raise ParameterError(f"speed={speed!r} is not known; valid: {', '.join(SPEED_NAMES)}")
+        raise ParameterError(f"speed={shown(speed)} is not known; valid: {', '.join(SPEED_NAMES)}")
     raise ParameterError(f"speed must be a SpeedOptions or one of {', '.join(SPEED_NAMES)}, got "
                          f"{type(speed).__name__}")
 

@@ -69,6 +69,15 @@ def positive_seconds(value, name: str = "timeout") -> float:
 
 
 MAX_FETCH = 10  # request ids a `RemoteClient.fetch` call takes (as many as one generate call makes)
+MAX_CONCURRENCY = 32  # requests at a time (one call makes at most 10; the batch backend keeps as many in flight)
+
+
+def check_concurrency(value, name: str = "max_concurrency") -> int:
+    """``value`` as requests at a time, an integer 1..MAX_CONCURRENCY, else a ParameterError naming ``name``."""
+    if type(value) is not int or not 1 <= value <= MAX_CONCURRENCY:
+        raise ParameterError(f"{name}={shown(value)} is out of range; give requests at a time, 1 to {MAX_CONCURRENCY} "
+                             "(the free tier allows 5 requests a minute)")
+    return value
 _REQUEST_ID = REQUEST_ID
 
 
@@ -115,7 +124,7 @@ class RemoteClient:
         key = clean_key(api_key, key_source, self.provider)
         self.key_source = key_source
         self.retry = retry or RetryPolicy()
-        self.max_concurrency = max(1, int(max_concurrency))
+        self.max_concurrency = check_concurrency(max_concurrency, names.get("concurrency", "max_concurrency"))
         self.poll_interval = float(poll_interval)  # how often should_stop and the deadlines are checked
         fal = self.provider is FAL
         self.transport = HttpTransport(self.endpoint, key, connect_timeout=connect_timeout,
@@ -145,6 +154,7 @@ class RemoteClient:
         Segmind's API version from ``api_version`` or ``$SEGMIND_API_VERSION`` (default v2)."""
         names = options.get("names") or {}
         options["timeout"] = positive_seconds(options.get("timeout", 180.0), names.get("timeout", "timeout"))
+        check_concurrency(options.get("max_concurrency", 2), names.get("concurrency", "max_concurrency"))
         provider = get_provider(options.get("provider"), names.get("provider", "provider"))  # all before the key
         check_model(provider, options.get("model"), names.get("model", "model"), names.get("provider", "provider"))
         _api_version(provider, options.get("api_version"), names)

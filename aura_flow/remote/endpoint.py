@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, replace
 from urllib.parse import quote, urljoin, urlsplit
 
+from ..errors import shown
 from .errors import RemoteError
 from .providers import FAL, SEGMIND
 
@@ -137,13 +138,13 @@ def resolve_api_version(choice: str | None = None, where: str = "api_version") -
     if choice is not None and str(choice).strip().lower() not in ("", AUTO):
         value = str(choice).strip().lower()
         if value not in API_VERSIONS:
-            raise RemoteError(f"{where}={choice!r} is not known; use v2 (the async queue, the default) or v1 (the "
+            raise RemoteError(f"{where}={shown(choice)} is not known; use v2 (the async queue, the default) or v1 (the "
                               "sync API)")
         return value
     env = os.environ.get(API_VERSION_ENV, "").strip().lower()
     if not env:
         return "v2"
     if env not in API_VERSIONS:
-        raise RemoteError(f"{API_VERSION_ENV}={env!r} is not known; set it to v2 (the async queue, the default) or "
+        raise RemoteError(f"{API_VERSION_ENV}={shown(env)} is not known; set it to v2 (the async queue, the default) or "
                           "v1 (the sync API), or unset it")
     return env

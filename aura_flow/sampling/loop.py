@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Interrupted, NumericError, ParameterError
-from ..params import MAX_LATENT_BATCH, check_area
+from ..params import LOCAL_MAX_SIZE, MAX_LATENT_BATCH, check_area
 from ..plan import plan_sampling
 from .conds import CondDenoiser, has_options, resolve_conds
 from .guidance import CFGDenoiser
@@ -61,6 +61,9 @@ def check_latent(samples, name: str = "latent") -> None:
     if samples.numel() == 0:
         raise ParameterError(f"{name} has shape {tuple(samples.shape)}: an empty latent (a size of 0); give at least "
                              "one image of at least 8x8 pixels")
+    if max(samples.shape[-2:]) * 8 > LOCAL_MAX_SIZE:  # before any pass over it (a view can claim any size)
+        raise ParameterError(f"{name} has shape {tuple(samples.shape)}: {samples.shape[-1] * 8}x"
+                             f"{samples.shape[-2] * 8} pixels; at most {LOCAL_MAX_SIZE} a side (ComfyUI's largest)")
     if not torch.isfinite(samples).all():
         raise NumericError(f"{name} holds NaN or infinite values; it cannot be sampled or decoded. It came from a run "
                            "whose numbers overflowed, or from a damaged file: make it again")

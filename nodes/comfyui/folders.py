@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ...aura_flow.errors import ParameterError
+from ...aura_flow.errors import ParameterError, shown as _shown
 
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")  # single files, searched in this order
 DIFFUSERS_FOLDER = "diffusers"  # folders holding a model_index.json
@@ -122,7 +122,7 @@ def resolve_model(name: str, folders: tuple[str, ...], *, what: str, diffusers: 
     shown = {GGUF_FOLDER: "unet"}  # the .gguf list's own name means nothing to a user
     where = ", ".join(dict.fromkeys(f"models/{shown.get(f, f)}"
                                     for f in folders + ((DIFFUSERS_FOLDER,) if diffusers else ())))
-    raise FileNotFoundError(f"{what} {name!r} not found in {where if fp is not None else 'the file system'}. "
+    raise FileNotFoundError(f"{what} {_shown(name)} not found in {where if fp is not None else 'the file system'}. "
                             f"Put it in {where} and press R in the editor to refresh the list"
                             + ("" if fp is not None else ", or pass an existing path") + ".")
 
