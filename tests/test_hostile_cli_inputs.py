@@ -61,8 +61,8 @@ def test_the_client_and_the_batch_backend_share_the_concurrency_rule():
 
 
 @pytest.mark.parametrize("grid, message", [
-    ("steps", "error: --grid 'steps': write KEY=V1,V2,..., e.g. --grid steps=10,20,30"),
-    ("prompt=", "error: --grid 'prompt=': write KEY=V1,V2,..., e.g. --grid steps=10,20,30"),
+    ("steps", "error: --grid steps: write KEY=V1,V2,..., e.g. --grid steps=10,20,30"),
+    ("prompt=", "error: --grid prompt=: write KEY=V1,V2,..., e.g. --grid steps=10,20,30"),
 ])
 def test_grid_errors_keep_the_grids_own_words(grid, message, tmp_path, capsys):
     jobs = tmp_path / "jobs.txt"
@@ -254,3 +254,40 @@ def test_long_choices_are_shortened_in_messages():
     with pytest.raises(RemoteError, match=r"^api_version='xxx.*… \(100,002 characters\) is not known") as api:
         resolve_api_version("x" * 100_000)
     assert len(str(speed.value)) < 400 and len(str(api.value)) < 400
+
+
+# ------------------------------------------------------------------------------------------------ the key
+def test_a_key_file_saved_with_a_byte_order_mark_and_crlf_is_read(tmp_path, monkeypatch):
+    from aura_flow.remote import resolve_api_key
+
+    monkeypatch.delenv("SEGMIND_API_KEY", raising=False)
+    key = tmp_path / "segmind_api_key"
+    key.write_bytes(b"\xef\xbb\xbf  SG_0123456789abcdef\r\n\r\n")  # Notepad's UTF-8
+    assert resolve_api_key(key) == ("SG_0123456789abcdef", f"the key file {key}")
+
+
+@pytest.mark.parametrize("raw", [b"SG_0123456789abcdef\r\nX-Evil: 1\n", b"SG_0123\rSG_4567", b"SG_01\x00x"])
+def test_a_key_that_holds_cr_lf_or_nul_is_refused_and_never_shown(raw, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SEGMIND_API_KEY", raising=False)
+    monkeypatch.setenv("SEGMIND_API_URL", "http://127.0.0.1:9/v1/aura-flow")  # never reached
+    key = tmp_path / "segmind_api_key"
+    key.write_bytes(raw)
+    out = tmp_path / "out"
+    code, err = _cli(capsys, "remote", "--key-file", str(key), "--out", str(out))
+    assert code == 1 and f"error: the API key in the key file {key} contains spaces, control or non-ASCII " \
+                          "characters; write the key alone" in err
+    for part in raw.decode().replace("\r", "\n").replace("\0", "\n").split("\n"):
+        assert len(part) < 6 or part not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_bad_batch_workflow_is_said_as_the_flag_not_as_a_job_line(tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a"}\n')
+    fifo = tmp_path / "wf.json"
+    os.mkfifo(fifo)
+    code, err = _cli(capsys, "batch", str(jobs), "--out", str(tmp_path / "out"), "--backend", "comfyui", "--server",
+                     "127.0.0.1:9", "--workflow", str(fifo))
+    assert code == 2 and err == f"error: --workflow {fifo}: not a regular file (a folder, a pipe or a device); give " \
+                                "the workflow's .json file\n"
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
-from ..errors import ParameterError, shown
+from ..errors import LoadError, ParameterError, shown
 from ..headless import QueueError, ServerUnavailable, check_timeout, output_items
 from ..headless.answers import _dict, format_execution_error
 from ..headless.client import DEFAULT_TIMEOUT
@@ -109,7 +109,10 @@ class ComfyUIBackend:
         """ParameterError naming the key when the job's LoRAs or NODE.INPUT keys do not fit the workflow (the runner
         adds the file and line)."""
         if self.plan is None:
-            self.plan = WorkflowPlan(self.workflow)
+            try:
+                self.plan = WorkflowPlan(self.workflow)
+            except ParameterError as exc:  # the --workflow file's fault, not the job line's: said as the flag
+                raise LoadError(f"--workflow {exc}") from None
         self.plan.check_job(job)
 
     def status(self) -> dict:

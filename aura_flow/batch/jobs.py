@@ -166,6 +166,12 @@ def _no_repeated_keys(pairs):
     return obj
 
 
+def _said(text) -> str:
+    """A flag's value in a message: as typed when short, else cut (`shown`)."""
+    text = str(text)
+    return text if len(text) <= 60 and text.isprintable() else shown(text)
+
+
 def parse_grid(values) -> list:
     """``--grid KEY=V1,V2,...`` flags into ``[(KEY, [v1, v2, ...]), ...]`` (values parsed as in CSV cells)."""
     out = []
@@ -173,9 +179,9 @@ def parse_grid(values) -> list:
         key, sep, rest = str(text).partition("=")
         key = key.strip()
         if not sep or not key or not rest:
-            raise ParameterError(f"--grid {shown(text)}: write KEY=V1,V2,..., e.g. --grid steps=10,20,30")
+            raise ParameterError(f"--grid {_said(text)}: write KEY=V1,V2,..., e.g. --grid steps=10,20,30")
         if any(k == key for k, _ in out):
-            raise ParameterError(f"--grid {shown(text)}: {shown(key)} is given twice; list all its values in one --grid")
+            raise ParameterError(f"--grid {_said(text)}: {_said(key)} is given twice; list all its values in one --grid")
         out.append((key, [_value(key, v) for v in next(csv.reader([rest]))]))
     return out
 

@@ -47,7 +47,7 @@ def comfyui_key_file(user_dir, provider=None) -> Path:
 
 def clean_key(raw: str, source: str, provider=None) -> str:
     p = get_provider(provider)
-    key = raw.strip()
+    key = raw.strip().lstrip("\ufeff").strip()  # a key file saved by Notepad starts with a byte order mark
     if not key:
         raise MissingKeyError(f"the API key in {source} is empty; set {p.key_env} or write the key into the key file")
     if len(key) > MAX_KEY_LENGTH:
