@@ -40,6 +40,10 @@ def check_prefix(prefix, fmt: str = "png") -> str:
     if not isinstance(prefix, str) or not prefix.strip() or "\0" in prefix:
         raise ParameterError(f"filename_prefix={shown(prefix)}: give a file name (no NUL character), such as "
                              "'AuraFlow' or 'AuraFlow/cat'")
+    bad = next((i for i, c in enumerate(prefix) if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+    if bad is not None:  # a CR/LF or escape in a file name breaks listings, logs and the editor's image links
+        raise ParameterError(f"filename_prefix={shown(prefix)}: character {bad + 1} is a control character "
+                             f"({ord(prefix[bad]):#04x}), which a file name should not hold; give plain text")
     try:
         prefix.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate: no file system can store it

@@ -291,3 +291,14 @@ def test_a_bad_batch_workflow_is_said_as_the_flag_not_as_a_job_line(tmp_path, ca
     assert code == 2 and err == f"error: --workflow {fifo}: not a regular file (a folder, a pipe or a device); give " \
                                 "the workflow's .json file\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("prefix, char", [("a\r\nb", "2 is a control character \\(0x0d\\)"),
+                                          ("cat\x1b[31m", "4 is a control character \\(0x1b\\)"),
+                                          ("x\x85", "2 is a control character \\(0x85\\)")])
+def test_a_save_prefix_with_control_characters_is_refused(prefix, char, tmp_path, monkeypatch):
+    monkeypatch.setenv("AURAFLOW_OUTPUT_DIR", str(tmp_path / "out"))
+    with pytest.raises(NodeParameterError, match=rf"^filename_prefix=.*: character {char}, which a file name should "
+                                                 "not hold; give plain text"):
+        N["AuraFlowSaveImage"]().save(torch.rand(1, 8, 8, 3), prefix, "png", 80, True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
