@@ -96,6 +96,27 @@ def test_a_loha_that_overflows_in_fp16_is_named_with_the_dtype(tmp_path, tiny_mo
     assert found.dtype is torch.float16 and found.broken_file and re.search(DAMAGED, found.describe())
 
 
+@pytest.mark.parametrize("storage", ["fp8_e4m3fn", "gguf_Q8_0"])
+def test_a_lora_on_fp8_and_gguf_layers_is_named(tmp_path, tiny_models, storage):
+    """The check reads the weight as the layer computes it (fp8 with its scale, GGUF blocks dequantized)."""
+    from aura_flow.weights.quantized_linear import GGUFLinear
+    from aura_flow.weights.writers import build_tiny_gguf
+
+    path = write_lora(tmp_path / "loras" / "on_quantized.safetensors", LAYERS_A, alpha=1e30)
+    if storage.startswith("gguf"):
+        gguf_path = build_tiny_gguf(tmp_path / "gguf", "Q8_0")
+        pipe = aura_flow.load(gguf_path, text_encoder=gguf_path.parent / "text_encoder.safetensors",
+                              vae=gguf_path.parent / "vae.safetensors", device="cpu", loras=[(path, 1.0)])
+        assert any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
+    else:
+        pipe = aura_flow.load(**tiny_models["single_file"], device="cpu", dtype=storage, loras=[(path, 1.0)])
+        assert any(getattr(m, "weight", None) is not None and m.weight.dtype == torch.float8_e4m3fn
+                   for m in pipe.transformer.modules())
+    with pytest.raises(NumericError) as info:
+        pipe.generate(**GEN)
+    assert_blamed(info, "on_quantized.safetensors")
+
+
 def test_a_strength_too_high_for_a_sound_lora_says_lower_it(tmp_path, tiny_pipe):
     path = write_lora(tmp_path / "strong.safetensors", LAYERS_A, alpha=1.5 * 30)  # 30x a plain LoRA's change
     prepared = prepare_lora(path, tiny_pipe.transformer)
