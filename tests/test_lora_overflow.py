@@ -223,3 +223,18 @@ def test_a_damaged_file_read_again_is_checked_again(tmp_path, tiny_pipe):
     with pytest.raises(NumericError) as info:
         view.generate(**GEN)
     assert_blamed(info, "changing.safetensors")
+
+
+def test_a_check_that_runs_out_of_memory_keeps_the_runs_own_error(tmp_path, tiny_pipe, monkeypatch, caplog):
+    """The check runs on the failure path, on the device: if it cannot finish, the sampler's error stands."""
+    import aura_flow.lora.blame as blame
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    path = write_lora(tmp_path / "huge_alpha.safetensors", LAYERS_A, alpha=1e30)
+    monkeypatch.setattr(blame, "find_overflows", out_of_memory)
+    with pytest.raises(NumericError, match=r"overflowed with sampler='euler'") as info:
+        tiny_pipe.with_loras([(path, 1.0)]).generate(**GEN)
+    assert "huge_alpha" not in str(info.value)
+    assert "could not check the active LoRAs after the NaN run: CUDA out of memory (injected)" in caplog.text

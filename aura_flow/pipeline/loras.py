@@ -129,7 +129,11 @@ class LoraState:
             applied = [(p, s) for p, s in self._applied if s != 0.0]
             if not applied or not isinstance(samples, torch.Tensor) or not bool(torch.isfinite(samples).all()):
                 return None
-            found = find_overflows(applied, self.transformer, dtype)
+            try:
+                found = find_overflows(applied, self.transformer, dtype)
+            except (RuntimeError, MemoryError) as err:  # out of memory on the failure path: keep the run's error
+                log.warning("could not check the active LoRAs after the NaN run: %s", err)
+                return None
         if found:
             return NumericError(blame_message(found))
         names = ", ".join(f"{p.file.name}@{s:g}" for p, s in applied)
