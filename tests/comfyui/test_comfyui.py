@@ -55,7 +55,9 @@ def test_pack_loads_without_import_error(comfy_server):
     assert any("seconds" in line for line in pack_lines), f"the pack is not in the import-times list:\n{log[-3000:]}"
     failed = [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line]
     assert not failed, f"ComfyUI failed to import the pack: {failed}\n{log[-6000:]}"
-    problems = [line for line in log.splitlines()
+    # up to the first prompt: the session's other tests queue prompts ComfyUI rejects on purpose (logged as ERROR)
+    startup = log.split("got prompt", 1)[0]
+    problems = [line for line in startup.splitlines()
                 if ("AuraFlow" in line or PACK_DIR_NAME in line) and ("WARNING" in line or "ERROR" in line)]
     assert not problems, "\n".join(problems)
 
