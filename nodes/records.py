@@ -11,11 +11,15 @@ ATTRIBUTE = "_auraflow_record"
 # AuraFlow Generate's checked parameters (prompt, seed, ...), saved as ``parameters`` as the command line saves them:
 # with a list node upstream (AuraFlow Prompt List) the workflow alone no longer says which prompt made which image
 PARAMETERS = "_auraflow_parameters"
+# AuraFlow Remote Generate's request record (seeds, request ids): the prompt's EXTRA_PNGINFO is one dict shared by
+# all its nodes, so with several remote nodes only the tensor says which record belongs to which image
+REMOTE = "_auraflow_remote"
+REMOTE_KEY = "auraflow_remote"  # that record's key in the saved images' metadata
 
 
-def attach(tensor, record, parameters=None):
-    """``tensor`` carrying ``record`` and ``parameters`` (nothing is attached for None); returns the tensor."""
-    for name, value in ((ATTRIBUTE, record), (PARAMETERS, parameters)):
+def attach(tensor, record, parameters=None, remote=None):
+    """``tensor`` carrying ``record``, ``parameters`` and ``remote`` (nothing is attached for None); returns it."""
+    for name, value in ((ATTRIBUTE, record), (PARAMETERS, parameters), (REMOTE, remote)):
         if value is not None:
             try:
                 setattr(tensor, name, value)
@@ -30,3 +34,7 @@ def record_of(tensor) -> dict | None:
 
 def parameters_of(tensor) -> dict | None:
     return getattr(tensor, PARAMETERS, None)
+
+
+def remote_of(tensor) -> dict | None:
+    return getattr(tensor, REMOTE, None)

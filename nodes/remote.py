@@ -23,6 +23,7 @@ from ..aura_flow import remote as remote_api
 from ..aura_flow.images import write_new_file
 from ..aura_flow.plan import plan_generation
 from .comfyui import devices, folders, progress
+from .records import REMOTE_KEY, attach
 from .routes import key_file_path
 from .widgets import generation_inputs
 from .words import check_prompts
@@ -30,7 +31,8 @@ from .words import check_prompts
 log = logging.getLogger(__name__)
 
 REJECTED_SUBFOLDER = "auraflow_remote_rejected"
-METADATA_KEY = "auraflow_remote"  # in the saved images: api version, seeds and request ids, never the key
+METADATA_KEY = REMOTE_KEY  # in the saved images: api version, seeds and request ids, never the key
+NODES_METADATA_KEY = "auraflow_remote_nodes"  # {node id: its record}, for a prompt with several remote nodes
 API_VERSION_INPUT = (["auto", *remote_api.API_VERSIONS], {
     "default": "auto",
     "tooltip": "auto: $SEGMIND_API_VERSION if set, else v2. v2: the async queue (submit, then poll; a dropped "
@@ -178,13 +180,19 @@ class AuraFlowRemoteGenerate:
             raise
 
     def _finish(self, result, job: dict, extra_pnginfo):
-        if isinstance(extra_pnginfo, dict):  # shared by the prompt's nodes: the Save nodes embed it
-            extra_pnginfo[METADATA_KEY] = result.metadata()
+        metadata = result.metadata()
+        if isinstance(extra_pnginfo, dict):  # one dict shared by the prompt's nodes: the Save nodes embed it
+            extra_pnginfo[METADATA_KEY] = metadata  # the last remote node to finish (one node: its own record)
+            if job["unique_id"] is not None:  # every remote node's, by node id, for ComfyUI's own Save Image
+                nodes = extra_pnginfo.get(NODES_METADATA_KEY)
+                extra_pnginfo[NODES_METADATA_KEY] = {**(nodes if isinstance(nodes, dict) else {}),
+                                                     str(job["unique_id"]): metadata}
         report = self._report(result, keep_rejected(result))
         if result.failures:
             log.warning("AuraFlow Remote Generate: %s", report)
         images = _images_to_tensor(result.images).to(devices.intermediate_device())
-        return (images, result.seed, result.remaining_credits or "", report)
+        # on the images themselves too: AuraFlow Save Image embeds the record of the node that made them
+        return (attach(images, None, remote=metadata), result.seed, result.remaining_credits or "", report)
 
     @staticmethod
     def _report(result, kept: dict) -> str:

@@ -8,7 +8,7 @@ from ..aura_flow import params as P
 from ..aura_flow.errors import ParameterError, shown
 from ..aura_flow.images import EXT, encode_image, write_first_free
 from .comfyui import folders
-from .records import parameters_of, record_of
+from .records import REMOTE_KEY, parameters_of, record_of, remote_of
 from .words import node_words
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ class AuraFlowSaveImage:
                 metadata[key] = value
             if record_of(images) is not None:  # from an AuraFlow run upstream (nodes/records.py)
                 metadata["auraflow"] = record_of(images)
+            if remote_of(images) is not None:  # this image's remote node, not the last one to write the shared dict
+                metadata[REMOTE_KEY] = remote_of(images)
             if parameters_of(images) is not None:  # AuraFlow Generate's prompt, seed... (the CLI's entry too)
                 metadata["parameters"] = parameters_of(images)
         height, width = int(images.shape[1]), int(images.shape[2])

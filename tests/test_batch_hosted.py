@@ -369,3 +369,38 @@ def test_on_fal_ctrl_c_cancels_what_had_not_started_and_the_rerun_submits_it_ane
         assert all(f"request id {rid} cannot be fetched" in caplog.text for rid in ids)
         (done,) = [r for r in _records(out) if r["status"] == "done"]
         assert "fetched" not in done and not set(ids) & set(done["request_ids"])
+
+
+def test_an_output_folder_of_another_provider_model_or_the_own_model_is_refused_before_anything_is_sent(
+        tmp_path, monkeypatch, capsys):
+    """A job's key names its parameters, not where it ran: a folder holding pony-v7's images must not make the same
+    jobs count as done on aura-flow (or Segmind, or the user's own model), so such a run is refused up front."""
+    from fal_server import FAL_KEY, FakeFal
+
+    jobs = _jsonl(tmp_path / "jobs.jsonl", {"prompt": "a fox", "seed": 3})
+    out = tmp_path / "out"
+    cmd = ["batch", str(jobs), "--out", str(out), "--backend", "hosted", "--provider", "fal"]
+    with FakeFal() as fal:
+        monkeypatch.setenv("FAL_KEY", FAL_KEY)
+        monkeypatch.setenv("FAL_QUEUE_URL", fal.url)
+        assert main(cmd + ["--model", "pony-v7"]) == 0, capsys.readouterr().err
+        before = (out / "manifest.jsonl").read_bytes()
+        assert main(cmd + ["--model", "aura-flow"]) == 2
+        err = capsys.readouterr().err
+        assert f"out {out}: its manifest.jsonl holds jobs made by provider fal, model pony-v7, and this run asks " \
+               "provider fal, model aura-flow" in err and "Give another output folder" in err, err
+        assert len(fal.submits) == 1 and (out / "manifest.jsonl").read_bytes() == before
+        assert main(cmd + ["--model", "pony-v7"]) == 0 and len(fal.submits) == 1  # the same target resumes
+        assert main(cmd[:2] + ["--out", str(tmp_path / "aura")] + cmd[4:] + ["--model", "aura-flow"]) == 0
+        assert len(fal.submits) == 2
+        own = tmp_path / "own"  # a folder the local backend wrote (its lines name no provider)
+        m = Manifest.open(own)
+        m.append({"job": "k", "status": "done", "backend": "local", "files": []})
+        m.close()
+        with pytest.raises(ParameterError, match=r"holds jobs made by your own model \(the local, comfyui or ray "
+                                                 r"backend\), and this run asks provider fal, model aura-flow"):
+            _run(jobs, own, provider="fal")
+        assert len(fal.submits) == 2
+    with pytest.raises(ParameterError, match="holds jobs made by provider fal, model pony-v7, and this run asks your "
+                                             "own model"):
+        run(jobs, out, backend="local", checkpoint=str(tmp_path / "no-model"), progress=False)

@@ -209,6 +209,17 @@ def test_what_a_model_cannot_honour_is_refused_before_any_request(fal, model, pa
     assert fal.requests == []
 
 
+def test_a_pony_v7_size_past_fals_limit_is_refused_before_any_request(fal, monkeypatch):
+    # fal's ImageSize takes at most 14142 pixels a side; the plan's remote range (512..2048) is narrower today, so
+    # the check is exercised with that range widened, as a later wider range would be
+    monkeypatch.setattr(pack_module("aura_flow.params"), "REMOTE_MAX_SIZE", 16384)
+    err = refused(lambda: fal_client(fal, model="pony-v7").generate({"seed": 1, "width": 1024, "height": 14336}),
+                  ParameterError)
+    assert "height=14336 is out of range for provider=fal with model=pony-v7: fal takes a whole number of pixels, " \
+           "1..14142" in str(err)
+    assert fal.requests == []
+
+
 def test_provider_and_model_choices_are_checked():
     err = refused(lambda: R.RemoteClient(KEY, model="pony-v7"), ParameterError)
     assert "model='pony-v7' is not served by provider=segmind; it serves aura-flow (pony-v7 is served by " \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -269,3 +270,41 @@ def test_remote_workflow_against_the_fake_service(env, monkeypatch):
     assert seed == prompt["1"]["inputs"]["seed"]
     top = tuple(round(float(c) * 255) for c in images[0, 10, 10])
     assert max(abs(a - b) for a, b in zip(top, remote_server.seed_colour(seed))) <= 8
+
+
+def test_three_fal_remote_nodes_each_save_their_own_record(env, monkeypatch):
+    """The prompt's EXTRA_PNGINFO is one dict for all its nodes: each saved image still names its own node's seed and
+    request id (carried on the images), and ``auraflow_remote_nodes`` every finished node's by node id."""
+    fal_server = pytest.importorskip("fal_server")
+    remote_checks = pytest.importorskip("remote_checks")
+    tmp_path, _checkpoint = env
+    queue = importlib.import_module(f"{pack.__name__}.aura_flow.remote.queue")
+    monkeypatch.setattr(queue, "DEFAULT_POLL", remote_checks.FAST_POLL)
+
+    class FirstFinishesLast(fal_server.FakeFal):
+        def _state(self, job):  # seed 11 (node 1) completes after the other two: the shared dict then holds its
+            if job["body"].get("seed") == 11 and time.monotonic() - job["time"] < 0.5:  # record when 2 and 3 save
+                return "IN_PROGRESS"
+            return super()._state(job)
+
+    node = {**api("auraflow_remote")["1"]["inputs"], "provider": "fal"}  # the bundled node, on fal
+    prompt = {str(n): {"class_type": "AuraFlowRemoteGenerate", "inputs": {**node, "seed": 10 + n}} for n in (1, 2, 3)}
+    for n in (1, 2, 3):  # all three wait together, then each image is saved
+        prompt[str(n + 3)] = {"class_type": "AuraFlowSaveImage", "inputs": {
+            "images": [str(n), 0], "filename_prefix": f"fal_{10 + n}", "format": "png", "quality": 80,
+            "embed_workflow": True}}
+    with FirstFinishesLast() as fal:
+        monkeypatch.setenv("FAL_KEY", fal_server.FAL_KEY)
+        monkeypatch.setenv("FAL_QUEUE_URL", fal.url)
+        _outputs, ui = wx.execute(prompt, classes, workflow={"nodes": []})
+    ids = {job["body"]["seed"]: rid for rid, job in fal.jobs.items()}
+    records = {}
+    for path in saved(tmp_path, ui):
+        with Image.open(path) as im:
+            metadata = imageio.read_metadata(im)
+        seed = int(path.name.split("_")[1])
+        assert metadata["auraflow_remote"]["images"] == [
+            {"index": 0, "seed": seed, "request_id": ids[seed], "has_nsfw_concepts": False}], path
+        records.update(metadata["auraflow_remote_nodes"])
+    assert len(ids) == 3 and {k: v["images"][0]["seed"] for k, v in records.items()} == {"1": 11, "2": 12, "3": 13}
+    assert fal_server.FAL_KEY not in json.dumps(records)

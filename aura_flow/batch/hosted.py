@@ -275,6 +275,8 @@ class HostedBackend:
     def _where(self) -> dict:
         return {"provider": self.provider.name, "model": self.model}
 
+    target = _where  # what the runner compares with the folder's manifest (one folder per provider and model)
+
     def close(self) -> None:
         self.client = None
 

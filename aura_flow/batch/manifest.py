@@ -30,6 +30,7 @@ _CODES = {DONE: 1, FAILED: 2, SUBMITTED: 3}
 _NAMES = {v: k for k, v in _CODES.items()}
 MAX_ERROR = 2000  # characters of an error kept in a line
 MAX_IDS = 64  # request ids kept per job
+MAX_TARGETS = 8  # distinct (provider, model) pairs kept: enough to name a mix-up
 MAX_LINE = 1 << 20  # bytes of one line read back: ours are well under 64 KiB; a longer one was not written by us
 
 
@@ -64,6 +65,16 @@ def read_records(path):
         return bool(n) and torn
 
 
+def target_of(record) -> tuple:
+    """Where a line's images come from: ``(provider, model)`` for a hosted service, ``(None, None)`` for the user's
+    own model (the local, comfyui and ray backends). A job's key names its parameters only, so images of one target
+    must not count as done for another."""
+    provider, model = record.get("provider"), record.get("model")
+    if not isinstance(provider, str):
+        return None, None
+    return provider[:64], model[:64] if isinstance(model, str) else None
+
+
 def _bounded_lines(fh):
     """The file's lines as bytes, each at most MAX_LINE (a longer one is skipped to its end and given as b"{}\n",
     which is no record): a manifest edited or damaged by hand never makes one huge read."""
@@ -93,6 +104,7 @@ class Manifest:
         self._fd = None
         self._needs_newline = False
         self.records = 0
+        self.targets: set = set()  # (provider, model) of the lines read; (None, None) for the user's own model
 
     @classmethod
     def open(cls, folder) -> "Manifest":
@@ -111,6 +123,8 @@ class Manifest:
     def _note(self, record) -> None:
         key, status = record["job"], record["status"]
         self.records += 1
+        if len(self.targets) < MAX_TARGETS:
+            self.targets.add(target_of(record))
         old = self._index.get(key)
         if old == _CODES[DONE]:
             return  # done is final: its files exist
@@ -177,4 +191,4 @@ class Manifest:
                 self._fd = None
 
 
-__all__ = ["Manifest", "read_records", "FILE_NAME", "DONE", "FAILED", "SUBMITTED"]
+__all__ = ["Manifest", "read_records", "target_of", "FILE_NAME", "DONE", "FAILED", "SUBMITTED"]

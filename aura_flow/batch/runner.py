@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import ParameterError
 from ..images import check_output_folder, image_extension, write_first_free
 from .jobs import JobFileError, read_jobs
-from .manifest import DONE, FAILED, SUBMITTED, Manifest
+from .manifest import DONE, FAILED, SUBMITTED, Manifest, target_of
 from .progress import make_progress
 
 log = logging.getLogger("aura_flow.batch")
@@ -210,6 +210,11 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
                          check_lora_files=first and getattr(be, "checks_lora_files", True))
 
     manifest = Manifest.open(folder)
+    try:
+        _check_target(manifest, be)
+    except ParameterError:
+        manifest.close()
+        raise
     summary = Summary()
     stream = stream or sys.stdout
     check_job = getattr(be, "check_job", None)
@@ -259,6 +264,24 @@ def run(jobs_file, out, *, backend="local", defaults=None, seeds=None, grid=(), 
         be.close()
         manifest.close()
     return summary
+
+
+def _describe(target) -> str:
+    provider, model = target
+    return "your own model (the local, comfyui or ray backend)" if provider is None else \
+        f"provider {provider}" + (f", model {model}" if model else "")
+
+
+def _check_target(manifest: Manifest, be) -> None:
+    """Refuse a folder whose manifest holds jobs made elsewhere (another provider or model, or the user's own model
+    against a hosted one): a job's key names its parameters, not where it ran, so they would be skipped as done."""
+    want = target_of(dict(getattr(be, "target", None) or {}))
+    other = sorted((t for t in manifest.targets if t != want), key=str)
+    if other:
+        raise ParameterError(f"out {manifest.folder}: its {manifest.path.name} holds jobs made by "
+                             f"{'; '.join(map(_describe, other))}, and this run asks {_describe(want)}; their images "
+                             "would count as done for this run's jobs. Give another output folder (one per provider "
+                             "and model)")
 
 
 def _drive(be, jobs, sink: ManifestSink, stop: threading.Event, summary: Summary) -> None:

@@ -4,7 +4,8 @@ and DoRA, applied as run-time patches on the transformer's `PatchableLinear` lay
 - `formats`: reading a file (lazily), grouping keys into modules, each format's scale rules;
 - `keys`: the key grammar and the layer names in every spelling (diffusers, original fal / ComfyUI);
 - `patches`: the patch math (`WeightPatch` implementations);
-- `apply`: matching onto a transformer, errors and reports, switching LoRAs on and off.
+- `apply`: matching onto a transformer, errors and reports, switching LoRAs on and off;
+- `blame`: after a run turned NaN, which active LoRA overflows (and in which layer), to name it as the cause.
 
 Typical use::
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import LoadError, ParameterError, shown
+from ..errors import LoadError, NumericError, ParameterError, shown
 from ..params import LORA_STRENGTH
 from ..provenance import file_hash, file_key
 
@@ -119,6 +119,31 @@ class LoraState:
         """The image-metadata records of ``entries`` (name, strength, format, matched layers, hash)."""
         with self.lock:
             return [replace(self.prepared(e).report, strength=e.strength).metadata() for e in entries]
+
+    def explain(self, exc, dtype, latent):
+        """A `NumericError` naming the active LoRA that made a run's latent non-finite (`aura_flow.lora.blame`), or
+        None to keep ``exc``: no LoRA active, or the run's input was not finite already. With LoRAs active that do
+        not overflow, ``exc``'s message gains a line naming them."""
+        import torch
+
+        from ..lora.blame import blame_message, find_overflows
+
+        samples = latent.get("samples") if isinstance(latent, dict) else latent
+        with self.lock:
+            applied = [(p, s) for p, s in self._applied if s != 0.0]
+            if not applied or not isinstance(samples, torch.Tensor) or not bool(torch.isfinite(samples).all()):
+                return None
+            try:
+                found = find_overflows(applied, self.transformer, dtype)
+            except (RuntimeError, MemoryError) as err:  # out of memory on the failure path: keep the run's error
+                log.warning("could not check the active LoRAs after the NaN run: %s", err)
+                return None
+        if found:
+            return NumericError(blame_message(found))
+        names = ", ".join(f"{p.file.name}@{s:g}" for p, s in applied)
+        exc.args = (f"{exc.args[0]}. LoRAs were active ({names}); none changes a weight out of bounds, but if this "
+                    "persists, lower their strengths or run without them",) + exc.args[1:]
+        return None
 
     @contextlib.contextmanager
     def scope(self, entries):

@@ -248,8 +248,14 @@ class AuraFlowPipeline:
                 samples = latent["samples"] if isinstance(latent, dict) else latent
                 model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg,
                                        sigmas=plan.sigmas_tensor())
-            return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
-                           noise=noise, mask=mask)
+            try:
+                return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
+                               noise=noise, mask=mask)
+            except NumericError as exc:  # a LoRA that overflows is named as the cause, not the sampler
+                blamed = self._lora_state.explain(exc, self.dtype, latent)
+                if blamed is None:
+                    raise
+                raise blamed from exc
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,10 @@ libs/client/src/types: ``AuraFlowInput``/``AuraFlowOutput``; the pony-v7 model p
   ``num_inference_steps`` 20-50 (default 40), ``noise_source`` gpu|cpu (default gpu), ``sync_mode``,
   ``enable_safety_checker`` (default false), ``output_format`` jpeg|png (default jpeg). Output: ``images``,
   ``timings``, ``seed``, ``has_nsfw_concepts`` (one per image), ``prompt``.
-Not verified: the bounds of a custom ``{width, height}`` (the node's own 512-2048 apply) and of ``seed``.
+- A custom ``{width, height}`` (fal's shared ``ImageSize`` schema, used by pony-v7): integers, each at most 14142
+  (``z.int().lte(14142)``, default 512), with no minimum and no multiple stated (``@fal-ai/client``'s generated zod
+  schemas, ``zImageSize``, checked 2026-12-04). The node's own 512-2048 lie inside; `FAL_SIZE` is checked anyway, so a
+  wider local range can never send what fal refuses. Not verified: the bounds of ``seed``.
 
 One request is one image (``num_images`` 1) with seed ``seed + i``, as for Segmind, so image i is reproduced alone
 and ``number_of_images`` (up to 10) is never bound by a model's ``num_images`` limit.
@@ -28,6 +31,7 @@ from ..params import DEFAULTS
 MODEL_PATHS = {"aura-flow": "fal-ai/aura-flow", "pony-v7": "fal-ai/pony-v7"}
 STEPS = (20, 50)  # num_inference_steps, both models
 GUIDANCE = (0.0, 20.0)  # pony-v7's guidance_scale
+FAL_SIZE = (1, 14142)  # pony-v7's custom image_size width and height (fal's ImageSize: int, lte 14142)
 NOISE_SOURCES = ("gpu", "cpu")
 # fal-only options, at the values that mean "not asked" (expand_prompt False is still sent: fal's default is true)
 OPTION_DEFAULTS = {"expand_prompt": False, "noise_source": "default", "enable_safety_checker": False}
@@ -102,6 +106,11 @@ def fal_body(params: dict, model: str, options: dict, names: dict | None = None)
         body["expand_prompt"] = bool(options["expand_prompt"])  # fal's default is true: off unless asked
         return body, expect
     if is_set("width", params["width"]) or is_set("height", params["height"]):
+        for name in ("width", "height"):
+            value = params[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not FAL_SIZE[0] <= value <= FAL_SIZE[1]:
+                raise ParameterError(f"{say(name)}={shown(value)} is out of range for {where}: fal takes a whole "
+                                     f"number of pixels, {FAL_SIZE[0]}..{FAL_SIZE[1]}")
         body["image_size"] = {"width": params["width"], "height": params["height"]}
         expect.update(width=params["width"], height=params["height"])
     if is_set("output_format", params["output_format"]):

@@ -5,8 +5,9 @@
 // job: { url, chromium, outDir, workflows: [{name, path}], plot: {nodeType, set: {widget: value}, expectCount},
 //        vue: {nodeType} }
 // For each editor-format workflow: load it with app.loadGraphData and report the node types the editor does not
-// know, nodes it flags with errors, any missing-node message on screen, and which of the files its loaders name in
-// properties.models the missing-models dialog lists. Then the sigma plot in the classic
+// know, nodes it flags with errors, any missing-node message on screen, and the missing models the editor lists in
+// its Errors panel (opened from the "View details" toast) with their folder, URL and Download button, and which of
+// the files its loaders name in properties.models show anywhere on screen. Then the sigma plot in the classic
 // canvas renderer: put a plot node on the canvas, change its widgets through their callbacks, wait for the plot
 // to redraw with the new schedule, screenshot it, and check that a 400 from the route shows its message. Then the
 // same node in the Vue renderer ("Nodes 2.0"), changed with a real click on a widget button. Then (hooks) a
@@ -25,7 +26,7 @@ const result = { consoleErrors: [], pageErrors: [], workflows: {}, plot: null };
 
 function missingText() {
   // any visible element that talks about missing nodes (the dialog / error overlay the editor shows); the
-  // missing-models dialog's own lines ("models were not found") are models, not nodes, and are left to shownModels
+  // missing-models list's own lines ("Missing Models") are models, not nodes, and are left to missingModelRows
   const hits = [];
   for (const el of document.querySelectorAll("body *")) {
     if (el.children.length || !el.offsetParent) continue;
@@ -36,8 +37,44 @@ function missingText() {
   return hits;
 }
 
+function missingModelRows() {
+  // the rows of the Errors panel's "Missing Models" card (ComfyUI frontend 1.4x): each row shows the file name, the
+  // folder it belongs in, a Download button where the frontend allows one (.safetensors/.ckpt/... from Hugging Face
+  // or Civitai; never .gguf) and a Copy URL button; the URL itself is read from the frontend's missingModel store
+  const pinia = document.querySelector("#vue-app")?.__vue_app__?.config.globalProperties.$pinia;
+  const candidates = pinia?._s.get("missingModel")?.missingModelCandidates ?? [];
+  return [...document.querySelectorAll('[data-testid="missing-model-locate"]')].filter((b) => b.offsetParent)
+    .map((locate) => {
+      const row = locate.closest("div.flex-col");
+      const name = [...row.querySelectorAll("[title]")].map((e) => e.title).find((t) => t && t !== "Copy URL");
+      const label = row.querySelector("span.block")?.textContent.trim() ?? "";  // "<folder>" or "<folder> · <size>"
+      const candidate = candidates.find((c) => c.name === name);
+      return { name, directory: label.split(" · ")[0],
+               download: !!row.querySelector('[data-testid="missing-model-download"]'),
+               copyUrl: !!row.querySelector('button[title="Copy URL"]'), url: candidate?.url ?? null };
+    });
+}
+
+async function openMissingModels(page) {
+  // a load with missing models shows a toast "N errors found" whose "View details" opens the Errors panel
+  const details = page.getByRole("button", { name: /^view details$/i });
+  if (!await details.isVisible().catch(() => false)) return [];
+  await details.click();
+  await page.waitForSelector('[data-testid="missing-model-locate"]', { timeout: 15000 }).catch(() => {});
+  await page.waitForTimeout(300);
+  return page.evaluate(missingModelRows);
+}
+
+async function closePanel(page) {
+  // the right side panel stays open across loads (and would cover the canvas): its toggle closes it
+  if (await page.locator('[data-testid="panel-tab-errors"]').isVisible().catch(() => false)) {
+    await page.getByRole("button", { name: "Toggle properties panel" }).first().click();
+    await page.locator('[data-testid="panel-tab-errors"]').waitFor({ state: "hidden", timeout: 10000 });
+  }
+}
+
 function shownModels(names) {
-  // the file names of properties.models that some visible element shows (the missing-models dialog lists them)
+  // the file names of properties.models that some visible element shows (the missing-models list, when open)
   const visible = [...document.querySelectorAll("body *")].filter((el) => el.offsetParent && !el.children.length)
     .map((el) => el.textContent ?? "").join("\n");
   return names.filter((name) => visible.includes(name));
@@ -101,11 +138,13 @@ try {
     }, data);
     report.missingText = await page.evaluate(missingText);
     report.models = (data.nodes ?? []).flatMap((n) => (n.properties?.models ?? []).map((m) => m.name));
+    report.missingModels = await openMissingModels(page);
     report.shownModels = await page.evaluate(shownModels, report.models);
     await page.screenshot({ path: path.join(job.outDir, `workflow-${wf.name}.png`) });
     result.workflows[wf.name] = report;
-    // close any dialog so the next load starts clean
+    // close any dialog and the panel so the next load starts clean
     await page.keyboard.press("Escape");
+    await closePanel(page);
   }
 
   if (job.plot) {

@@ -69,8 +69,20 @@ def remote_service():
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_base, remote_service):
+def fal_service():
+    """The stand-in fal queue (tests/fal_server.py), with its CDN, for workflows with remote nodes on fal; a test
+    may set its ``service_time`` for its own run and put it back."""
+    from fal_server import FAL_KEY, FakeFal  # tests/ is on sys.path (tests/conftest.py)
+
+    with FakeFal() as service:
+        yield service, FAL_KEY
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base, remote_service, fal_service):
     checkout, base = comfy_base
     service, key = remote_service
-    with launch(checkout, base, SEGMIND_API_KEY=key, SEGMIND_API_URL=service.url) as server:
+    fal, fal_key = fal_service
+    with launch(checkout, base, SEGMIND_API_KEY=key, SEGMIND_API_URL=service.url, FAL_KEY=fal_key,
+                FAL_QUEUE_URL=fal.url) as server:
         yield server
