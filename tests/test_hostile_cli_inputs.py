@@ -302,3 +302,23 @@ def test_a_save_prefix_with_control_characters_is_refused(prefix, char, tmp_path
                                                  "not hold; give plain text"):
         N["AuraFlowSaveImage"]().save(torch.rand(1, 8, 8, 3), prefix, "png", 80, True)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["generate", "--checkpoint", "x", "--steps", "nan"],
+     "python -m aura_flow generate: error: argument --steps: invalid int value: 'nan'; --steps: sampling steps 1-100 "
+     "(see --help)"),
+    (["remote", "--concurrency", "two"],
+     "python -m aura_flow remote: error: argument --concurrency: invalid int value: 'two'; --concurrency: requests at "
+     "a time, 1 to 32 (see --help)"),
+    (["batch", "j.txt", "--out", "o", "--seeds", "1e3"],
+     "python -m aura_flow batch: error: argument --seeds: invalid int value: '1e3'; --seeds: run every job with N "
+     "seeds, 1 to 10000 (see --help)"),
+    (["generate", "--checkpoint", "x", "--output-format", "gif"],
+     "python -m aura_flow generate: error: argument --output-format: invalid choice: 'gif' (choose from 'webp', "
+     "'jpg', 'png') (see --help)"),
+])
+def test_a_flag_of_the_wrong_type_is_one_line_naming_its_range(argv, line, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err == line + "\n"

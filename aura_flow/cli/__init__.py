@@ -16,9 +16,20 @@ from .flags import HelpFormatter, in_flag_words
 COMMANDS = (generate, remote, fetch, queue, batch)  # in help order
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's errors (a flag's value of the wrong type, an unknown choice) in one line, with the flag's own help
+    (its range) after a bad value, and exit code 2 as every other flag error."""
+
+    def error(self, message):
+        flag = message.split(":")[0].removeprefix("argument ").split("/")[0]
+        action = self._option_string_actions.get(flag)
+        hint = f"; {flag}: {action.help.split(';')[0].split(' (')[0]}" if "invalid" in message and action is not None \
+            and action.help and "%(" not in action.help else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aura_flow", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m aura_flow", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:

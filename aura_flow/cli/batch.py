@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from ..batch.jobs import MAX_SEEDS
 from ..errors import ParameterError
 from ..headless import ServerUnavailable
 from . import batch_ray
@@ -42,8 +43,8 @@ def register(sub):
     p.add_argument("jobs", metavar="JOBS", help="job file: .jsonl (one JSON object a line), .csv (a header row of "
                                                 "key names) or text (one prompt a line)")
     p.add_argument("--backend", default="local", choices=tuple(BACKEND_FLAGS), help="where the jobs run")
-    p.add_argument("--seeds", type=int, default=None, metavar="N", help="run every job with N seeds (its own, "
-                                                                        "then +1, +2 ...)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help=f"run every job with N seeds, 1 to {MAX_SEEDS} (its own, then +1, +2 ...)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run the cartesian product of the values (repeatable: X/Y sweeps)")
     p.add_argument("--retry-failed", action="store_true", help="run the jobs that failed before again")

@@ -20,7 +20,7 @@ import time
 from .. import remote as remote_api
 from ..images import write_new_file
 from ..plan import plan_generation
-from ..remote.client import check_concurrency
+from ..remote.client import MAX_CONCURRENCY, check_concurrency
 from .flags import HelpFormatter, add_generation_flags, check_output_folder, generation_params
 
 # the client's option names as this command spells them, for its messages
@@ -70,7 +70,7 @@ def add_service_flags(g, *, timeout: float | None = 180.0) -> None:
                             + ("" if timeout else " (hosted: 180)"))
     else:  # e.g. --backend comfyui's: one flag, each backend reading it its own way
         shared.help += "; --backend hosted: seconds to wait for one image, queue and generation included"
-    g.add_argument("--concurrency", type=int, default=2, help="requests at a time")
+    g.add_argument("--concurrency", type=int, default=2, help=f"requests at a time, 1 to {MAX_CONCURRENCY}")
     g.add_argument("--api-version", choices=remote_api.API_VERSIONS, default=None,
                    help="segmind only. v2: the async queue (submit, then poll; the default, or $SEGMIND_API_VERSION); "
                         "v1: the sync API, one connection held for the whole generation")
