@@ -322,3 +322,14 @@ def test_a_flag_of_the_wrong_type_is_one_line_naming_its_range(argv, line, tmp_p
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and capsys.readouterr().err == line + "\n"
+
+
+def test_queue_checks_its_out_folder_before_anything_is_queued(tmp_path, capsys):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": _node("A")}))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    code, err = _cli(capsys, "queue", str(wf), "--server", "127.0.0.1:9", "--out", str(blocker))
+    assert code == 2 and err == f"error: --out {blocker}: is a file, not a folder; give a folder to write the images " \
+                                "into\n"  # not 3 (no server): refused before the server was asked
+    assert blocker.read_text() == "kept"

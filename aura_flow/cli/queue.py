@@ -34,7 +34,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..images import check_output_folder
+
     prompt = load_workflow(args.workflow)
+    check_output_folder(args.out)  # before the prompt is queued: a folder that cannot be written loses nothing
     try:
         paths = run_workflow(prompt, args.server, sets=args.sets, out_dir=args.out, timeout=args.timeout)
     except QueueError as exc:

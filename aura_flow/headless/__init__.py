@@ -17,6 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 from ..errors import ParameterError, shown
+from ..images import check_output_folder
 from .answers import OUTPUT_KEYS, QueueError, ServerUnavailable, format_execution_error, format_validation_error
 from .answers import output_items
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, ComfyClient
@@ -63,6 +64,7 @@ def run_workflow(prompt: dict, server: str = DEFAULT_SERVER, *, sets=(), out_dir
     prompt = check_workflow(apply_sets(check_workflow(prompt), sets))  # a --set may add a link
     client = ComfyClient(check_server(server))
     timeout = check_timeout(timeout)
+    check_output_folder(out_dir, "out_dir")
     prompt_id = client.submit(prompt)
     log.info("queued prompt %s on %s", prompt_id, client.server)
     try:
