@@ -6,7 +6,7 @@ import os
 
 from ..aura_flow import params as P
 from ..aura_flow.errors import ParameterError, shown
-from ..aura_flow.images import EXT, encode_image, write_first_free
+from ..aura_flow.images import EXT, check_output_folder, encode_image, write_first_free
 from .comfyui import folders
 from .records import REMOTE_KEY, parameters_of, record_of, remote_of
 from .words import node_words
@@ -150,6 +150,7 @@ class AuraFlowSaveImage:
             if parameters_of(images) is not None:  # AuraFlow Generate's prompt, seed... (the CLI's entry too)
                 metadata["parameters"] = parameters_of(images)
         height, width = int(images.shape[1]), int(images.shape[2])
+        check_output_folder(self.output_dir, "the output folder")  # $AURAFLOW_OUTPUT_DIR outside ComfyUI: any path
         folder, stem, counter, subfolder = folders.save_image_path(filename_prefix, self.output_dir, width, height)
         for batch_number in range(len(images)):  # the real names (ComfyUI's %date%-style variables may have made
             # the stem longer, the counter may have more digits): all checked before the first file is written

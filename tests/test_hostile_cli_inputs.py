@@ -333,3 +333,12 @@ def test_queue_checks_its_out_folder_before_anything_is_queued(tmp_path, capsys)
     assert code == 2 and err == f"error: --out {blocker}: is a file, not a folder; give a folder to write the images " \
                                 "into\n"  # not 3 (no server): refused before the server was asked
     assert blocker.read_text() == "kept"
+
+
+def test_an_output_folder_that_is_a_file_is_said_before_encoding(tmp_path, monkeypatch):
+    blocker = tmp_path / "output"
+    blocker.write_text("kept")
+    monkeypatch.setenv("AURAFLOW_OUTPUT_DIR", str(blocker))
+    with pytest.raises(NodeParameterError, match=rf"^the output folder {blocker}: is a file, not a folder"):
+        N["AuraFlowSaveImage"]().save(torch.rand(1, 8, 8, 3), "p", "png", 80, True)
+    assert blocker.read_text() == "kept"
