@@ -342,3 +342,27 @@ def test_an_output_folder_that_is_a_file_is_said_before_encoding(tmp_path, monke
     with pytest.raises(NodeParameterError, match=rf"^the output folder {blocker}: is a file, not a folder"):
         N["AuraFlowSaveImage"]().save(torch.rand(1, 8, 8, 3), "p", "png", 80, True)
     assert blocker.read_text() == "kept"
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link"])
+def test_a_manifest_that_is_no_regular_file_is_refused_at_once(kind, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / "manifest.jsonl"
+    if kind == "folder":
+        manifest.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(manifest)  # nobody writes: reading it would block for ever
+    else:
+        (tmp_path / "elsewhere.jsonl").write_text("")
+        manifest.symlink_to(tmp_path / "elsewhere.jsonl")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a fox\n")
+    expected = f"error: {manifest}: not a regular file (a folder, a link, a pipe or a device), so the record of this " \
+               "folder's jobs cannot be read nor extended; move it away or give another output folder\n"
+    t0 = time.perf_counter()
+    assert _cli(capsys, "batch", str(jobs), "--out", str(out), "--dry-run") == (2, expected)
+    monkeypatch.setenv("SEGMIND_API_KEY", "SG_0123456789abcdef")
+    monkeypatch.setenv("SEGMIND_API_URL", "http://127.0.0.1:9/v1/aura-flow")  # never reached
+    assert _cli(capsys, "remote", "--out", str(out)) == (2, expected)
+    assert time.perf_counter() - t0 < 10 and sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]

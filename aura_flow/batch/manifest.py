@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 
+from ..errors import ParameterError
 from ..remote.endpoint import REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,16 @@ def read_records(path):
     """Yield ``(line number, record)`` of a manifest file; a torn last line is skipped silently, a bad line in the
     middle with a warning. Also returns (as the generator's value) whether the file ends without a newline."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would block the read, a link leads elsewhere
+            raise ParameterError(f"{path}: not a regular file (a folder, a link, a pipe or a device), so the record "
+                                 "of this folder's jobs cannot be read nor extended; move it away or give another "
+                                 "output folder")
         fh = open(path, "rb")
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise ParameterError(f"{path}: cannot be read ({exc.strerror or exc}); fix its permissions or give another "
+                             "output folder") from None
     with fh:
         n = 0
         pending = None  # a bad line, reported once a later line shows it is not the last
