@@ -207,3 +207,21 @@ def test_an_address_where_no_cluster_answers_is_said_at_once(tiny_models, tmp_pa
         assert f"error: --ray-address={address}: no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr
         assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 30  # Ray alone would wait forever
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_ray_client_without_grpcio_says_how_to_install_it(tiny_models, tmp_path):
+    pytest.importorskip("ray")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
+    with socket.socket() as listener:  # something answers at the address: the check after the probe is the one met
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        argv = ["batch", str(jobs), "--out", str(tmp_path / "out"), "--backend", "ray", "--ray-address",
+                f"ray://127.0.0.1:{listener.getsockname()[1]}", "--checkpoint",
+                str(tiny_models["diffusers"]["checkpoint"])]
+        code = f"import sys; sys.modules['grpc'] = None; from aura_flow.cli import main; sys.exit(main({argv!r}))"
+        proc = subprocess.run([PY, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Ray Client (ray://) needs grpcio, which is not installed; pip install \"ray[client]\"" in proc.stderr
+    assert proc.stderr.startswith(f"error: --ray-address={argv[7]}") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()

@@ -222,6 +222,8 @@ class RayBackend:
             if value and not Path(value).expanduser().is_absolute() and Path(value).exists():
                 self.options[key] = str(Path(value).resolve())
         address = str(ray_address or "local")
+        if address == "auto" and os.environ.get("RAY_ADDRESS", "").startswith("ray://"):  # Ray Client's settings
+            address = os.environ["RAY_ADDRESS"]
         if address not in ("local", "auto") and not address.startswith("ray://") and ":" not in address:
             raise ParameterError(f"ray_address={address!r} is not a Ray address; give local, auto, HOST:PORT "
                                  "(a node's GCS port, 6379 by default) or ray://HOST:PORT (Ray Client, 10001)")
@@ -265,6 +267,10 @@ class RayBackend:
             opts.setdefault("num_cpus", os.cpu_count() or 1)
             opts.setdefault("object_store_memory", LOCAL_OBJECT_STORE)
         elif self.address.startswith("ray://"):  # Ray Client: the cluster's settings are the server's
+            try:
+                import grpc  # noqa: F401 - Ray Client's transport, in ray[client]
+            except ImportError:
+                raise ParameterError(CLIENT.format(self.address)) from None
             opts = {"address": self.address, "runtime_env": ray_cluster.code_env(), **self.init_options}
         else:
             opts.update(address=self.address, runtime_env=opts.get("runtime_env") or ray_cluster.code_env())
@@ -272,8 +278,6 @@ class RayBackend:
                 opts.pop(key, None)
         try:
             ray.init(**opts)
-        except ImportError as exc:  # Ray Client without grpcio
-            raise ParameterError(CLIENT.format(self.address)) from exc
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ray_cluster.ClusterUnavailable(f"ray_address={self.address}: no Ray cluster to join ({exc}); "
                                                  "start one with `ray start --head` on a node, or use "

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..errors import LoadError
+from ..errors import ParameterError
 from ..headless import ServerUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def target(address: str):
     if not host or not port.isdigit():
         if address == "auto" and not hostport:
             return None  # Ray finds the cluster itself
-        raise LoadError(f"ray_address={address!r} is not a Ray address; give local, auto, HOST:PORT or "
-                        "ray://HOST:PORT")
+        raise ParameterError(f"ray_address={address!r} is not a Ray address; give local, auto, HOST:PORT or "
+                             "ray://HOST:PORT")
     return host.strip("[]"), int(port)
 
 
