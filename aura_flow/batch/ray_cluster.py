@@ -76,7 +76,7 @@ def answers(hostport, timeout: float = PROBE_TIMEOUT) -> bool:
 def check_reachable(address: str, hostport) -> None:
     if hostport is not None and not answers(hostport):
         host, port = hostport
-        given = address.rsplit(":", 1)[0]
+        given = ((os.environ.get("RAY_ADDRESS") if address == "auto" else address) or "").rsplit(":", 1)[0]
         rewritten = f" (Ray connects to {host}:{port} for {address}: it replaces a loopback address with this " \
             "machine's)" if given in LOOPBACK and host != given else ""
         raise ClusterUnavailable(f"ray_address={address}: no Ray cluster answers at {host}:{port}{rewritten}; "
