@@ -81,8 +81,12 @@ class SafetensorsReader:
                 h = safe_open(str(f), framework="pt", device="cpu")
                 keys = list(h.keys())
             except Exception as exc:  # safetensors raises its own error types
-                raise LoadError(f"{f}: not a readable safetensors file ({exc}); the file is truncated, corrupt or "
-                                f"of another format. Download it again.") from None
+                if "unable to mmap" in str(exc):
+                    raise LoadError(f"{f}: {f.stat().st_size:,} bytes, more than this machine can map into memory "
+                                    "(its memory and swap); use a smaller file of the model (fp8 or GGUF), or add "
+                                    "swap") from None
+                raise LoadError(f"{f}: not a readable safetensors file ({_why(f) or exc}); the file is truncated, "
+                                f"corrupt or of another format. Download it again.") from None
             self._handles[f] = h
             self.metadata.update(h.metadata() or {})
             for k in keys:
@@ -140,6 +144,32 @@ class SafetensorsReader:
                 out[k[len(prefix):] if strip else k] = self.get(k, dtype, keep_fp8)
         return out
 
+
+
+def _why(path: Path) -> str | None:
+    """Why safetensors refused ``path``, in words, for the cases users meet (a truncated download): the header that
+    claims more bytes than the file holds, or the tensor whose data runs past its end; None for the others."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            if n is None or n > size - 8:
+                return f"{size:,} bytes, too short for the header it starts with" if n is None else \
+                    f"its header claims {n:,} bytes, but the file holds {size:,}"
+            header = json.loads(fh.read(n)) if n <= MAX_JSON_BYTES * 8 else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    ends = [(v["data_offsets"][1], k) for k, v in header.items() if isinstance(v, dict) and
+            isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2 and
+            isinstance(v["data_offsets"][1], int)]
+    end, key = max(ends, default=(0, None))
+    if key is not None and 8 + n + end > size:
+        return (f"tensor {shown(key)} ends at byte {8 + n + end:,}, past the end of the {size:,}-byte file: the "
+                "download is truncated")
+    return None
 
 
 def refuse_pickle(path: Path) -> None:
