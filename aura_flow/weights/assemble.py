@@ -102,12 +102,13 @@ def diffusers_names(keys, source) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def _fit(stored_shape, expected_shape, key, source) -> None:
-    """Accept a stored shape that differs only by size-1 dimensions (llama.cpp drops trailing ones)."""
+def _fit(stored_shape, expected_shape, key, source, exact: bool = False) -> None:
+    """Accept a stored shape that differs only by size-1 dimensions (llama.cpp drops trailing ones), unless
+    ``exact`` (a linear layer's weight, kept as stored: (out, in) and nothing else)."""
     if tuple(stored_shape) == tuple(expected_shape):
         return
     squeeze = [d for d in stored_shape if d != 1], [d for d in expected_shape if d != 1]
-    if squeeze[0] != squeeze[1]:
+    if exact or squeeze[0] != squeeze[1]:
         raise LoadError(f"{source}: transformer tensor {key} has shape {tuple(stored_shape)}, expected "
                         f"{tuple(expected_shape)}; the file is of another model or damaged.")
 
@@ -142,8 +143,9 @@ def plan_transformer(stored: dict[str, Stored], source, metadata: dict | None = 
     extra = sorted(set(entries) - set(expected))
     if extra:
         check_unexpected(model, extra, "transformer", source)
+    linear_weights = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
     for key, t in expected.items():  # every shape, before the first tensor is read
-        _fit(entries[key].shape, t.shape, key, source)
+        _fit(entries[key].shape, t.shape, key, source, exact=key in linear_weights)
     return model, {k: entries[k] for k in expected}
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..errors import LoadError, shown
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
-from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config, warn_unknown
+from .configs import (check_layer_counts, check_t5_config, check_transformer_config, check_types, check_vae_config,
+                      warn_unknown)
 from .devices import resolve_device, resolve_dtypes
 from .layouts import is_gguf, transformer_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
@@ -203,10 +204,12 @@ def _t5_config(values: dict, cfg_file: Path):
     if kind not in ("t5", "umt5", "mt5"):
         raise LoadError(f"{cfg_file}: model_type={shown(kind)}: the config of another model, not a T5 encoder; "
                         "AuraFlow's text encoder is Pile-T5-XL (give it as text_encoder=PATH)")
-    warn_unknown(values, {*UMT5Config().to_dict(), "auto_map"}, "UMT5Config", cfg_file)
+    defaults = UMT5Config().to_dict()
+    check_types(values, defaults, "UMT5Config", cfg_file)
+    warn_unknown(values, {*defaults, "auto_map"}, "UMT5Config", cfg_file)
     try:
         return UMT5Config(**{k: v for k, v in values.items() if k not in ("architectures", "auto_map")})
-    except (TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # TypeError, ValueError, huggingface_hub's StrictDataclassError for a value's type
         raise LoadError(f"{cfg_file}: not a T5 encoder config ({exc.__class__.__name__}: {str(exc)[:200]}); download "
                         "the text encoder again") from None
 

@@ -245,10 +245,40 @@ def constructor_config(cls, config: dict, source) -> dict:
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
+    check_types(config, {k: p.default for k, p in params.items()}, cls.__name__, source)
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {k: v for k, v in config.items() if not k.startswith("_")}
     warn_unknown(config, params, cls.__name__, source)
     return {k: v for k, v in config.items() if k in params and k != "self"}
+
+
+def _of_type(value, default) -> bool:
+    """Whether a config value has the type of the constructor's default (no check for a default of None)."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def check_types(config: dict, defaults: dict, taker: str, source) -> None:
+    """LoadError naming the file, the key and the value when a config value is not of the type ``taker``'s default
+    for it has (a flag given as a number, a width as text, a NaN factor): it would build another model or fail
+    inside it."""
+    for key, value in config.items():
+        if key in defaults and key not in BOOKKEEPING and not _of_type(value, defaults[key]):
+            kind = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text",
+                    list: "a list", tuple: "a list"}.get(type(defaults[key]), type(defaults[key]).__name__)
+            raise LoadError(f"{source}: {key}={shown(value)} is not {kind}, as {taker} takes it; the config is "
+                            "damaged. Download it again")
 
 
 def warn_unknown(config: dict, known, taker: str, source) -> list[str]:

@@ -1,0 +1,76 @@
+"""Classes of hostile file values found by mutating the tiny models' files (issue 20), one regression test each: a
+value read from a file that reached Python or a library unchecked. Files are written with safetensors, gguf's
+GGUFWriter and json; each case asserts a `LoadError` naming the file and the field (and the command line's one
+``error:`` line where the class first showed there)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import aura_flow
+from aura_flow.errors import LoadError
+
+
+@pytest.fixture
+def tiny(tiny_models, tmp_path):
+    """A private copy of the transformer-only (diffusers keys) tiny model."""
+    kw = tiny_models["transformer_only_diffusers"]
+    dest = tmp_path / "tiny"
+    shutil.copytree(Path(kw["checkpoint"]).parent, dest)
+    return dict(checkpoint=dest / Path(kw["checkpoint"]).name, text_encoder=dest / "text_encoder.safetensors",
+                vae=dest / "vae.safetensors", tokenizer=dest / "tokenizer.model")
+
+
+@pytest.fixture
+def folder(tiny_models, tmp_path) -> Path:
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_models["diffusers"]["checkpoint"], dest)
+    return dest
+
+
+def edit(path: Path, **values) -> Path:
+    doc = json.loads(path.read_text())
+    doc.update(values)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_linear_weight_with_conv_dimensions(tiny):
+    """(out, in, 1, 1) fits (out, in) but for size-1 dimensions, which other tensors may drop; a linear layer keeps
+    its weight as stored, so it must be (out, in) exactly (it was 'too many values to unpack')."""
+    key = "joint_transformer_blocks.0.attn.to_k.weight"
+    sd = load_file(str(tiny["checkpoint"]))
+    sd[key] = sd[key].reshape(32, 32, 1, 1)
+    save_file(sd, str(tiny["checkpoint"]))
+    with pytest.raises(LoadError, match=rf"transformer tensor {key} has shape \(32, 32, 1, 1\), expected \(32, 32\)"):
+        aura_flow.load(device="cpu", **tiny)
+
+
+@pytest.mark.parametrize("part, values, match", [
+    ("vae", {"use_post_quant_conv": 0}, r"use_post_quant_conv=0 is not true or false, as AutoencoderKL takes it"),
+    ("vae", {"scaling_factor": "0.13"}, r"scaling_factor='0.13' is not a finite number"),
+    ("text_encoder", {"is_gated_act": -1}, r"text_encoder/config.json: is_gated_act=-1 is not true or false, as "
+                                           r"UMT5Config takes it"),
+    ("text_encoder", {"feed_forward_proj": 7}, r"feed_forward_proj=7 is not text"),
+    ("text_encoder", {"layer_norm_epsilon": -2 ** 70}, r"text_encoder/config.json: not a T5 encoder config"),
+    ("transformer", {"sample_size": 64.0}, r"sample_size=64.0 makes no model|sample_size=64.0 is not a whole number"),
+])
+def test_config_values_of_the_wrong_type(folder, part, values, match):
+    """A flag given as a number would build another model (a VAE without its post-quant conv drops those weights
+    with a warning); a value transformers' own validation refuses raised its own exception type."""
+    edit(folder / part / "config.json", **values)
+    with pytest.raises(LoadError, match=match) as info:
+        aura_flow.load(folder, device="cpu")
+    assert str(folder) in str(info.value)
+
+
+def test_a_tokenizer_config_value_of_the_wrong_type(folder):
+    """model_max_length as text loaded, then failed inside transformers at the first prompt (a TypeError)."""
+    edit(folder / "tokenizer" / "tokenizer_config.json", model_max_length="many")
+    with pytest.raises(LoadError, match=r"model/tokenizer: cannot load the tokenizer"):
+        aura_flow.load(folder, device="cpu")
