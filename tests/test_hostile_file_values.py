@@ -74,3 +74,47 @@ def test_a_tokenizer_config_value_of_the_wrong_type(folder):
     edit(folder / "tokenizer" / "tokenizer_config.json", model_max_length="many")
     with pytest.raises(LoadError, match=r"model/tokenizer: cannot load the tokenizer"):
         aura_flow.load(folder, device="cpu")
+
+
+def test_an_ldm_vae_missing_a_bias_its_weight_has(tiny_models, tmp_path):
+    """diffusers' converter takes a missing tensor as None (it was an AttributeError on None later)."""
+    src = Path(tiny_models["single_file"]["checkpoint"])
+    sd = load_file(str(src))
+    del sd["vae.encoder.down.0.downsample.conv.bias"]
+    save_file(sd, str(tmp_path / "all.safetensors"))
+    with pytest.raises(LoadError, match=r"all.safetensors: the VAE is missing 1 weights \(e.g. encoder.down_blocks.0."
+                                        r"downsamplers.0.conv.bias, in diffusers' names\)"):
+        aura_flow.load(tmp_path / "all.safetensors", device="cpu", tokenizer=src.parent / "tokenizer.model")
+
+
+def test_fp8_values_where_a_float32_scale_is_expected(tiny_models, tmp_path):
+    """An fp8 scale (torch has no isfinite for fp8) loads as its float value; a NaN one is named."""
+    from aura_flow.weights.writers import write_fp8
+
+    kw = tiny_models["transformer_only"]
+    extra = dict(text_encoder=kw["text_encoder"], vae=kw["vae"], tokenizer=Path(kw["vae"]).parent / "tokenizer.model")
+    path = write_fp8(tmp_path / "fp8.safetensors", load_file(str(kw["checkpoint"])), prefix="")
+    sd = load_file(str(path))
+    scale = next(k for k in sd if k.endswith(".scale_weight"))
+    sd[scale] = sd[scale].to(torch.float8_e4m3fn)
+    save_file(sd, str(path))
+    assert aura_flow.load(path, device="cpu", **extra).transformer is not None
+    sd[scale] = torch.tensor(float("nan")).to(torch.float8_e4m3fn)
+    save_file(sd, str(path))
+    with pytest.raises(LoadError, match=rf"the fp8 scale of {scale[:-len('.scale_weight')]}.weight has shape \(\) "
+                                        r"and dtype float8_e4m3fn, expected one finite float"):
+        aura_flow.load(path, device="cpu", **extra)
+
+
+def test_a_lora_with_nan_in_fp8(tmp_path, tiny_pipe):
+    """A LoRA stored in fp8 is checked for NaN too (it was torch's NotImplementedError: no isfinite for fp8)."""
+    from lora_files import write_lora
+
+    path = write_lora(tmp_path / "l.safetensors", style="peft")
+    sd = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in load_file(str(path)).items()}
+    first = next(k for k in sd if k.endswith("lora_A.weight"))
+    sd[first][0, 0] = float("nan")
+    save_file(sd, str(path))
+    with pytest.raises(LoadError, match=rf"l.safetensors: tensor {first} holds NaN or infinite values \(1 of"):
+        tiny_pipe.set_loras([(path, 1.0)])
+    tiny_pipe.set_loras([])

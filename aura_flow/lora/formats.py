@@ -141,8 +141,8 @@ class LoraFile:
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in keys}
         for key, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):  # fp8 has no isfinite
+                bad = int((~torch.isfinite(t.float())).sum())
                 raise LoadError(f"{self.name}: tensor {key} holds NaN or infinite values ({bad:,} of {t.numel():,}); "
                                 "the LoRA is damaged (or was trained into an overflow) and would turn every image "
                                 "into NaN. Download it again or train it again.")

@@ -127,7 +127,7 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
         fits = scale.is_floating_point() and scale.numel() in (1, rows) and scale.numel() <= MAX_CONFIG_SIZE
         if fits:  # one value a row at most: small, read now
             scales[k] = scale = real(scale)
-        if not fits or not bool(torch.isfinite(scale).all()):
+        if not fits or not bool(torch.isfinite(scale.float()).all()):
             raise LoadError(f"{source}: the fp8 scale of {k} has shape {tuple(scale.shape)} and dtype "
                             f"{str(scale.dtype).replace('torch.', '')}, expected one finite float or one per row "
                             f"({rows}); the file is damaged. Download it again.")

@@ -105,6 +105,10 @@ def vae_from_sd(sd: dict, source, config=None, check_only: bool = False):
             raise LoadError(f"{source}: the VAE's weights cannot be mapped ({exc.__class__.__name__}: "
                             f"{str(exc)[:200]}); the file is incomplete or of another model. Download it again") \
                 from None
+    absent = sorted(k for k, v in sd.items() if v is None)  # the converter's .get() of a tensor the file lacks
+    if absent:
+        raise LoadError(f"{source}: the VAE is missing {len(absent)} weights (e.g. {', '.join(absent[:3])}, in "
+                        "diffusers' names); the file is incomplete or of another model. Download it again")
     if config is None:
         config = infer_vae_config(sd, source)
     return build_vae(sd, config, source, check_only)
