@@ -150,15 +150,19 @@ def plan_transformer(stored: dict[str, Stored], source, metadata: dict | None = 
 
 
 def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch.dtype,
-                         metadata: dict | None = None, config: dict | None = None, check_only: bool = False):
+                         metadata: dict | None = None, config: dict | None = None, deferred: bool = False):
     """An `AuraFlowTransformer2DModel` whose linears hold ``stored``'s tensors in their stored form.
 
     stored: unprefixed original or diffusers keys -> `Stored`. metadata: key/value pairs that may carry
     ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference.
-    check_only: every shape checked, nothing read: the model on the meta device (its config is the one to load)."""
+    deferred: ``(the model on the meta device, finish)``, every shape checked and nothing read; ``finish()`` reads
+    the tensors into it and returns it."""
     model, entries = plan_transformer(stored, source, metadata, config)
-    if check_only:
-        return model
+    return (model, lambda: _fill(model, entries, source, compute_dtype)) if deferred else \
+        _fill(model, entries, source, compute_dtype)
+
+
+def _fill(model, entries: dict, source, compute_dtype):
     expected = model.state_dict()
 
     def decode(key):

@@ -156,17 +156,16 @@ def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
                     _component_folder(vae, "vae", check_vae_config), tokenizer)
 
 
-def _transformer_maker(where: tuple, storage, compute):
-    """``make(check_only)``: the transformer checked against its headers (nothing read, on the meta device), or
-    read."""
+def _plan_transformer(where: tuple, storage, compute):
+    """``(the transformer on the meta device, checked against its headers, nothing read; finish)``: ``finish()``
+    reads it."""
     if where[0] == "gguf":
         from .gguf import load_gguf_transformer
 
-        return lambda check_only: load_gguf_transformer(where[1], compute, check_only=check_only)
+        return load_gguf_transformer(where[1], compute, deferred=True)
     _kind, reader, prefix, config, source = where
     sd = reader.lazy(prefix, strip=False, dtype=compute, keep_fp8=True)
-    return lambda check_only: transformer_from_sd(dict(sd), source, reader.metadata, storage, compute, config,
-                                                  check_only)
+    return transformer_from_sd(sd, source, reader.metadata, storage, compute, config, deferred=True)
 
 
 def _component_folder(where: tuple, sub: str, check) -> tuple:
@@ -181,8 +180,8 @@ def _component_folder(where: tuple, sub: str, check) -> tuple:
     return ("folder", path, check(read_json(cfg_file), cfg_file) if cfg_file.exists() else None)
 
 
-def _text_encoder_maker(where: tuple, dtype):
-    """``make(check_only)`` for the text encoder (see `_transformer_maker`)."""
+def _plan_text_encoder(where: tuple, dtype):
+    """The text encoder planned (see `_plan_transformer`)."""
     if where[0] == "checkpoint":
         reader = where[1]
         sd, source, config = ({k: v for k, v in reader.lazy("text_encoders.", dtype=dtype).items()
@@ -193,7 +192,7 @@ def _text_encoder_maker(where: tuple, dtype):
         sd, source = SafetensorsReader(folder_files(path, "model")).lazy(dtype=dtype), path
     else:
         sd, source, config = SafetensorsReader([where[1]]).lazy(dtype=dtype), where[1], None
-    return lambda check_only: text_encoder_from_sd(dict(sd), source, config, check_only)
+    return text_encoder_from_sd(sd, source, config, deferred=True)
 
 
 def _t5_config(values: dict, cfg_file: Path):
@@ -214,8 +213,8 @@ def _t5_config(values: dict, cfg_file: Path):
                         "the text encoder again") from None
 
 
-def _vae_maker(where: tuple):
-    """``make(check_only)`` for the VAE (see `_transformer_maker`); it runs in float32."""
+def _plan_vae(where: tuple):
+    """The VAE planned (see `_plan_transformer`); it runs in float32."""
     import torch
 
     if where[0] == "checkpoint":
@@ -226,7 +225,7 @@ def _vae_maker(where: tuple):
         sd, source = SafetensorsReader(folder_files(path, "diffusion_pytorch_model")).lazy(dtype=torch.float32), path
     else:
         sd, source, config = SafetensorsReader([where[1]]).lazy(dtype=torch.float32), where[1], None
-    return lambda check_only: vae_from_sd(dict(sd), source, config, check_only)
+    return vae_from_sd(sd, source, config, deferred=True)
 
 
 def _read_tokenizer(where: tuple) -> PromptTokenizer:
@@ -283,14 +282,15 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         raise LoadError("checkpoint is required: a diffusers folder, an all-in-one .safetensors or a transformer file")
     where = _locate(ckpt, _check_path("tokenizer", tokenizer), _check_path("text_encoder", text_encoder),
                     _check_path("vae", vae))
-    make_vae, make_te = _vae_maker(where.vae), _text_encoder_maker(where.text_encoder, compute)
-    make_transformer = _transformer_maker(where.transformer, storage, compute)
-    _check_parts_fit(make_te(True), make_vae(True), make_transformer(True), ckpt, where)  # headers only
+    vae, finish_vae = _plan_vae(where.vae)  # each part checked from its headers, nothing read yet
+    text_encoder, finish_te = _plan_text_encoder(where.text_encoder, compute)
+    transformer, finish_transformer = _plan_transformer(where.transformer, storage, compute)
+    _check_parts_fit(text_encoder, vae, transformer, ckpt, where)
     c = Components(device=dev, compute_dtype=compute)
     c.tokenizer = _read_tokenizer(where.tokenizer)  # the small parts first: a broken one fails before the big one
-    c.vae = make_vae(False)
-    c.text_encoder = make_te(False)
-    c.transformer = make_transformer(False)
+    c.vae = finish_vae()
+    c.text_encoder = finish_te()
+    c.transformer = finish_transformer()
     c.sources = {"transformer": str(ckpt), "text_encoder": _source(where.text_encoder), "vae": _source(where.vae),
                  "tokenizer": c.tokenizer.source}
     return c

@@ -105,11 +105,11 @@ def _json(raw, source, field):
 
 
 def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata: dict | None = None,
-                         config: dict | None = None, check_only: bool = False):
+                         config: dict | None = None, deferred: bool = False):
     """An `AuraFlowTransformer2DModel` whose fp8 linear weights stay fp8 (`ScaledFp8Linear`), from a state dict read
     without casting (fp8 tensors as fp8): a transformer-only file or a whole checkpoint, original or diffusers key
     names, under any prefix (tensors or `LazyTensor`s: only the small scales are read before every shape is checked).
-    Other tensors are decoded to ``compute_dtype``. check_only: see `assemble_transformer`."""
+    Other tensors are decoded to ``compute_dtype``. deferred: see `assemble_transformer`."""
     prefix = find_prefix(sd, TRANSFORMER_KEYS)
     if prefix is None:
         raise LoadError(f"{source}: no AuraFlow transformer tensors found (expected double_layers.0.attn.w1q.weight or "
@@ -138,9 +138,14 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
             stored[k] = Fp8Stored(t, scale)
         else:  # left unquantized by the converter (small layers, norms, embeddings)
             stored[k] = Dense(t if scale is None else lazily(t, lambda w, s=scale: Fp8Stored(w, s).dense(torch.float32)))
-    model = assemble_transformer(stored, source, compute_dtype, metadata, config, check_only)
-    if check_only:
-        return model
+    if deferred:
+        model, finish = assemble_transformer(stored, source, compute_dtype, metadata, config, deferred=True)
+        return model, lambda: _logged(finish(), stored, scales, dropped, source, compute_dtype)
+    return _logged(assemble_transformer(stored, source, compute_dtype, metadata, config), stored, scales, dropped,
+                   source, compute_dtype)
+
+
+def _logged(model, stored, scales, dropped, source, compute_dtype):
     n_fp8 = sum(isinstance(m, ScaledFp8Linear) for m in model.modules())
     kinds = sorted({str(s.weight.dtype).replace("torch.", "") for s in stored.values() if isinstance(s, Fp8Stored)})
     log.info("AuraFlow fp8 %s: %d linear layers kept in %s (%s), %d run-time scales ignored; run in %s", source,

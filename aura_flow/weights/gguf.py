@@ -179,20 +179,22 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
     return stored, metadata
 
 
-def load_gguf_transformer(path, compute_dtype: torch.dtype = torch.bfloat16, check_only: bool = False):
+def load_gguf_transformer(path, compute_dtype: torch.dtype = torch.bfloat16, deferred: bool = False):
     """An `AuraFlowTransformer2DModel` (on the CPU) whose linear layers are `GGUFLinear`s holding ``path``'s blocks;
     the other tensors (position grid, register tokens, biases) decoded to ``compute_dtype``, the dtype the layers
     dequantize to when run. Every tensor info is checked against the model before a block is read. The file is
-    closed when this returns. check_only: nothing read, the model on the meta device (its config)."""
+    closed when this returns. deferred: ``(the model on the meta device, finish)``, every tensor info checked and
+    nothing read; ``finish()`` loads it (reading the header again: the file is not held open in between)."""
     path = Path(os.fspath(path))
     if not is_gguf(path):
         raise LoadError(f"{path}: not a GGUF file (it does not start with 'GGUF'); pass an AuraFlow .gguf, or load a "
                         f".safetensors checkpoint with the ordinary loader.")
     with open(path, "rb") as file:
         stored, metadata = read_gguf(path, file)
-        model = assemble_transformer(stored, path, compute_dtype, metadata, check_only=check_only)
-    if check_only:
-        return model
+        if deferred:
+            model, _finish = assemble_transformer(stored, path, compute_dtype, metadata, deferred=True)
+            return model, lambda: load_gguf_transformer(path, compute_dtype)
+        model = assemble_transformer(stored, path, compute_dtype, metadata)
     types = Counter(s.qtype.name for s in stored.values())
     log.info("AuraFlow GGUF %s: %s; %.1f MiB of tensors, run in %s", path.name,
              ", ".join(f"{n} {k}" for k, n in types.most_common()), sum(s.nbytes for s in stored.values()) / 2**20,

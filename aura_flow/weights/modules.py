@@ -14,10 +14,10 @@ from .reader import real
 log = logging.getLogger(__name__)
 
 
-def _materialize(cls_or_factory, sd: dict, what: str, source, check_only: bool = False):
+def _materialize(cls_or_factory, sd: dict, what: str, source, deferred: bool = False):
     """Build a module on the meta device and assign the loaded tensors (no random init, no second copy). ``sd``'s
     values may be `LazyTensor`s: every shape is checked before any is read, and only the module's own are read.
-    check_only: nothing read, the module on the meta device (its config)."""
+    deferred: ``(the module on the meta device, finish)``, nothing read; ``finish()`` reads and returns it."""
     from .assemble import build_on_meta, check_unexpected
 
     check_floats(sd, what, source)
@@ -38,18 +38,19 @@ def _materialize(cls_or_factory, sd: dict, what: str, source, check_only: bool =
         ref = module.state_dict()[k]
         if tuple(sd[k].shape) != tuple(ref.shape):
             raise LoadError(f"{source}: {what} weight {k} has shape {tuple(sd[k].shape)}, expected {tuple(ref.shape)}")
-    if check_only:
-        return module
-    module.load_state_dict({k: real(v) for k, v in sd.items()}, strict=False, assign=True)
-    if what == "text encoder":
-        module.encoder.embed_tokens = module.shared
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_meta:
-            raise LoadError(f"{source}: {what} weight {name} was not loaded")
-    return module.eval().requires_grad_(False)
+    def finish():
+        module.load_state_dict({k: real(v) for k, v in sd.items()}, strict=False, assign=True)
+        if what == "text encoder":
+            module.encoder.embed_tokens = module.shared
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_meta:
+                raise LoadError(f"{source}: {what} weight {name} was not loaded")
+        return module.eval().requires_grad_(False)
+
+    return (module, finish) if deferred else finish()
 
 
-def build_text_encoder(sd: dict, config, source, check_only: bool = False):
+def build_text_encoder(sd: dict, config, source, deferred: bool = False):
     """UMT5's encoder, its linears `PatchableLinear`s (the same state-dict keys), as the transformer's: their float32
     CPU GEMMs go through oneDNN where that is faster, and a host's memory manager can stream them (nearly all of the
     encoder's bytes) when it is larger than free memory (aura_flow.weights.linear)."""
@@ -62,17 +63,17 @@ def build_text_encoder(sd: dict, config, source, check_only: bool = False):
         make_patchable(model)
         return model
 
-    return _materialize(build, sd, "text encoder", source, check_only)
+    return _materialize(build, sd, "text encoder", source, deferred)
 
 
-def build_vae(sd: dict, config: dict, source, check_only: bool = False):
+def build_vae(sd: dict, config: dict, source, deferred: bool = False):
     from diffusers import AutoencoderKL
 
     cfg = constructor_config(AutoencoderKL, check_vae_config(dict(config), source), source)
-    return _materialize(lambda: AutoencoderKL(**cfg), sd, "VAE", source, check_only)
+    return _materialize(lambda: AutoencoderKL(**cfg), sd, "VAE", source, deferred)
 
 
-def text_encoder_from_sd(sd: dict, source, config=None, check_only: bool = False):
+def text_encoder_from_sd(sd: dict, source, config=None, deferred: bool = False):
     """``sd`` holds the tensors in their target dtype (`SafetensorsReader.lazy(dtype=...)`)."""
     keys = list(sd)
     prefix = find_prefix(keys, ("encoder.block.0.layer.0.SelfAttention.q.weight",))
@@ -85,10 +86,10 @@ def text_encoder_from_sd(sd: dict, source, config=None, check_only: bool = False
     sd.pop("encoder.embed_tokens.weight", None)
     if config is None:
         config = infer_t5_config(sd, source)
-    return build_text_encoder(sd, config, source, check_only)
+    return build_text_encoder(sd, config, source, deferred)
 
 
-def vae_from_sd(sd: dict, source, config=None, check_only: bool = False):
+def vae_from_sd(sd: dict, source, config=None, deferred: bool = False):
     """``sd`` holds fp32 tensors (`SafetensorsReader.lazy(dtype=torch.float32)`)."""
     if not any(k.startswith("encoder.down_blocks.") for k in sd):
         prefix = find_prefix(list(sd), ("encoder.down.0.block.0.conv1.weight",))
@@ -111,10 +112,10 @@ def vae_from_sd(sd: dict, source, config=None, check_only: bool = False):
                         "diffusers' names); the file is incomplete or of another model. Download it again")
     if config is None:
         config = infer_vae_config(sd, source)
-    return build_vae(sd, config, source, check_only)
+    return build_vae(sd, config, source, deferred)
 
 
-def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=None, check_only: bool = False):
+def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=None, deferred: bool = False):
     """The transformer from one file's (or folder's) tensors under any prefix, in the original or the diffusers key
     names (`SafetensorsReader.lazy(dtype=compute, keep_fp8=True)`): dense tensors already in the compute dtype, fp8
     ones as stored. A scaled-fp8 or fp8 file keeps its fp8 weights; dense linears are stored in ``storage`` when
@@ -123,8 +124,8 @@ def transformer_from_sd(sd: dict, source, metadata, storage, compute, config=Non
     from .fp8 import has_fp8_weights, is_scaled_fp8, load_fp8_transformer
 
     if is_scaled_fp8(sd, metadata) or has_fp8_weights(sd):
-        return load_fp8_transformer(sd, source, compute, metadata, config, check_only)
+        return load_fp8_transformer(sd, source, compute, metadata, config, deferred)
     prefix = transformer_prefix(source, sd)
     check_floats({k: v for k, v in sd.items() if k.startswith(prefix)}, "transformer", source)
     stored = {k[len(prefix):]: Dense(v, storage) for k, v in sd.items() if k.startswith(prefix)}
-    return assemble_transformer(stored, source, compute, metadata, config, check_only)
+    return assemble_transformer(stored, source, compute, metadata, config, deferred)

@@ -98,9 +98,10 @@ class SafetensorsReader:
         return tuple(view.get_shape()), view.get_dtype()
 
     def lazy(self, prefix: str = "", dtype=None, strip: bool = True, keep_fp8: bool = False) -> dict:
-        """`take` without reading: every tensor under ``prefix`` as a `LazyTensor` of the shape and dtype the header
-        gives (cast to ``dtype`` as `get` does). A dtype no loader takes (4- or 6-bit floats, exponent-only
-        scales, complex...) is a LoadError naming the file and the tensor, before anything is read."""
+        """Every tensor under ``prefix`` (the prefix stripped from the keys unless ``strip=False``) as a `LazyTensor`
+        of the shape and dtype the header gives, cast to ``dtype`` when read as `get` does; nothing is read here.
+        A dtype no loader takes (4- or 6-bit floats, exponent-only scales, complex...) is a LoadError naming the
+        file and the tensor."""
         import torch
 
         out = {}
@@ -136,13 +137,6 @@ class SafetensorsReader:
             t = t.to(dtype)
         return t
 
-    def take(self, prefix: str = "", dtype=None, strip: bool = True, keep_fp8: bool = False) -> dict:
-        """Every tensor under ``prefix`` (the prefix stripped from the keys unless ``strip=False``)."""
-        out = {}
-        for k in list(self.key_file):
-            if k.startswith(prefix):
-                out[k[len(prefix):] if strip else k] = self.get(k, dtype, keep_fp8)
-        return out
 
 
 
