@@ -118,3 +118,35 @@ def test_a_lora_with_nan_in_fp8(tmp_path, tiny_pipe):
     with pytest.raises(LoadError, match=rf"l.safetensors: tensor {first} holds NaN or infinite values \(1 of"):
         tiny_pipe.set_loras([(path, 1.0)])
     tiny_pipe.set_loras([])
+
+
+def test_a_position_table_beyond_any_image(tiny):
+    """A grid the shapes agree on but no image needs (512 x 512 positions): the table would take gigabytes at the
+    real width, so it is refused from the header."""
+    from test_header_shapes import replace_sparse
+
+    replace_sparse(tiny["checkpoint"], "pos_embed.pos_embed", (1, 512 * 512, 32))
+    with pytest.raises(LoadError, match=r"pos_embed_max_size=262,144 positions is over 65,536 \(a 256x256 grid"):
+        aura_flow.load(device="cpu", **tiny)
+
+
+@pytest.mark.parametrize("kind", ["int32", "float64"])
+def test_a_gguf_weight_of_a_type_no_weight_has(tiny_models, tmp_path, kind):
+    """gguf's writer takes integer and float64 arrays; the loader said 'update gguf' for them."""
+    import gguf
+
+    from aura_flow.weights.gguf import load_gguf_transformer
+
+    sd = load_file(str(tiny_models["transformer_only"]["checkpoint"]))
+    path = tmp_path / "int.gguf"
+    writer = gguf.GGUFWriter(str(path), "aura")
+    for name, t in sd.items():
+        writer.add_tensor(name, (t * 100).to(getattr(torch, kind)).numpy() if name == "final_linear.weight"
+                          else t.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LoadError, match=r"int.gguf: tensor final_linear.weight is (I32|F64), not a weight type of an "
+                                        r"AuraFlow GGUF"):
+        load_gguf_transformer(path, torch.float32)

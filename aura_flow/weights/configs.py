@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONFIG_SIZE = 1 << 20  # any width, count of heads, channels or tokens in a config (AuraFlow's largest: 32768)
 MAX_CONFIG_LAYERS = 1000
+MAX_GRID = 256 * 256  # positions of the transformer's position table (AuraFlow v0.3 / Pony V7: 96 x 96)
 TRANSFORMER_SIZES = ("sample_size", "patch_size", "in_channels", "out_channels", "attention_head_dim",
                      "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pos_embed_max_size")
 TRANSFORMER_LAYERS = ("num_mmdit_layers", "num_single_dit_layers")
@@ -191,6 +192,10 @@ def check_config(config: dict, source, *, sizes=(), layers=(), lists=()) -> dict
 def check_transformer_config(config: dict, source) -> dict:
     check_config(config, source, sizes=TRANSFORMER_SIZES, layers=TRANSFORMER_LAYERS)
     grid = config.get("pos_embed_max_size")
+    if grid is not None and grid > MAX_GRID:
+        raise LoadError(f"{source}: pos_embed_max_size={grid:,} positions is over {MAX_GRID:,} (a {math.isqrt(MAX_GRID)}"
+                        f"x{math.isqrt(MAX_GRID)} grid, 4096 px; AuraFlow's: 9216); the position table would take "
+                        "gigabytes. The file or config is damaged")
     if grid is not None and math.isqrt(grid) ** 2 != grid:
         raise LoadError(f"{source}: pos_embed_max_size={grid} is not a square number of positions (AuraFlow: 1024, a "
                         "32x32 grid); the config is damaged. Download it again")

@@ -157,6 +157,9 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
         if not t.name.startswith(prefix):
             continue
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        if qtype.name in ("I8", "I16", "I32", "I64", "F64"):
+            raise LoadError(f"{path}: tensor {t.name} is {qtype.name}, not a weight type of an AuraFlow GGUF (F32, "
+                            "F16, BF16 or a quant type); the file is damaged or of another format. Download it again")
         if not can_dequantize(qtype):
             raise LoadError(f"{path}: tensor {t.name} is {qtype.name}, a type neither this pack nor the installed "
                             f"gguf package can unpack. Update gguf (pip install -U gguf) or use a file of another "
