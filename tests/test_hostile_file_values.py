@@ -150,3 +150,32 @@ def test_a_gguf_weight_of_a_type_no_weight_has(tiny_models, tmp_path, kind):
     with pytest.raises(LoadError, match=r"int.gguf: tensor final_linear.weight is (I32|F64), not a weight type of an "
                                         r"AuraFlow GGUF"):
         load_gguf_transformer(path, torch.float32)
+
+
+def test_a_key_of_many_dots(tiny, caplog):
+    """A tensor name of 200,000 dots beside the model was walked in quadratic time (no answer for minutes) and said
+    whole in the warning."""
+    import time
+
+    sd = load_file(str(tiny["checkpoint"]))
+    sd["joint_transformer_blocks.0." + "a." * 200_000 + "weight"] = torch.zeros(1)
+    save_file(sd, str(tiny["checkpoint"]))
+    t0 = time.monotonic()
+    aura_flow.load(device="cpu", **tiny)
+    assert time.monotonic() - t0 < 30 and "ignoring 1 tensors that are not part of the transformer (e.g. " \
+        "'joint_transformer_blocks.0.a.a.a" in caplog.text and len(caplog.text) < 20_000
+
+
+@pytest.mark.heavy
+def test_a_file_of_many_tensors(tiny, tmp_path):
+    """100,001 tensors are refused before each one's header is looked at (a model file and a LoRA)."""
+    from lora_files import write_lora
+
+    many = {f"junk.{i}": torch.zeros(1) for i in range(100_001)}
+    save_file(many, str(tmp_path / "many.safetensors"))
+    with pytest.raises(LoadError, match=r"many.safetensors: holds 100,001 tensors, more than any model this pack reads"):
+        aura_flow.load(device="cpu", **dict(tiny, checkpoint=tmp_path / "many.safetensors"))
+    lora = load_file(str(write_lora(tmp_path / "lora.safetensors")))
+    save_file({**many, **lora}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(LoadError, match=r"lora.safetensors: holds 100,0\d\d tensors, more than a LoRA"):
+        aura_flow.load(device="cpu", loras=[(tmp_path / "lora.safetensors", 1.0)], **tiny)

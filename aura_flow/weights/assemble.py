@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LoadError, shown
+from .layouts import key_name
 from .linear import PatchableLinear
 from .reader import lazily, real
 
@@ -198,18 +199,22 @@ def check_unexpected(module, keys, what: str, source) -> None:
     ours, others = [], []
     for key in sorted(keys):
         parts = key.split(".")
-        depth = max(i for i in range(len(parts)) if ".".join(parts[:i]) in modules)  # "" (the root) always is
-        owner = modules[".".join(parts[:depth])]
+        depth, name = 0, ""  # the deepest module the key's leading parts name ("" the root), walked in linear time
+        for part in parts[:-1]:
+            if (f"{name}.{part}" if name else part) not in modules:
+                break
+            depth, name = depth + 1, f"{name}.{part}" if name else part
+        owner = modules[name]
         if depth > 0 and (depth == len(parts) - 1 or isinstance(owner, (nn.ModuleList, nn.Sequential))):
             ours.append(key)
         else:
             others.append(key)
     if ours:
         raise LoadError(f"{source}: {len(ours)} {what} weights have no place in the model its config describes (e.g. "
-                        f"{', '.join(ours[:3])}): the config does not match the weights (a wrong layer count or "
+                        f"{', '.join(key_name(k) for k in ours[:3])}): the config does not match the weights (a wrong layer count or "
                         "size). Use the config.json that came with these weights")
     log.warning("%s: ignoring %d tensors that are not part of the %s (e.g. %s)", source, len(others), what,
-                ", ".join(others[:3]))
+                ", ".join(key_name(k) for k in others[:3]))
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:

@@ -24,7 +24,7 @@ from ..prompts import TOKENIZER_HINT, PromptTokenizer
 from .configs import (check_layer_counts, check_t5_config, check_transformer_config, check_types, check_vae_config,
                       warn_unknown)
 from .devices import resolve_device, resolve_dtypes
-from .layouts import is_gguf, transformer_prefix
+from .layouts import is_gguf, key_name, transformer_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
 from .reader import SafetensorsReader, folder_files, read_json, refuse_lone_shard, refuse_pickle
 
@@ -235,7 +235,7 @@ def _read_tokenizer(where: tuple) -> PromptTokenizer:
         _kind, reader, key = where
         shape, kind = reader.header(key)
         if kind != "U8" or len(shape) != 1 or shape[0] > MAX_TOKENIZER_BYTES:
-            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key} is {kind} of shape {shape}, expected a "
+            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key_name(key)} is {kind} of shape {shape}, expected a "
                             f"sentencepiece model as up to {MAX_TOKENIZER_BYTES:,} U8 bytes; it is not read. The "
                             "checkpoint is damaged: give a tokenizer as tokenizer=PATH")
         data = reader.get(key)

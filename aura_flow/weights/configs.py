@@ -8,6 +8,7 @@ import logging
 import math
 
 from ..errors import LoadError, shown
+from .layouts import key_name
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def check_floats(sd: dict, what: str, source) -> None:
     would load and then fail inside the first matrix product of a run)."""
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
     if bad:
-        raise LoadError(f"{source}: {len(bad)} {what} weights are not floating point (e.g. {bad[0]}: "
+        raise LoadError(f"{source}: {len(bad)} {what} weights are not floating point (e.g. {key_name(bad[0])}: "
                         f"{str(sd[bad[0]].dtype).replace('torch.', '')}); the file is damaged or of another format. "
                         "Download it again.")
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import LoadError, shown
 from .assemble import Dense, assemble_transformer
 from .configs import MAX_CONFIG_SIZE, check_floats
-from .layouts import TRANSFORMER_KEYS, find_prefix
+from .layouts import TRANSFORMER_KEYS, find_prefix, key_name
 from .quantized_linear import ScaledFp8Linear
 from .reader import lazily, real
 
@@ -128,7 +128,7 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
         if fits:  # one value a row at most: small, read now
             scales[k] = scale = real(scale)
         if not fits or not bool(torch.isfinite(scale.float()).all()):
-            raise LoadError(f"{source}: the fp8 scale of {k} has shape {tuple(scale.shape)} and dtype "
+            raise LoadError(f"{source}: the fp8 scale of {key_name(k)} has shape {tuple(scale.shape)} and dtype "
                             f"{str(scale.dtype).replace('torch.', '')}, expected one finite float or one per row "
                             f"({rows}); the file is damaged. Download it again.")
     stored = {}

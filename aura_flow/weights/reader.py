@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import LoadError, shown
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_TENSORS = 100_000  # tensors in one safetensors file (AuraFlow's all-in-one file: about 1,200)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a config or shard index; the real ones are a few kB (an index ~100 kB)
 _SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 # safetensors dtype names -> torch dtypes a loader can take (weights: the floats; U8 for a serialized tokenizer or
@@ -87,6 +88,10 @@ class SafetensorsReader:
                                     "swap") from None
                 raise LoadError(f"{f}: not a readable safetensors file ({_why(f) or exc}); the file is truncated, "
                                 f"corrupt or of another format. Download it again.") from None
+            if len(keys) > MAX_TENSORS:
+                raise LoadError(f"{f}: holds {len(keys):,} tensors, more than any model this pack reads (at most "
+                                f"{MAX_TENSORS:,}; a whole AuraFlow checkpoint holds about 1,200); the file is damaged "
+                                "or not a model")
             self._handles[f] = h
             self.metadata.update(h.metadata() or {})
             for k in keys:
