@@ -173,9 +173,21 @@ def test_a_file_of_many_tensors(tiny, tmp_path):
 
     many = {f"junk.{i}": torch.zeros(1) for i in range(100_001)}
     save_file(many, str(tmp_path / "many.safetensors"))
-    with pytest.raises(LoadError, match=r"many.safetensors: holds 100,001 tensors, more than any model this pack reads"):
+    with pytest.raises(LoadError, match=r"many.safetensors: holds 100,001 tensors, more than any model this pack"):
         aura_flow.load(device="cpu", **dict(tiny, checkpoint=tmp_path / "many.safetensors"))
     lora = load_file(str(write_lora(tmp_path / "lora.safetensors")))
     save_file({**many, **lora}, str(tmp_path / "lora.safetensors"))
     with pytest.raises(LoadError, match=r"lora.safetensors: holds 100,0\d\d tensors, more than a LoRA"):
         aura_flow.load(device="cpu", loras=[(tmp_path / "lora.safetensors", 1.0)], **tiny)
+
+
+def test_a_serialized_tokenizer_of_another_type_is_not_read(tiny_models, tmp_path):
+    """ComfyUI stores the sentencepiece model as U8 bytes; a float tensor there was read and handed over as bytes."""
+    src = Path(tiny_models["single_file"]["checkpoint"])
+    sd = load_file(str(src))
+    spiece = "text_encoders.pile_t5xl.spiece_model"
+    sd[spiece] = torch.zeros(3, 4)
+    save_file(sd, str(tmp_path / "all.safetensors"))
+    with pytest.raises(LoadError, match=rf"all.safetensors: the tokenizer stored as {spiece} is F32 of shape \(3, 4\), "
+                                        r"expected a sentencepiece model as up to 67,108,864 U8 bytes; it is not read"):
+        aura_flow.load(tmp_path / "all.safetensors", device="cpu")

@@ -211,8 +211,8 @@ def check_unexpected(module, keys, what: str, source) -> None:
             others.append(key)
     if ours:
         raise LoadError(f"{source}: {len(ours)} {what} weights have no place in the model its config describes (e.g. "
-                        f"{', '.join(key_name(k) for k in ours[:3])}): the config does not match the weights (a wrong layer count or "
-                        "size). Use the config.json that came with these weights")
+                        f"{', '.join(key_name(k) for k in ours[:3])}): the config does not match the weights (a wrong "
+                        "layer count or size). Use the config.json that came with these weights")
     log.warning("%s: ignoring %d tensors that are not part of the %s (e.g. %s)", source, len(others), what,
                 ", ".join(key_name(k) for k in others[:3]))
 

@@ -235,9 +235,9 @@ def _read_tokenizer(where: tuple) -> PromptTokenizer:
         _kind, reader, key = where
         shape, kind = reader.header(key)
         if kind != "U8" or len(shape) != 1 or shape[0] > MAX_TOKENIZER_BYTES:
-            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key_name(key)} is {kind} of shape {shape}, expected a "
-                            f"sentencepiece model as up to {MAX_TOKENIZER_BYTES:,} U8 bytes; it is not read. The "
-                            "checkpoint is damaged: give a tokenizer as tokenizer=PATH")
+            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key_name(key)} is {kind} of shape {shape}, "
+                            f"expected a sentencepiece model as up to {MAX_TOKENIZER_BYTES:,} U8 bytes; it is not "
+                            "read. The checkpoint is damaged: give a tokenizer as tokenizer=PATH")
         data = reader.get(key)
         try:
             return PromptTokenizer.from_sentencepiece_bytes(data.reshape(-1).view(torch.uint8).numpy().tobytes(),

@@ -194,9 +194,10 @@ def check_transformer_config(config: dict, source) -> dict:
     check_config(config, source, sizes=TRANSFORMER_SIZES, layers=TRANSFORMER_LAYERS)
     grid = config.get("pos_embed_max_size")
     if grid is not None and grid > MAX_GRID:
-        raise LoadError(f"{source}: pos_embed_max_size={grid:,} positions is over {MAX_GRID:,} (a {math.isqrt(MAX_GRID)}"
-                        f"x{math.isqrt(MAX_GRID)} grid, 4096 px; AuraFlow's: 9216); the position table would take "
-                        "gigabytes. The file or config is damaged")
+        side = math.isqrt(MAX_GRID)
+        raise LoadError(f"{source}: pos_embed_max_size={grid:,} positions is over {MAX_GRID:,} (a {side}x{side} grid, "
+                        "4096 px; AuraFlow's: 9216); the position table would take gigabytes. The file or config is "
+                        "damaged")
     if grid is not None and math.isqrt(grid) ** 2 != grid:
         raise LoadError(f"{source}: pos_embed_max_size={grid} is not a square number of positions (AuraFlow: 1024, a "
                         "32x32 grid); the config is damaged. Download it again")

@@ -137,7 +137,8 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
         if t.dtype in FP8_DTYPES:
             stored[k] = Fp8Stored(t, scale)
         else:  # left unquantized by the converter (small layers, norms, embeddings)
-            stored[k] = Dense(t if scale is None else lazily(t, lambda w, s=scale: Fp8Stored(w, s).dense(torch.float32)))
+            stored[k] = Dense(t if scale is None else
+                              lazily(t, lambda w, s=scale: Fp8Stored(w, s).dense(torch.float32)))
     if deferred:
         model, finish = assemble_transformer(stored, source, compute_dtype, metadata, config, deferred=True)
         return model, lambda: _logged(finish(), stored, scales, dropped, source, compute_dtype)

@@ -107,7 +107,8 @@ class GGUFStored:
         if self.shape[0] % 2 == 0 and half % block_size == 0:
             return GGUFStored(self.file, self.name, self.qtype, self.shape, self.offset, self.nbytes, not self.swapped)
         # blocks straddle the middle: decode this one (small) tensor instead, when it is read
-        return Dense(LazyTensor(torch.empty(self.shape, device="meta"), lambda: self.dense(torch.float32))).swap_halves()
+        decoded = LazyTensor(torch.empty(self.shape, device="meta"), lambda: self.dense(torch.float32))
+        return Dense(decoded).swap_halves()
 
 
 def _check_arch(reader, path, keys) -> str:

@@ -122,7 +122,8 @@ class SafetensorsReader:
             cast = dtype if dtype is not None and stored.is_floating_point and stored != dtype and \
                 not (keep_fp8 and stored.itemsize == 1) else stored
             out[k[len(prefix):] if strip else k] = LazyTensor(
-                torch.empty(shape, dtype=cast, device="meta"), lambda k=k, shape=shape: self._checked(k, shape, dtype, keep_fp8))
+                torch.empty(shape, dtype=cast, device="meta"),
+                lambda k=k, shape=shape: self._checked(k, shape, dtype, keep_fp8))
         return out
 
     def _checked(self, key, shape, dtype, keep_fp8):
