@@ -50,8 +50,9 @@ class PromptTokenizer:
             _refuse_code(path)
             from transformers import AutoTokenizer
 
-            try:  # never code from the folder, never the network
+            try:  # never code from the folder, never the network; a config value of a wrong type fails the probe
                 tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+                tok("a photo", add_special_tokens=False, verbose=False)
             except Exception as exc:  # transformers raises many kinds here
                 raise LoadError(f"{path}: cannot load the tokenizer ({str(exc)[:300]}); {TOKENIZER_HINT}") from None
             pad = tok.pad_token_id if tok.pad_token_id is not None else PAD_ID

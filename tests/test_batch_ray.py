@@ -125,7 +125,7 @@ def test_bad_ray_flags_are_refused_before_anything_runs(tmp_path, tiny_models, c
     for flags, said in ((["--backend", "ray", "--workers", "0"], "--workers=0 is out of range; allowed: 1 to"),
                         (["--backend", "ray", "--gpus-per-worker", "-1"], "--gpus-per-worker=-1.0 is out of range"),
                         (["--backend", "ray", "--ray-address", "nowhere"], "--ray-address='nowhere' is not a Ray "
-                                                                           "address; give local, auto or ray://"),
+                                                                           "address; give local, auto, HOST:PORT"),
                         (["--workers", "2"], "--workers is a flag of --backend ray, not of --backend local")):
         assert main(base + flags) == 2
         assert said in capsys.readouterr().err

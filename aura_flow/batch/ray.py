@@ -40,11 +40,14 @@ import time
 from pathlib import Path
 
 from ..errors import LoadError, ParameterError
+from . import ray_cluster
+from .ray_files import write_files
 
 log = logging.getLogger(__name__)
 
 INSTALL = ('the ray backend needs Ray, which is not installed; install it with: pip install "comfyui-auraflow[ray]" '
            '(from a checkout: pip install ".[ray]")')
+CLIENT = 'ray_address={}: Ray Client (ray://) needs grpcio, which is not installed; pip install "ray[client]"'
 SHARED_STORAGE = ("the model files must be on storage every node can read (a shared filesystem), at the same path "
                   "on every node")
 MAX_RESTARTS = 3  # Ray restarts a dead worker this often (it loads the model again)
@@ -61,43 +64,6 @@ def import_ray():
     except ImportError:
         raise ParameterError(INSTALL) from None
     return ray
-
-
-def write_files(folder, job, images) -> list[str]:
-    """Write ``images`` (encoded bytes) of ``job`` into ``folder`` under the sink's names; a name already holding
-    exactly these bytes (this job's file from an attempt never recorded) is taken as written. Relative paths."""
-    from ..images import image_extension, write_first_free
-    from .runner import image_names
-
-    folder = Path(folder)
-    out = []
-    for i, data in enumerate(images):
-        for name in image_names(job, i, image_extension(data)):
-            path = folder / name
-            if os.path.lexists(path):
-                if _same_bytes(path, data):
-                    break
-                continue
-            try:
-                write_first_free(folder, data, [name])
-                break
-            except FileExistsError:  # taken meanwhile: look at it again
-                if _same_bytes(path, data):
-                    break
-        else:
-            raise FileExistsError(f"{folder}: no free file name left for line {job.line}; clean the folder")
-        out.append(name)
-    return out
-
-
-def _same_bytes(path, data: bytes) -> bool:
-    try:
-        if os.path.islink(path) or os.path.getsize(path) != len(data):
-            return False
-        with open(path, "rb") as fh:
-            return fh.read() == data
-    except OSError:
-        return False
 
 
 def _as_local_threads(env: dict) -> None:
@@ -142,10 +108,13 @@ class Worker:
             self.error = f"worker {self.name} cannot load the model: {exc}; {SHARED_STORAGE}"
 
     def ready(self):
-        """(name, error or None, torch's CPU threads): the driver waits on this before any job is sent."""
+        """(name, error or None, torch's CPU threads, the folder its aura_flow was imported from): the driver waits
+        on this before any job is sent."""
         import torch
 
-        return self.name, self.error, torch.get_num_threads()
+        import aura_flow
+
+        return self.name, self.error, torch.get_num_threads(), str(Path(aura_flow.__file__).parent)
 
     def run(self, job, folder) -> dict:
         """One job: ``{"worker", "seconds"}`` and ``"files"`` (written into ``folder``) or, when ``folder`` is None,
@@ -213,7 +182,7 @@ class _Slot:
     """The driver's view of one worker actor."""
 
     def __init__(self, handle, name: str):
-        self.handle, self.name, self.loras, self.alive, self.threads = handle, name, None, True, None
+        self.handle, self.name, self.loras, self.alive, self.threads, self.code = handle, name, None, True, None, ""
         self.running: dict = {}  # object ref -> (job, attempt)
         self.done = self.images = 0
         self.t0 = None  # when its first job was sent
@@ -225,7 +194,8 @@ class _Slot:
 
 class RayBackend:
     """Jobs on Ray worker actors. ``address``: "local" (Ray started in this process on this machine, unless this
-    process already runs Ray), "auto" (the cluster this machine belongs to) or ``ray://HOST:PORT``. ``workers``:
+    process already runs Ray), "auto" (``RAY_ADDRESS``, else the cluster this machine belongs to), ``HOST:PORT`` (a
+    node's GCS) or ``ray://HOST:PORT`` (Ray Client); a cluster joined gets this process's aura_flow package. ``workers``:
     how many (default: one per GPU-set where Ray sees GPUs, else one per node). ``gpus_per_worker``: GPUs each
     (default 1 where the cluster has GPUs, else 0: CPU workers, each running torch on every core of its node as the
     local backend does, so that the bytes are the same: two on one node share its cores). ``collect``: return the
@@ -247,10 +217,16 @@ class RayBackend:
                                  "folder or .safetensors, on storage every node can read)")
         LocalBackend(checkpoint, **model)  # the model options checked here; nothing loads
         self.options = {"checkpoint": str(checkpoint), **model}
+        for key in ("checkpoint", "tokenizer", "text_encoder", "vae"):  # a worker's cwd is not ours
+            value = self.options.get(key)
+            if value and not Path(value).expanduser().is_absolute() and Path(value).exists():
+                self.options[key] = str(Path(value).resolve())
         address = str(ray_address or "local")
+        if address == "auto" and os.environ.get("RAY_ADDRESS", "").startswith("ray://"):  # Ray Client's settings
+            address = os.environ["RAY_ADDRESS"]
         if address not in ("local", "auto") and not address.startswith("ray://") and ":" not in address:
-            raise ParameterError(f"ray_address={address!r} is not a Ray address; give local, auto or "
-                                 "ray://HOST:PORT")
+            raise ParameterError(f"ray_address={address!r} is not a Ray address; give local, auto, HOST:PORT "
+                                 "(a node's GCS port, 6379 by default) or ray://HOST:PORT (Ray Client, 10001)")
         for flag, value, lo in (("workers", workers, 1), ("gpus_per_worker", gpus_per_worker, 0),
                                 ("in_flight", in_flight, 1), ("window", window, 1)):
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -261,8 +237,8 @@ class RayBackend:
         self.address, self.workers, self.gpus = address, workers, gpus_per_worker
         self.collect, self.in_flight, self.window = bool(collect), int(in_flight), int(window)
         self.init_options = dict(init_options or {})
-        self.ray = None
-        self._owns_ray = False
+        self.ray = self.watch = None
+        self._owns_ray = self._gone = False
         self.slots: list[_Slot] = []
         self._folder = None
 
@@ -281,23 +257,33 @@ class RayBackend:
         self._start()
 
     def _init(self, ray) -> None:
+        """Ray started here ("local"), or the cluster joined: its address probed first (Ray would wait forever),
+        this process's aura_flow sent to its workers (`aura_flow.batch.ray_cluster`)."""
         opts = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
                 "configure_logging": False, **self.init_options}
+        hostport = ray_cluster.target(self.address)
+        ray_cluster.check_reachable(self.address, hostport)
         if self.address == "local":
             opts.setdefault("num_cpus", os.cpu_count() or 1)
             opts.setdefault("object_store_memory", LOCAL_OBJECT_STORE)
         elif self.address.startswith("ray://"):  # Ray Client: the cluster's settings are the server's
-            opts = {"address": self.address, **self.init_options}
+            try:
+                import grpc  # noqa: F401 - Ray Client's transport, in ray[client]
+            except ImportError:
+                raise ParameterError(CLIENT.format(self.address)) from None
+            opts = {"address": self.address, "runtime_env": ray_cluster.code_env(), **self.init_options}
         else:
-            opts["address"] = self.address
+            opts.update(address=self.address, runtime_env=opts.get("runtime_env") or ray_cluster.code_env())
             for key in ("num_cpus", "object_store_memory", "include_dashboard"):  # a cluster's own settings
                 opts.pop(key, None)
         try:
             ray.init(**opts)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LoadError(f"ray_address={self.address}: no Ray cluster to join ({exc}); start one with `ray "
-                            "start --head` on a node, or use ray_address=local") from None
+            raise ray_cluster.ClusterUnavailable(f"ray_address={self.address}: no Ray cluster to join ({exc}); "
+                                                 "start one with `ray start --head` on a node, or use "
+                                                 "ray_address=local") from None
         self._owns_ray = True
+        self.watch = ray_cluster.Watch(self.address, hostport)
 
     def _size(self) -> None:
         """Worker count, GPUs and CPUs each, from the cluster's resources; an impossible request is an error."""
@@ -337,12 +323,13 @@ class RayBackend:
             answers = ray.get([h.ready.remote() for h in handles])
         except ray.exceptions.RayActorError as exc:
             raise LoadError(f"a Ray worker died while loading the model ({exc}); {SHARED_STORAGE}") from None
-        for slot, (name, error, threads) in zip(self.slots, answers):
+        for slot, (name, error, threads, code) in zip(self.slots, answers):
             if error:
                 raise LoadError(error)
-            slot.name, slot.threads = name, threads
-        log.info("ray: %d workers ready (%s)", len(self.slots),
-                 ", ".join(f"{s.name} with {s.threads} CPU threads" for s in self.slots))
+            slot.name, slot.threads, slot.code = name, threads, code
+        log.info("ray: %d workers ready (%s); their aura_flow: %s", len(self.slots),
+                 ", ".join(f"{s.name} with {s.threads} CPU threads" for s in self.slots),
+                 ", ".join(sorted({s.code for s in self.slots})))
 
     # -------------------------------------------------------------- running
     def run(self, jobs, sink, stop) -> None:
@@ -360,9 +347,14 @@ class RayBackend:
                     return
                 raise LoadError("every Ray worker died and Ray gave up restarting them; see the Ray logs "
                                 "(ray_address=local: /tmp/ray/session_latest/logs), then run again to resume")
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            try:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            except ConnectionError:  # Ray Client: the connection to the cluster is lost
+                self._check_cluster(len(running), lost=True)
             for ref in ready:
-                self._finish(ref, running.pop(ref), window, sink, attempts)
+                self._finish(ref, running.pop(ref), window, sink, attempts, len(running) + 1)
+            if not ready and self.watch is not None and self.watch.due():
+                self._check_cluster(len(running))
         # stopped: what is in flight is abandoned (close() ends the workers); a rerun does those jobs
 
     def _submit(self, window, sink, running) -> None:
@@ -378,12 +370,23 @@ class RayBackend:
                 running[ref] = slot
                 sink.started(job, {"worker": slot.name})
 
-    def _finish(self, ref, slot, window, sink, attempts) -> None:
+    def _check_cluster(self, in_flight: int, lost: bool = False) -> None:
+        """A `ClusterUnavailable` when the cluster joined no longer answers, or ``lost`` (nothing in flight is
+        recorded)."""
+        if self.watch is not None and (lost or self.watch.gone()):
+            self._gone = True
+            raise self.watch.error(sum(s.done for s in self.slots), in_flight)
+        if lost:
+            raise LoadError("the connection to Ray was lost; run the same command again to resume")
+
+    def _finish(self, ref, slot, window, sink, attempts, in_flight) -> None:
         ray = self.ray
         job = slot.running.pop(ref)
         try:
             out = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # Ray's restarts or retries are used up
+        except (ray.exceptions.RayActorError, ConnectionError) as exc:  # Ray's restarts or retries are used up
+            # or the whole cluster is gone: that is not the job's failure
+            self._check_cluster(in_flight, lost=isinstance(exc, ConnectionError))
             if isinstance(exc, ray.exceptions.ActorDiedError):
                 slot.alive = False
             n = attempts[job.key] = attempts.get(job.key, 0) + 1
@@ -423,7 +426,8 @@ class RayBackend:
             if slot.done:
                 log.info("ray: %s: %s", slot.name, slot.rate())
             try:
-                ray.kill(slot.handle)
+                if not self._gone:  # a cluster gone has no workers left to end
+                    ray.kill(slot.handle)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         if self._owns_ray:

@@ -2,8 +2,8 @@
 
 The generation flags give the defaults for keys a line leaves out. Everything is checked before a model loads; the
 manifest ``DIR/manifest.jsonl`` records each job, so the same command run again resumes.
-Exit codes: 0 all done, 1 some failed, 2 bad flags or a bad job file, 3 no ComfyUI server answers (comfyui),
-130 interrupted.
+Exit codes: 0 all done, 1 some failed, 2 bad flags or a bad job file, 3 no ComfyUI server answers (comfyui) or no
+Ray cluster (ray: before the run, or it died during it), 130 interrupted.
 
 Backends: each has an entry in `BACKEND_FLAGS`: a function adding its flags to the parser (in its own group) and
 the flags' dests that become its options (``aura_flow.batch.runner.BACKENDS[name]``'s ``make(**options)``).
@@ -19,7 +19,7 @@ from . import batch_ray
 from .batch_comfyui import COMFYUI_DESTS, comfyui_flags
 from .batch_hosted import HOSTED_DESTS, hosted_flags
 from .flags import (HelpFormatter, add_generation_flags, add_local_flags, add_model_flags, add_speed_flag,
-                    check_output_folder, generation_params, parse_lora_flag)
+                    check_output_folder, generation_params, in_flag_words, parse_lora_flag)
 
 
 def _local_flags(p) -> None:
@@ -100,8 +100,8 @@ def run_batch(args) -> int:
     except JobFileError as exc:  # in the job file's words (file, line, key), not the flags'
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    except ServerUnavailable as exc:  # comfyui: no server answers (the jobs not done stay to resume)
-        sys.stderr.write(f"error: {exc}\n")
+    except ServerUnavailable as exc:  # comfyui: no server answers, ray: no cluster (the jobs not done stay to resume)
+        sys.stderr.write(f"error: {in_flag_words(str(exc), args.parser) if args.backend == 'ray' else exc}\n")
         return 3
     if args.dry_run:
         sys.stderr.write(f"would run {summary.to_run} of {summary.total} jobs; skipped {summary.skipped}\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoadError
+from ..weights.reader import MAX_TENSORS
 from .keys import PARAMETERS, is_text_encoder, split_key
 from .peft_config import PatternMatcher, checked_config, parse_json, read_sidecar
 from .patches import Factor, FullPatch, LoHaPatch, LoKrPatch, LowRankPatch, rank_scale
@@ -90,9 +91,14 @@ class LoraFile:
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
                 self.keys = list(f.keys())
+                if len(self.keys) > MAX_TENSORS:  # checked before each key's header is looked at
+                    raise LoadError(f"{self.path.name}: holds {len(self.keys):,} tensors, more than a LoRA of this "
+                                    f"model can have (at most {MAX_TENSORS:,}); the file is damaged or not a LoRA.")
                 self.metadata = dict(f.metadata() or {})
                 # each tensor's shape and dtype from the header: sizes are checked before any tensor is read
                 self.header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in self.keys}
+        except LoadError:
+            raise
         except Exception as exc:  # safetensors raises its own error types for a damaged header
             raise LoadError(f"{self.path.name}: not a readable safetensors file ({exc}). Download it again.") from exc
         self.groups: dict[str, ModuleGroup] = {}
@@ -141,8 +147,8 @@ class LoraFile:
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in keys}
         for key, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):  # fp8 has no isfinite
+                bad = int((~torch.isfinite(t.float())).sum())
                 raise LoadError(f"{self.name}: tensor {key} holds NaN or infinite values ({bad:,} of {t.numel():,}); "
                                 "the LoRA is damaged (or was trained into an overflow) and would turn every image "
                                 "into NaN. Download it again or train it again.")

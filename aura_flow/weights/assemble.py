@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import LoadError, shown
+from .layouts import key_name
 from .linear import PatchableLinear
+from .reader import lazily, real
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +45,31 @@ class Stored(Protocol):
 
 class Dense:
     """A tensor held as an ordinary float tensor (a safetensors file's, or the bf16 layers a scaled-fp8 file leaves
-    unquantized). ``storage``: an fp8 dtype to keep its linear layer in (``load(dtype="fp8_e4m3fn")``)."""
+    unquantized), or a `LazyTensor` read when a layer needs it. ``storage``: an fp8 dtype to keep its linear layer in
+    (``load(dtype="fp8_e4m3fn")``)."""
 
-    def __init__(self, tensor: torch.Tensor, storage: torch.dtype | None = None):
+    def __init__(self, tensor, storage: torch.dtype | None = None):
         self.tensor = tensor
         self.storage = storage if storage is not None and storage.itemsize == 1 else None
         self.shape = tuple(tensor.shape)
 
     def dense(self, dtype):
-        return self.tensor.to(dtype)
+        return real(self.tensor).to(dtype)
 
     def linear(self, bias, dtype):
         if self.storage is not None:
             from .quantized_linear import ScaledFp8Linear
 
-            return ScaledFp8Linear(self.tensor.to(self.storage), None, bias)
+            return ScaledFp8Linear(real(self.tensor).to(self.storage), None, bias)
         out_features, in_features = self.shape
         layer = PatchableLinear(in_features, out_features, bias is not None, device="meta")
-        layer.weight = nn.Parameter(self.tensor.to(dtype), requires_grad=False)
+        layer.weight = nn.Parameter(real(self.tensor).to(dtype), requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
         return layer
 
     def swap_halves(self):
-        return Dense(torch.cat(self.tensor.chunk(2, dim=0)[::-1]), self.storage)
+        return Dense(lazily(self.tensor, lambda t: torch.cat(t.chunk(2, dim=0)[::-1])), self.storage)
 
 
 def diffusers_names(keys, source) -> dict[str, tuple[str, bool]]:
@@ -100,22 +103,21 @@ def diffusers_names(keys, source) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def _fit(stored_shape, expected_shape, key, source) -> None:
-    """Accept a stored shape that differs only by size-1 dimensions (llama.cpp drops trailing ones)."""
+def _fit(stored_shape, expected_shape, key, source, exact: bool = False) -> None:
+    """Accept a stored shape that differs only by size-1 dimensions (llama.cpp drops trailing ones), unless
+    ``exact`` (a linear layer's weight, kept as stored: (out, in) and nothing else)."""
     if tuple(stored_shape) == tuple(expected_shape):
         return
     squeeze = [d for d in stored_shape if d != 1], [d for d in expected_shape if d != 1]
-    if squeeze[0] != squeeze[1]:
+    if exact or squeeze[0] != squeeze[1]:
         raise LoadError(f"{source}: transformer tensor {key} has shape {tuple(stored_shape)}, expected "
                         f"{tuple(expected_shape)}; the file is of another model or damaged.")
 
 
-def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch.dtype,
-                         metadata: dict | None = None, config: dict | None = None):
-    """An `AuraFlowTransformer2DModel` whose linears hold ``stored``'s tensors in their stored form.
-
-    stored: unprefixed original or diffusers keys -> `Stored`. metadata: key/value pairs that may carry
-    ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference."""
+def plan_transformer(stored: dict[str, Stored], source, metadata: dict | None = None, config: dict | None = None):
+    """``(model on the meta device, {diffusers key: Stored})`` with every tensor's shape checked against the model
+    its config (given, or inferred from the shapes) describes, before any tensor is read; else LoadError naming
+    ``source``, the tensor, what was found and what was expected. Arguments: see `assemble_transformer`."""
     from diffusers import AuraFlowTransformer2DModel
 
     from .configs import check_transformer_config, constructor_config, infer_transformer_config
@@ -142,14 +144,33 @@ def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch
     extra = sorted(set(entries) - set(expected))
     if extra:
         check_unexpected(model, extra, "transformer", source)
+    linear_weights = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
+    for key, t in expected.items():  # every shape, before the first tensor is read
+        _fit(entries[key].shape, t.shape, key, source, exact=key in linear_weights)
+    return model, {k: entries[k] for k in expected}
+
+
+def assemble_transformer(stored: dict[str, Stored], source, compute_dtype: torch.dtype,
+                         metadata: dict | None = None, config: dict | None = None, deferred: bool = False):
+    """An `AuraFlowTransformer2DModel` whose linears hold ``stored``'s tensors in their stored form.
+
+    stored: unprefixed original or diffusers keys -> `Stored`. metadata: key/value pairs that may carry
+    ``aura_flow.attention_head_dim`` (the one config value shapes cannot give). config: skip the inference.
+    deferred: ``(the model on the meta device, finish)``, every shape checked and nothing read; ``finish()`` reads
+    the tensors into it and returns it."""
+    model, entries = plan_transformer(stored, source, metadata, config)
+    return (model, lambda: _fill(model, entries, source, compute_dtype)) if deferred else \
+        _fill(model, entries, source, compute_dtype)
+
+
+def _fill(model, entries: dict, source, compute_dtype):
+    expected = model.state_dict()
 
     def decode(key):
-        _fit(entries[key].shape, expected[key].shape, key, source)
         return entries[key].dense(compute_dtype).reshape(expected[key].shape)
 
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, m in linears:
-        _fit(entries[f"{name}.weight"].shape, (m.out_features, m.in_features), f"{name}.weight", source)
         bias = decode(f"{name}.bias") if m.bias is not None else None
         _replace(model, name, entries[f"{name}.weight"].linear(bias, compute_dtype))
     taken = {f"{name}.{p}" for name, _ in linears for p in ("weight", "bias")}
@@ -178,18 +199,22 @@ def check_unexpected(module, keys, what: str, source) -> None:
     ours, others = [], []
     for key in sorted(keys):
         parts = key.split(".")
-        depth = max(i for i in range(len(parts)) if ".".join(parts[:i]) in modules)  # "" (the root) always is
-        owner = modules[".".join(parts[:depth])]
+        depth, name = 0, ""  # the deepest module the key's leading parts name ("" the root), walked in linear time
+        for part in parts[:-1]:
+            if (f"{name}.{part}" if name else part) not in modules:
+                break
+            depth, name = depth + 1, f"{name}.{part}" if name else part
+        owner = modules[name]
         if depth > 0 and (depth == len(parts) - 1 or isinstance(owner, (nn.ModuleList, nn.Sequential))):
             ours.append(key)
         else:
             others.append(key)
     if ours:
         raise LoadError(f"{source}: {len(ours)} {what} weights have no place in the model its config describes (e.g. "
-                        f"{', '.join(ours[:3])}): the config does not match the weights (a wrong layer count or "
-                        "size). Use the config.json that came with these weights")
+                        f"{', '.join(key_name(k) for k in ours[:3])}): the config does not match the weights (a wrong "
+                        "layer count or size). Use the config.json that came with these weights")
     log.warning("%s: ignoring %d tensors that are not part of the %s (e.g. %s)", source, len(others), what,
-                ", ".join(others[:3]))
+                ", ".join(key_name(k) for k in others[:3]))
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:

@@ -21,11 +21,15 @@ from pathlib import Path
 
 from ..errors import LoadError, shown
 from ..prompts import TOKENIZER_HINT, PromptTokenizer
-from .configs import check_layer_counts, check_t5_config, check_transformer_config, check_vae_config, warn_unknown
+from .configs import (check_layer_counts, check_t5_config, check_transformer_config, check_types, check_vae_config,
+                      warn_unknown)
 from .devices import resolve_device, resolve_dtypes
-from .layouts import is_gguf, transformer_prefix
+from .layouts import is_gguf, key_name, transformer_prefix
 from .modules import text_encoder_from_sd, transformer_from_sd, vae_from_sd
 from .reader import SafetensorsReader, folder_files, read_json, refuse_lone_shard, refuse_pickle
+
+
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # a sentencepiece model a checkpoint carries (Pile-T5's: about 0.5 MB)
 
 
 @dataclass
@@ -152,14 +156,16 @@ def _locate(ckpt: Path, tok_path, te_path, vae_path) -> _Located:
                     _component_folder(vae, "vae", check_vae_config), tokenizer)
 
 
-def _read_transformer(where: tuple, storage, compute):
+def _plan_transformer(where: tuple, storage, compute):
+    """``(the transformer on the meta device, checked against its headers, nothing read; finish)``: ``finish()``
+    reads it."""
     if where[0] == "gguf":
         from .gguf import load_gguf_transformer
 
-        return load_gguf_transformer(where[1], compute)
+        return load_gguf_transformer(where[1], compute, deferred=True)
     _kind, reader, prefix, config, source = where
-    sd = reader.take(prefix, strip=False, dtype=compute, keep_fp8=True)
-    return transformer_from_sd(sd, source, reader.metadata, storage, compute, config)
+    sd = reader.lazy(prefix, strip=False, dtype=compute, keep_fp8=True)
+    return transformer_from_sd(sd, source, reader.metadata, storage, compute, config, deferred=True)
 
 
 def _component_folder(where: tuple, sub: str, check) -> tuple:
@@ -174,17 +180,19 @@ def _component_folder(where: tuple, sub: str, check) -> tuple:
     return ("folder", path, check(read_json(cfg_file), cfg_file) if cfg_file.exists() else None)
 
 
-def _read_text_encoder(where: tuple, dtype):
+def _plan_text_encoder(where: tuple, dtype):
+    """The text encoder planned (see `_plan_transformer`)."""
     if where[0] == "checkpoint":
         reader = where[1]
-        sd = {k: v for k, v in reader.take("text_encoders.", dtype=dtype).items() if not k.endswith("spiece_model")}
-        return text_encoder_from_sd(sd, reader.files[0])
-    if where[0] == "folder":
+        sd, source, config = ({k: v for k, v in reader.lazy("text_encoders.", dtype=dtype).items()
+                               if not k.endswith("spiece_model")}, reader.files[0], None)
+    elif where[0] == "folder":
         _kind, path, values = where
         config = _t5_config(values, path / "config.json") if values is not None else None
-        return text_encoder_from_sd(SafetensorsReader(folder_files(path, "model")).take(dtype=dtype), path, config)
-    path = where[1]
-    return text_encoder_from_sd(SafetensorsReader([path]).take(dtype=dtype), path)
+        sd, source = SafetensorsReader(folder_files(path, "model")).lazy(dtype=dtype), path
+    else:
+        sd, source, config = SafetensorsReader([where[1]]).lazy(dtype=dtype), where[1], None
+    return text_encoder_from_sd(sd, source, config, deferred=True)
 
 
 def _t5_config(values: dict, cfg_file: Path):
@@ -195,26 +203,29 @@ def _t5_config(values: dict, cfg_file: Path):
     if kind not in ("t5", "umt5", "mt5"):
         raise LoadError(f"{cfg_file}: model_type={shown(kind)}: the config of another model, not a T5 encoder; "
                         "AuraFlow's text encoder is Pile-T5-XL (give it as text_encoder=PATH)")
-    warn_unknown(values, {*UMT5Config().to_dict(), "auto_map"}, "UMT5Config", cfg_file)
+    defaults = UMT5Config().to_dict()
+    check_types(values, defaults, "UMT5Config", cfg_file)
+    warn_unknown(values, {*defaults, "auto_map"}, "UMT5Config", cfg_file)
     try:
         return UMT5Config(**{k: v for k, v in values.items() if k not in ("architectures", "auto_map")})
-    except (TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # TypeError, ValueError, huggingface_hub's StrictDataclassError for a value's type
         raise LoadError(f"{cfg_file}: not a T5 encoder config ({exc.__class__.__name__}: {str(exc)[:200]}); download "
                         "the text encoder again") from None
 
 
-def _read_vae(where: tuple):
+def _plan_vae(where: tuple):
+    """The VAE planned (see `_plan_transformer`); it runs in float32."""
     import torch
 
     if where[0] == "checkpoint":
         _kind, reader, prefix = where
-        return vae_from_sd(reader.take(prefix, dtype=torch.float32), reader.files[0])
-    if where[0] == "folder":
+        sd, source, config = reader.lazy(prefix, dtype=torch.float32), reader.files[0], None
+    elif where[0] == "folder":
         _kind, path, config = where
-        return vae_from_sd(SafetensorsReader(folder_files(path, "diffusion_pytorch_model")).take(dtype=torch.float32),
-                           path, config)
-    path = where[1]
-    return vae_from_sd(SafetensorsReader([path]).take(dtype=torch.float32), path)
+        sd, source = SafetensorsReader(folder_files(path, "diffusion_pytorch_model")).lazy(dtype=torch.float32), path
+    else:
+        sd, source, config = SafetensorsReader([where[1]]).lazy(dtype=torch.float32), where[1], None
+    return vae_from_sd(sd, source, config, deferred=True)
 
 
 def _read_tokenizer(where: tuple) -> PromptTokenizer:
@@ -222,6 +233,11 @@ def _read_tokenizer(where: tuple) -> PromptTokenizer:
 
     if where[0] == "checkpoint":
         _kind, reader, key = where
+        shape, kind = reader.header(key)
+        if kind != "U8" or len(shape) != 1 or shape[0] > MAX_TOKENIZER_BYTES:
+            raise LoadError(f"{reader.files[0]}: the tokenizer stored as {key_name(key)} is {kind} of shape {shape}, "
+                            f"expected a sentencepiece model as up to {MAX_TOKENIZER_BYTES:,} U8 bytes; it is not "
+                            "read. The checkpoint is damaged: give a tokenizer as tokenizer=PATH")
         data = reader.get(key)
         try:
             return PromptTokenizer.from_sentencepiece_bytes(data.reshape(-1).view(torch.uint8).numpy().tobytes(),
@@ -239,15 +255,15 @@ def _source(where: tuple) -> str:
                else where[1])
 
 
-def _check_parts_fit(c: Components, ckpt, where: _Located) -> None:
+def _check_parts_fit(text_encoder, vae, transformer, ckpt, where: _Located) -> None:
     """The parts' sizes against each other (each file may be fine alone): the text encoder's width is what the
     transformer's context embedder takes, the VAE's latent channels what the transformer samples."""
-    width, wanted = c.text_encoder.config.d_model, c.transformer.config.joint_attention_dim
+    width, wanted = text_encoder.config.d_model, transformer.config.joint_attention_dim
     if width != wanted:
         raise LoadError(f"{_source(where.text_encoder)}: the text encoder gives {width}-wide embeddings, but the "
                         f"transformer {ckpt} takes {wanted} (joint_attention_dim); they are of different models. "
                         "Use the text encoder made for this checkpoint (Pile-T5-XL: 2048)")
-    channels, wanted = c.vae.config.latent_channels, c.transformer.config.in_channels
+    channels, wanted = vae.config.latent_channels, transformer.config.in_channels
     if channels != wanted:
         raise LoadError(f"{_source(where.vae)}: the VAE has {channels} latent channels, but the transformer {ckpt} "
                         f"samples {wanted}; they are of different models. Use the SDXL VAE (4 channels)")
@@ -256,8 +272,9 @@ def _check_parts_fit(c: Components, ckpt, where: _Located) -> None:
 def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, dtype="auto", device="auto"):
     """Read every component from disk onto the CPU (the caller moves them); see `aura_flow.load` for the arguments.
 
-    Every part is located before any is read; tensors are converted to their target dtype as they are read, so a
-    component is never held twice."""
+    Every part is located, then checked against the model its headers and config describe (each tensor's shape
+    and dtype, the parts against each other) before any weights are read; tensors are converted to their target
+    dtype as they are read, so a component is never held twice, and tensors no part uses are never read."""
     dev = resolve_device(device)
     storage, compute = resolve_dtypes(dtype, dev)
     ckpt = _check_path("checkpoint", checkpoint)
@@ -265,12 +282,15 @@ def load_components(checkpoint, *, tokenizer=None, text_encoder=None, vae=None, 
         raise LoadError("checkpoint is required: a diffusers folder, an all-in-one .safetensors or a transformer file")
     where = _locate(ckpt, _check_path("tokenizer", tokenizer), _check_path("text_encoder", text_encoder),
                     _check_path("vae", vae))
+    vae, finish_vae = _plan_vae(where.vae)  # each part checked from its headers, nothing read yet
+    text_encoder, finish_te = _plan_text_encoder(where.text_encoder, compute)
+    transformer, finish_transformer = _plan_transformer(where.transformer, storage, compute)
+    _check_parts_fit(text_encoder, vae, transformer, ckpt, where)
     c = Components(device=dev, compute_dtype=compute)
     c.tokenizer = _read_tokenizer(where.tokenizer)  # the small parts first: a broken one fails before the big one
-    c.vae = _read_vae(where.vae)
-    c.text_encoder = _read_text_encoder(where.text_encoder, compute)
-    c.transformer = _read_transformer(where.transformer, storage, compute)
-    _check_parts_fit(c, ckpt, where)
+    c.vae = finish_vae()
+    c.text_encoder = finish_te()
+    c.transformer = finish_transformer()
     c.sources = {"transformer": str(ckpt), "text_encoder": _source(where.text_encoder), "vae": _source(where.vae),
                  "tokenizer": c.tokenizer.source}
     return c

@@ -8,11 +8,13 @@ import logging
 import math
 
 from ..errors import LoadError, shown
+from .layouts import key_name
 
 log = logging.getLogger(__name__)
 
 MAX_CONFIG_SIZE = 1 << 20  # any width, count of heads, channels or tokens in a config (AuraFlow's largest: 32768)
 MAX_CONFIG_LAYERS = 1000
+MAX_GRID = 256 * 256  # positions of the transformer's position table (AuraFlow v0.3 / Pony V7: 96 x 96)
 TRANSFORMER_SIZES = ("sample_size", "patch_size", "in_channels", "out_channels", "attention_head_dim",
                      "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pos_embed_max_size")
 TRANSFORMER_LAYERS = ("num_mmdit_layers", "num_single_dit_layers")
@@ -160,7 +162,7 @@ def check_floats(sd: dict, what: str, source) -> None:
     would load and then fail inside the first matrix product of a run)."""
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
     if bad:
-        raise LoadError(f"{source}: {len(bad)} {what} weights are not floating point (e.g. {bad[0]}: "
+        raise LoadError(f"{source}: {len(bad)} {what} weights are not floating point (e.g. {key_name(bad[0])}: "
                         f"{str(sd[bad[0]].dtype).replace('torch.', '')}); the file is damaged or of another format. "
                         "Download it again.")
 
@@ -191,6 +193,11 @@ def check_config(config: dict, source, *, sizes=(), layers=(), lists=()) -> dict
 def check_transformer_config(config: dict, source) -> dict:
     check_config(config, source, sizes=TRANSFORMER_SIZES, layers=TRANSFORMER_LAYERS)
     grid = config.get("pos_embed_max_size")
+    if grid is not None and grid > MAX_GRID:
+        side = math.isqrt(MAX_GRID)
+        raise LoadError(f"{source}: pos_embed_max_size={grid:,} positions is over {MAX_GRID:,} (a {side}x{side} grid, "
+                        "4096 px; AuraFlow's: 9216); the position table would take gigabytes. The file or config is "
+                        "damaged")
     if grid is not None and math.isqrt(grid) ** 2 != grid:
         raise LoadError(f"{source}: pos_embed_max_size={grid} is not a square number of positions (AuraFlow: 1024, a "
                         "32x32 grid); the config is damaged. Download it again")
@@ -245,10 +252,40 @@ def constructor_config(cls, config: dict, source) -> dict:
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
+    check_types(config, {k: p.default for k, p in params.items()}, cls.__name__, source)
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {k: v for k, v in config.items() if not k.startswith("_")}
     warn_unknown(config, params, cls.__name__, source)
     return {k: v for k, v in config.items() if k in params and k != "self"}
+
+
+def _of_type(value, default) -> bool:
+    """Whether a config value has the type of the constructor's default (no check for a default of None)."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def check_types(config: dict, defaults: dict, taker: str, source) -> None:
+    """LoadError naming the file, the key and the value when a config value is not of the type ``taker``'s default
+    for it has (a flag given as a number, a width as text, a NaN factor): it would build another model or fail
+    inside it."""
+    for key, value in config.items():
+        if key in defaults and key not in BOOKKEEPING and not _of_type(value, defaults[key]):
+            kind = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text",
+                    list: "a list", tuple: "a list"}.get(type(defaults[key]), type(defaults[key]).__name__)
+            raise LoadError(f"{source}: {key}={shown(value)} is not {kind}, as {taker} takes it; the config is "
+                            "damaged. Download it again")
 
 
 def warn_unknown(config: dict, known, taker: str, source) -> list[str]:

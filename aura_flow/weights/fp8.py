@@ -20,9 +20,10 @@ import torch
 
 from ..errors import LoadError, shown
 from .assemble import Dense, assemble_transformer
-from .configs import check_floats
-from .layouts import TRANSFORMER_KEYS, find_prefix
+from .configs import MAX_CONFIG_SIZE, check_floats
+from .layouts import TRANSFORMER_KEYS, find_prefix, key_name
 from .quantized_linear import ScaledFp8Linear
+from .reader import lazily, real
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +48,29 @@ def has_fp8_weights(sd: dict) -> bool:
 
 
 class Fp8Stored:
-    """An fp8 weight and its optional scale, as the file holds them."""
+    """An fp8 weight (a tensor or a `LazyTensor`, read when its layer is made) and its optional scale (read and
+    checked already), as the file holds them."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None):
+    def __init__(self, weight, scale: torch.Tensor | None):
         self.weight, self.scale = weight, scale
         self.shape = tuple(weight.shape)
 
     def _scale(self):
         s = self.scale.float()
-        return s.reshape(-1, *[1] * (self.weight.dim() - 1)) if s.numel() > 1 else s.reshape(())
+        return s.reshape(-1, *[1] * (len(self.shape) - 1)) if s.numel() > 1 else s.reshape(())
 
     def dense(self, dtype):
-        w = self.weight.float()
+        w = real(self.weight).float()
         return (w if self.scale is None else w * self._scale()).to(dtype)
 
     def linear(self, bias, dtype):
-        return ScaledFp8Linear(self.weight, self.scale, bias)
+        return ScaledFp8Linear(real(self.weight), self.scale, bias)
 
     def swap_halves(self):
         scale = self.scale
         if scale is not None and scale.numel() > 1:  # one scale a row: it moves with its row
             scale = torch.cat(scale.reshape(-1).chunk(2)[::-1])
-        return Fp8Stored(torch.cat(self.weight.chunk(2)[::-1]), scale)
+        return Fp8Stored(lazily(self.weight, lambda w: torch.cat(w.chunk(2)[::-1])), scale)
 
 
 def _check_formats(sd: dict, metadata: dict | None, source) -> None:
@@ -84,7 +86,8 @@ def _check_formats(sd: dict, metadata: dict | None, source) -> None:
             formats[layer] = conf.get("format") if isinstance(conf, dict) else conf
     for k, v in sd.items():
         if k.endswith(".comfy_quant"):
-            conf = _json(bytes(v.reshape(-1).to(torch.uint8).tolist()) if v.numel() <= 1 << 16 else b"", source, k)
+            conf = _json(bytes(real(v).reshape(-1).to(torch.uint8).tolist()) if v.numel() <= 1 << 16 else b"", source,
+                         k)
             formats[k[:-len(".comfy_quant")]] = conf.get("format") if isinstance(conf, dict) else conf
     odd = {layer: f for layer, f in formats.items() if not (isinstance(f, str) and f in FP8_FORMATS)}
     if odd:
@@ -102,10 +105,11 @@ def _json(raw, source, field):
 
 
 def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata: dict | None = None,
-                         config: dict | None = None):
+                         config: dict | None = None, deferred: bool = False):
     """An `AuraFlowTransformer2DModel` whose fp8 linear weights stay fp8 (`ScaledFp8Linear`), from a state dict read
     without casting (fp8 tensors as fp8): a transformer-only file or a whole checkpoint, original or diffusers key
-    names, under any prefix. Other tensors are decoded to ``compute_dtype``."""
+    names, under any prefix (tensors or `LazyTensor`s: only the small scales are read before every shape is checked).
+    Other tensors are decoded to ``compute_dtype``. deferred: see `assemble_transformer`."""
     prefix = find_prefix(sd, TRANSFORMER_KEYS)
     if prefix is None:
         raise LoadError(f"{source}: no AuraFlow transformer tensors found (expected double_layers.0.attn.w1q.weight or "
@@ -117,10 +121,14 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
     scales = {k[:-len(_SCALE_SUFFIXES[0])] + ".weight": part.pop(k) for k in list(part) if k.endswith(_SCALE_SUFFIXES)}
     dropped = [part.pop(k) for k in list(part) if k.endswith(_DROPPED_SUFFIXES)]
     check_floats(part, "transformer", source)
-    for k, scale in scales.items():
+    for k in list(scales):
+        scale = scales[k]
         rows = part[k].shape[0] if k in part and part[k].dim() else 0
-        if not scale.is_floating_point() or scale.numel() not in (1, rows) or not bool(torch.isfinite(scale).all()):
-            raise LoadError(f"{source}: the fp8 scale of {k} has shape {tuple(scale.shape)} and dtype "
+        fits = scale.is_floating_point() and scale.numel() in (1, rows) and scale.numel() <= MAX_CONFIG_SIZE
+        if fits:  # one value a row at most: small, read now
+            scales[k] = scale = real(scale)
+        if not fits or not bool(torch.isfinite(scale.float()).all()):
+            raise LoadError(f"{source}: the fp8 scale of {key_name(k)} has shape {tuple(scale.shape)} and dtype "
                             f"{str(scale.dtype).replace('torch.', '')}, expected one finite float or one per row "
                             f"({rows}); the file is damaged. Download it again.")
     stored = {}
@@ -129,8 +137,16 @@ def load_fp8_transformer(sd: dict, source, compute_dtype: torch.dtype, metadata:
         if t.dtype in FP8_DTYPES:
             stored[k] = Fp8Stored(t, scale)
         else:  # left unquantized by the converter (small layers, norms, embeddings)
-            stored[k] = Dense(t if scale is None else Fp8Stored(t, scale).dense(torch.float32))
-    model = assemble_transformer(stored, source, compute_dtype, metadata, config)
+            stored[k] = Dense(t if scale is None else
+                              lazily(t, lambda w, s=scale: Fp8Stored(w, s).dense(torch.float32)))
+    if deferred:
+        model, finish = assemble_transformer(stored, source, compute_dtype, metadata, config, deferred=True)
+        return model, lambda: _logged(finish(), stored, scales, dropped, source, compute_dtype)
+    return _logged(assemble_transformer(stored, source, compute_dtype, metadata, config), stored, scales, dropped,
+                   source, compute_dtype)
+
+
+def _logged(model, stored, scales, dropped, source, compute_dtype):
     n_fp8 = sum(isinstance(m, ScaledFp8Linear) for m in model.modules())
     kinds = sorted({str(s.weight.dtype).replace("torch.", "") for s in stored.values() if isinstance(s, Fp8Stored)})
     log.info("AuraFlow fp8 %s: %d linear layers kept in %s (%s), %d run-time scales ignored; run in %s", source,

@@ -28,6 +28,7 @@ from .layouts import TRANSFORMER_KEYS, find_prefix, is_gguf  # noqa: F401  (is_g
 from .gguf_dequant import can_dequantize, dequantize
 from .gguf_header import MAX_DIMS, check_header
 from .quantized_linear import GGUFLinear
+from .reader import LazyTensor
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,9 @@ class GGUFStored:
         half = self.shape[0] // 2 * math.prod(self.shape[1:])
         if self.shape[0] % 2 == 0 and half % block_size == 0:
             return GGUFStored(self.file, self.name, self.qtype, self.shape, self.offset, self.nbytes, not self.swapped)
-        # blocks straddle the middle: decode this one (small) tensor instead
-        return Dense(self.dense(torch.float32)).swap_halves()
+        # blocks straddle the middle: decode this one (small) tensor instead, when it is read
+        decoded = LazyTensor(torch.empty(self.shape, device="meta"), lambda: self.dense(torch.float32))
+        return Dense(decoded).swap_halves()
 
 
 def _check_arch(reader, path, keys) -> str:
@@ -156,6 +158,9 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
         if not t.name.startswith(prefix):
             continue
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        if qtype.name in ("I8", "I16", "I32", "I64", "F64"):
+            raise LoadError(f"{path}: tensor {t.name} is {qtype.name}, not a weight type of an AuraFlow GGUF (F32, "
+                            "F16, BF16 or a quant type); the file is damaged or of another format. Download it again")
         if not can_dequantize(qtype):
             raise LoadError(f"{path}: tensor {t.name} is {qtype.name}, a type neither this pack nor the installed "
                             f"gguf package can unpack. Update gguf (pip install -U gguf) or use a file of another "
@@ -178,16 +183,21 @@ def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
     return stored, metadata
 
 
-def load_gguf_transformer(path, compute_dtype: torch.dtype = torch.bfloat16):
+def load_gguf_transformer(path, compute_dtype: torch.dtype = torch.bfloat16, deferred: bool = False):
     """An `AuraFlowTransformer2DModel` (on the CPU) whose linear layers are `GGUFLinear`s holding ``path``'s blocks;
     the other tensors (position grid, register tokens, biases) decoded to ``compute_dtype``, the dtype the layers
-    dequantize to when run. The file is closed when this returns."""
+    dequantize to when run. Every tensor info is checked against the model before a block is read. The file is
+    closed when this returns. deferred: ``(the model on the meta device, finish)``, every tensor info checked and
+    nothing read; ``finish()`` loads it (reading the header again: the file is not held open in between)."""
     path = Path(os.fspath(path))
     if not is_gguf(path):
         raise LoadError(f"{path}: not a GGUF file (it does not start with 'GGUF'); pass an AuraFlow .gguf, or load a "
                         f".safetensors checkpoint with the ordinary loader.")
     with open(path, "rb") as file:
         stored, metadata = read_gguf(path, file)
+        if deferred:
+            model, _finish = assemble_transformer(stored, path, compute_dtype, metadata, deferred=True)
+            return model, lambda: load_gguf_transformer(path, compute_dtype)
         model = assemble_transformer(stored, path, compute_dtype, metadata)
     types = Counter(s.qtype.name for s in stored.values())
     log.info("AuraFlow GGUF %s: %s; %.1f MiB of tensors, run in %s", path.name,

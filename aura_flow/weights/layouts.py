@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 
 ORIGINAL_TRANSFORMER_KEYS = ("double_layers.0.attn.w1q.weight", "cond_seq_linear.weight", "t_embedder.mlp.0.weight")
 DIFFUSERS_TRANSFORMER_KEYS = ("context_embedder.weight", "pos_embed.pos_embed", "time_step_proj.linear_1.weight")
@@ -51,6 +51,11 @@ LOOKS_LIKE = (  # first match wins: the lone VAE and text encoders before the mo
 )
 
 
+def key_name(key: str) -> str:
+    """A tensor name from a file, for a message: as it is when short and printable, else cut (`shown`)."""
+    return key if len(key) <= 120 and key.isprintable() else shown(key)
+
+
 def find_prefix(keys, suffixes) -> str | None:
     """What stands before one of ``suffixes`` in ``keys`` ('', 'model.', 'model.diffusion_model.'...), or None: the
     suffix must be a whole key or follow a dot."""
@@ -87,7 +92,7 @@ def describe(path, keys) -> str:
     if other is not None:
         return f"{path}: no AuraFlow transformer keys found: this is {other.what}, not AuraFlow." + \
             (f" To use it, {other.fix}." if other.fix else "")
-    sample = ", ".join(sorted(keys)[:4])
+    sample = ", ".join(key_name(k) for k in sorted(keys)[:4])
     return f"{path}: no AuraFlow transformer keys found (first keys: {sample}). Is this an AuraFlow checkpoint?"
 
 

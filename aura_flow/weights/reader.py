@@ -1,6 +1,10 @@
 """Lazy access to safetensors files (keys from the headers, tensors one at a time, cast as read) and to the files
 of a diffusers component folder.
 
+Tensors are handed out as `LazyTensor`s: shape and dtype from the header (a meta tensor), bytes read only when
+a loader has checked every shape against the model it builds, so a wrong or hostile file is refused with work
+bounded by its header, and tensors the model has no place for are never read.
+
 Only safetensors are read: pickled checkpoints (.bin, .pt, .ckpt...) can run code when unpickled, so they are
 refused by name with the fix. A shard index names files inside its own folder only (no absolute paths, no ``..``,
 no link leading out of the folder, except the Hugging Face cache's links into its own ``blobs/``).
@@ -12,11 +16,54 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import LoadError
+from ..errors import LoadError, shown
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_TENSORS = 100_000  # tensors in one safetensors file (AuraFlow's all-in-one file: about 1,200)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a config or shard index; the real ones are a few kB (an index ~100 kB)
 _SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+# safetensors dtype names -> torch dtypes a loader can take (weights: the floats; U8 for a serialized tokenizer or
+# ComfyUI's per-layer JSON; the integers, so that a weight stored as one is named as not floating point)
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+           "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+           "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+
+
+class LazyTensor:
+    """A tensor known by its shape and dtype (``meta``, on the meta device) whose values ``read()`` fetches: the
+    loaders check every shape before any is read. ``t[index]`` is the same, indexed when read."""
+
+    def __init__(self, meta, read):
+        self.meta, self._read = meta, read
+
+    shape = property(lambda self: self.meta.shape)
+    dtype = property(lambda self: self.meta.dtype)
+    ndim = property(lambda self: self.meta.ndim)
+
+    def dim(self):
+        return self.meta.dim()
+
+    def numel(self):
+        return self.meta.numel()
+
+    def is_floating_point(self):
+        return self.meta.is_floating_point()
+
+    def __getitem__(self, index):
+        return LazyTensor(self.meta[index], lambda: self.read()[index])
+
+    def read(self):
+        return self._read()
+
+
+def real(t):
+    """``t``'s values: a `LazyTensor` read, a tensor as it is."""
+    return t.read() if isinstance(t, LazyTensor) else t
+
+
+def lazily(t, change):
+    """``change(t)`` now for a tensor, when read for a `LazyTensor` (``change`` keeps the shape)."""
+    return LazyTensor(t.meta, lambda: change(t.read())) if isinstance(t, LazyTensor) else change(t)
 
 
 class SafetensorsReader:
@@ -35,12 +82,56 @@ class SafetensorsReader:
                 h = safe_open(str(f), framework="pt", device="cpu")
                 keys = list(h.keys())
             except Exception as exc:  # safetensors raises its own error types
-                raise LoadError(f"{f}: not a readable safetensors file ({exc}); the file is truncated, corrupt or "
-                                f"of another format. Download it again.") from None
+                if "unable to mmap" in str(exc):
+                    raise LoadError(f"{f}: {f.stat().st_size:,} bytes, more than this machine can map into memory "
+                                    "(its memory and swap); use a smaller file of the model (fp8 or GGUF), or add "
+                                    "swap") from None
+                raise LoadError(f"{f}: not a readable safetensors file ({_why(f) or exc}); the file is truncated, "
+                                f"corrupt or of another format. Download it again.") from None
+            if len(keys) > MAX_TENSORS:
+                raise LoadError(f"{f}: holds {len(keys):,} tensors, more than any model this pack reads (at most "
+                                f"{MAX_TENSORS:,}; a whole AuraFlow checkpoint holds about 1,200); the file is damaged "
+                                "or not a model")
             self._handles[f] = h
             self.metadata.update(h.metadata() or {})
             for k in keys:
                 self.key_file[k] = f
+
+    def header(self, key) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name) of ``key``, from the header."""
+        view = self._handles[self.key_file[key]].get_slice(key)
+        return tuple(view.get_shape()), view.get_dtype()
+
+    def lazy(self, prefix: str = "", dtype=None, strip: bool = True, keep_fp8: bool = False) -> dict:
+        """Every tensor under ``prefix`` (the prefix stripped from the keys unless ``strip=False``) as a `LazyTensor`
+        of the shape and dtype the header gives, cast to ``dtype`` when read as `get` does; nothing is read here.
+        A dtype no loader takes (4- or 6-bit floats, exponent-only scales, complex...) is a LoadError naming the
+        file and the tensor."""
+        import torch
+
+        out = {}
+        for k in list(self.key_file):
+            if not k.startswith(prefix):
+                continue
+            shape, name = self.header(k)
+            if name not in _DTYPES:
+                raise LoadError(f"{self.key_file[k]}: tensor {shown(k)} is stored as {name}, a type this pack does not "
+                                f"read (expected {', '.join(list(_DTYPES)[:6])}); the file is of another format or "
+                                "damaged. Use a bf16, fp16, fp32 or fp8 file of this model")
+            stored = getattr(torch, _DTYPES[name])
+            cast = dtype if dtype is not None and stored.is_floating_point and stored != dtype and \
+                not (keep_fp8 and stored.itemsize == 1) else stored
+            out[k[len(prefix):] if strip else k] = LazyTensor(
+                torch.empty(shape, dtype=cast, device="meta"),
+                lambda k=k, shape=shape: self._checked(k, shape, dtype, keep_fp8))
+        return out
+
+    def _checked(self, key, shape, dtype, keep_fp8):
+        t = self.get(key, dtype, keep_fp8)
+        if tuple(t.shape) != shape:  # safetensors hands out what its header says; a guard, never expected
+            raise LoadError(f"{self.key_file[key]}: tensor {shown(key)} read as {tuple(t.shape)}, its header says "
+                            f"{shape}; the file is damaged")
+        return t
 
     def keys(self):
         return self.key_file.keys()
@@ -52,14 +143,33 @@ class SafetensorsReader:
             t = t.to(dtype)
         return t
 
-    def take(self, prefix: str = "", dtype=None, strip: bool = True, keep_fp8: bool = False) -> dict:
-        """Every tensor under ``prefix`` (the prefix stripped from the keys unless ``strip=False``)."""
-        out = {}
-        for k in list(self.key_file):
-            if k.startswith(prefix):
-                out[k[len(prefix):] if strip else k] = self.get(k, dtype, keep_fp8)
-        return out
 
+
+
+def _why(path: Path) -> str | None:
+    """Why safetensors refused ``path``, in words, for the cases users meet (a truncated download): the header that
+    claims more bytes than the file holds, or the tensor whose data runs past its end; None for the others."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            if n is None or n > size - 8:
+                return f"{size:,} bytes, too short for the header it starts with" if n is None else \
+                    f"its header claims {n:,} bytes, but the file holds {size:,}"
+            header = json.loads(fh.read(n)) if n <= MAX_JSON_BYTES * 8 else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    ends = [(v["data_offsets"][1], k) for k, v in header.items() if isinstance(v, dict) and
+            isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2 and
+            isinstance(v["data_offsets"][1], int)]
+    end, key = max(ends, default=(0, None))
+    if key is not None and 8 + n + end > size:
+        return (f"tensor {shown(key)} ends at byte {8 + n + end:,}, past the end of the {size:,}-byte file: the "
+                "download is truncated")
+    return None
 
 
 def refuse_pickle(path: Path) -> None:
