@@ -248,8 +248,11 @@ class AuraFlowPipeline:
                 samples = latent["samples"] if isinstance(latent, dict) else latent
                 model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg,
                                        sigmas=plan.sigmas_tensor())
-            return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
-                           noise=noise, mask=mask)
+            try:
+                return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
+                               noise=noise, mask=mask)
+            finally:  # the ComfyUI nodes call sample() and decode() themselves, without generate(): each hands back
+                release_freed_memory()  # its freed buffers, so the RSS stays flat on every path
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -262,7 +265,10 @@ class AuraFlowPipeline:
         if not torch.isfinite(img).all():  # clamp would turn NaN into a black image that looks like a result
             raise NumericError("the VAE decoded NaN or infinite values from a finite latent; the VAE's weights are "
                                "damaged or not the SDXL VAE's")
-        return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        out = ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        del img, z
+        release_freed_memory()
+        return out
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -276,7 +282,10 @@ class AuraFlowPipeline:
         if not torch.isfinite(images).all():
             raise NumericError("the images to encode hold NaN or infinite values; make them again")
         x = images[:, :h, :w, :3].to(self.part_device("vae"), torch.float32).permute(0, 3, 1, 2) * 2 - 1
-        return self.vae.encode(conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
+        out = self.vae.encode(conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
+        del x
+        release_freed_memory()
+        return out
 
     # -------------------------------------------------------------- the whole job
     def generate(self, plan: GenerationPlan | None = None, *, callback: Callable | None = None,
