@@ -252,11 +252,14 @@ def main(argv=None) -> int:
               "warmup": args.warmup, "images": args.images, "distinct": args.distinct, "lora": args.lora,
               "lora_sweep": args.lora_sweep, "rss_kib_per_image": round(slope(rec.rss) * 1024, 1),
               "heap_kib_per_image": round(slope(rec.heap) * 1024, 2),
+              # the second half alone: a cache still filling early (8 prompts, 8 LoRA files) shows as a step there
+              "rss_kib_per_image_2nd_half": round(slope(rec.rss[len(rec.rss) // 2:]) * 1024, 1),
               "rss_mib_first_last": [round(rec.rss[0], 1), round(rec.rss[-1], 1)],
               "seconds_per_image": round(sum(rec.seconds) / len(rec.seconds), 2),
               "rss_mib": [round(v, 1) for v in rec.rss]}
     print(f"{args.images} images after {args.warmup} warm-up ({', '.join(what)}): RSS "
-          f"{result['rss_kib_per_image']:+.1f} KiB/image ({rec.rss[0]:.1f} -> {rec.rss[-1]:.1f} MiB), Python heap "
+          f"{result['rss_kib_per_image']:+.1f} KiB/image ({rec.rss[0]:.1f} -> {rec.rss[-1]:.1f} MiB; second half "
+          f"{result['rss_kib_per_image_2nd_half']:+.1f}), Python heap "
           f"{result['heap_kib_per_image']:+.2f} KiB/image, {result['seconds_per_image']:.2f} s/image")
     if rec.before is not None:
         for stat in tracemalloc.take_snapshot().compare_to(rec.before, "traceback")[:args.top]:
