@@ -248,11 +248,8 @@ class AuraFlowPipeline:
                 samples = latent["samples"] if isinstance(latent, dict) else latent
                 model = velocity_model(self, options, batch=samples.shape[0], cfg=plan.cfg,
                                        sigmas=plan.sigmas_tensor())
-            try:
-                return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
-                               noise=noise, mask=mask)
-            finally:  # the ComfyUI nodes call sample() and decode() themselves, without generate(): each hands back
-                release_freed_memory()  # its freed buffers, so the RSS stays flat on every path
+            return _sample(model, positive, negative, latent, plan, callback=callback, should_stop=should_stop,
+                           noise=noise, mask=mask)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -266,7 +263,7 @@ class AuraFlowPipeline:
             raise NumericError("the VAE decoded NaN or infinite values from a finite latent; the VAE's weights are "
                                "damaged or not the SDXL VAE's")
         out = ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
-        del img, z
+        del img, z  # the nodes decode without generate(): each decode hands its freed buffers back (flat RSS)
         release_freed_memory()
         return out
 
