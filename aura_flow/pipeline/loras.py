@@ -69,7 +69,7 @@ def check_loras(items) -> tuple[LoraEntry, ...]:
     return tuple(out)
 
 
-MAX_PREPARED = 8  # prepared LoRA files kept (more only while a longer list is active); a real LoRA: tens-hundreds of MiB
+MAX_PREPARED = 8  # prepared LoRA files kept (more only while a longer list is active): tens-hundreds of MiB each
 
 
 class LoraState:
