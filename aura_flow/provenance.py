@@ -4,7 +4,7 @@ speed mode, where the start noise was drawn, the LoRAs, and this pack's version.
 `file_hash` is quick on any file size: sha256 over the file's size, its first and its last MiB (what changes when
 a model is retrained, converted or truncated), 10 hex digits. A folder (a diffusers checkpoint) hashes the names,
 sizes and hashes of its weight and config files. Hashes are cached per (resolved path, mtime, size), so a file is
-read once per change, however many images name it.
+read once per change, however many images name it (the last `MAX_CACHED` versions are kept).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ CHUNK = 1 << 20  # bytes read from each end of a file
 HASH_DIGITS = 10
 _FOLDER_FILES = (".safetensors", ".gguf", ".json", ".model")
 _CACHE: dict[tuple, str] = {}
+MAX_CACHED = 4096  # file versions whose hash is kept (the oldest go first): a long session of new files stays bounded
 
 
 def _stat_key(path: Path) -> tuple:
@@ -59,6 +60,8 @@ def file_hash(path) -> str | None:
             return _folder_digest(resolved)[:HASH_DIGITS]
         hit = _CACHE.get(key)
         if hit is None:
+            while len(_CACHE) >= MAX_CACHED:
+                _CACHE.pop(next(iter(_CACHE)))
             hit = _CACHE[key] = _file_digest(resolved, key[2])[:HASH_DIGITS]
         return hit
     except (OSError, TypeError, ValueError) as exc:

@@ -6,6 +6,7 @@ import logging
 from ..aura_flow.errors import ParameterError
 from ..aura_flow.params import RANGES, check_area, check_range, check_size
 from ..aura_flow.plan import plan_sampling
+from ..aura_flow.weights.devices import release_freed_memory
 from .comfyui import devices, memory, native, progress
 from .conditioning import conds_from_conditioning
 from .records import attach
@@ -114,6 +115,7 @@ class AuraFlowSampler:
                 start = dict(latent_image)
                 start["samples"] = latent_image["samples"].to(model.device)
                 out = model.sample(pos, neg, start, plan, callback=bar, should_stop=progress.should_stop())
+            release_freed_memory()  # the run's freed buffers back to the system, as generate() does: a flat RSS
             record = _record(model, plan)  # while the model is on the device it ran on
         out["samples"] = attach(out["samples"].to(devices.intermediate_device()), record)
         return (out,)

@@ -32,3 +32,43 @@ def test_the_python_heap_does_not_grow_per_image(tiny_pipe, tmp_path):
     finally:
         tracemalloc.stop()
     assert slope(sizes) < 16, f"the Python heap grows {slope(sizes):.1f} KiB per image: {sizes}"
+
+
+def test_prepared_loras_stay_bounded_when_one_lora_after_another_is_tried(tiny_pipe, tmp_path, monkeypatch):
+    """A user trying LoRA after LoRA in one process: only the last MAX_PREPARED files stay prepared (each holds the
+    file's factors), the active ones always; a list longer than the bound still activates whole, once."""
+    from aura_flow.pipeline import loras as lora_state
+
+    monkeypatch.setattr(lora_state, "MAX_PREPARED", 3)
+    state = tiny_pipe._lora_state
+    files = [write_lora(tmp_path / f"l{i}.safetensors", LAYERS_A, seed=i) for i in range(8)]
+    try:
+        tiny_pipe.set_loras([(files[0], 1.0)])  # active from now on
+        for path in files[1:]:
+            tiny_pipe.with_loras([(path, 0.5)])  # each checked and prepared, as a LoRA Loader node does
+            assert len(state) <= 3 + 1, len(state)
+        assert str(files[0].resolve()) in state._prepared  # the active one was never dropped
+        assert str(files[-1].resolve()) in state._prepared  # the last one used is kept
+        assert str(files[1].resolve()) not in state._prepared  # the oldest unused one is gone
+        five = [(path, 0.2) for path in files[:5]]  # more than the bound in one list: all of it applied
+        report = tiny_pipe.set_loras(five)
+        assert len(report.loras) == 5 and len(state) == 5
+        assert tiny_pipe.set_loras(five) is report  # nothing evicted from the active list: not applied again
+        tiny_pipe.with_loras([(files[7], 1.0)])
+        assert len(state) == 5 + 1 and tiny_pipe.set_loras(five) is report
+    finally:
+        tiny_pipe.set_loras([])
+
+
+def test_file_hashes_stay_bounded(tmp_path, monkeypatch):
+    from aura_flow import provenance
+
+    monkeypatch.setattr(provenance, "MAX_CACHED", 4)
+    monkeypatch.setattr(provenance, "_CACHE", {})
+    hashes = []
+    for i in range(10):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(bytes([i]) * 100)
+        hashes.append(provenance.file_hash(path))
+    assert len(provenance._CACHE) == 4 and len(set(hashes)) == 10
+    assert provenance.file_hash(tmp_path / "f9.bin") == hashes[9]

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -72,16 +73,24 @@ def check_loras(items) -> tuple[LoraEntry, ...]:
     return tuple(out)
 
 
+MAX_PREPARED = 8  # prepared LoRA files kept (more only while a longer list is active): tens-hundreds of MiB each
+
+
 class LoraState:
-    """The LoRA side of one transformer: prepared files (cached per file version) and the active list."""
+    """The LoRA side of one transformer: prepared files (cached per file version) and the active list.
+
+    The cache keeps the `MAX_PREPARED` files used last (and every active one): a user trying one LoRA after
+    another in one process would otherwise keep every file's factors in memory for good (issue 20)."""
 
     def __init__(self, transformer):
         self.transformer = transformer
         self.lock = threading.RLock()
-        self._prepared: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, PreparedLora)
+        # resolved path -> (file key, PreparedLora), the one used last at the end
+        self._prepared: collections.OrderedDict[str, tuple[tuple, object]] = collections.OrderedDict()
         self.active: tuple[LoraEntry, ...] = ()
         self.report = None  # the ApplyReport of the active list
         self._applied: list = []  # (PreparedLora, strength) now on the layers: a changed file is applied again
+        self._pinned: frozenset = frozenset()  # the paths of the list being activated: all of it stays prepared
         self._depth = 0
 
     def prepared(self, entry: LoraEntry):
@@ -95,11 +104,29 @@ class LoraState:
         with self.lock:
             hit = self._prepared.get(entry.path)
             if hit is not None and hit[0] == key:
+                self._prepared.move_to_end(entry.path)
                 return hit[1]
             prepared = prepare_lora(entry.path, self.transformer)
             prepared.report = replace(prepared.report, hash=file_hash(entry.path))
             self._prepared[entry.path] = (key, prepared)
+            self._prepared.move_to_end(entry.path)
+            self._evict(entry.path)
             return prepared
+
+    def _evict(self, new: str) -> None:
+        """Forget the files used longest ago beyond `MAX_PREPARED`, never ``new`` (just prepared) nor one now on the
+        layers (its object decides whether the active list changed); a view that names a forgotten file prepares
+        it again when it runs."""
+        active = {id(p) for p, _ in self._applied}
+        extra = len(self._prepared) - MAX_PREPARED
+        old = [path for path, (_, prepared) in self._prepared.items()
+               if id(prepared) not in active and path not in self._pinned and path != new]
+        for path in old[:max(extra, 0)]:
+            del self._prepared[path]
+
+    def __len__(self) -> int:
+        """Prepared files held now."""
+        return len(self._prepared)
 
     def activate(self, entries) -> object:
         """Make exactly ``entries`` active on the transformer's layers; the `ApplyReport`."""
@@ -107,7 +134,11 @@ class LoraState:
 
         entries = tuple(entries)
         with self.lock:
-            prepared = [(self.prepared(e), e.strength) for e in entries]
+            self._pinned = frozenset(e.path for e in entries)
+            try:
+                prepared = [(self.prepared(e), e.strength) for e in entries]
+            finally:
+                self._pinned = frozenset()
             same = len(prepared) == len(self._applied) and all(
                 p is q and s == t for (p, s), (q, t) in zip(prepared, self._applied))
             if not same or self.report is None:

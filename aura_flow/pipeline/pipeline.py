@@ -268,7 +268,10 @@ class AuraFlowPipeline:
         if not torch.isfinite(img).all():  # clamp would turn NaN into a black image that looks like a result
             raise NumericError("the VAE decoded NaN or infinite values from a finite latent; the VAE's weights are "
                                "damaged or not the SDXL VAE's")
-        return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        out = ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        del img, z  # the nodes decode without generate(): each decode hands its freed buffers back (flat RSS)
+        release_freed_memory()
+        return out
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -282,7 +285,10 @@ class AuraFlowPipeline:
         if not torch.isfinite(images).all():
             raise NumericError("the images to encode hold NaN or infinite values; make them again")
         x = images[:, :h, :w, :3].to(self.part_device("vae"), torch.float32).permute(0, 3, 1, 2) * 2 - 1
-        return self.vae.encode(conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
+        out = self.vae.encode(conv_layout(x)).latent_dist.mean.float().cpu().contiguous()
+        del x
+        release_freed_memory()
+        return out
 
     # -------------------------------------------------------------- the whole job
     def generate(self, plan: GenerationPlan | None = None, *, callback: Callable | None = None,
