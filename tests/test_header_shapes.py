@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import gguf
 import pytest
 import safetensors
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import aura_flow
 from aura_flow.errors import LoadError
+from test_hostile_files import write_gguf
 
 BIG = (1 << 15, 1 << 15)  # float32: 4 GiB (safetensors maps the whole file: not more than the machine can map)
 GIB = 1 << 30
@@ -167,14 +167,7 @@ def test_a_gguf_tensor_info_is_checked_before_a_block_is_read(tmp_path, tiny_mod
     from aura_flow.weights.gguf import load_gguf_transformer
 
     sd = load_file(str(tiny_models["transformer_only"]["checkpoint"]))
-    path = tmp_path / "big.gguf"
-    writer = gguf.GGUFWriter(str(path), "aura")
-    for name, t in sd.items():
-        writer.add_tensor(name, t.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "big.gguf", sd)
     data = bytearray(path.read_bytes())
     name = b"double_layers.0.attn.w1q.weight"
     at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
