@@ -135,7 +135,10 @@ def test_hostile_queries_answer_in_bounded_time_off_the_event_loop(monkeypatch):
             assert message in body["error"] and len(body["error"]) < 1000, query
         else:
             assert 1 < len(body["sigmas"]) <= 10001 and all(math.isfinite(v) for v in body["sigmas"])
-    assert worst_gap < 1.0  # the loop was never held for the length of a schedule
+    longest = max(seconds for _, seconds in answers)
+    # the loop was never held for the length of a schedule (work on the loop would hold it ~longest); the floor and
+    # the 0.8 leave room for a loaded machine's scheduling, which stretches both numbers
+    assert worst_gap < max(1.0, 0.8 * longest), (worst_gap, longest)
 
 
 def test_the_key_route_refuses_a_huge_body_before_reading_it(monkeypatch, tmp_path):
