@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import aura_flow
 from aura_flow.errors import LoadError
+from test_hostile_files import fp8_transformer
 
 
 @pytest.fixture
@@ -89,11 +90,7 @@ def test_an_ldm_vae_missing_a_bias_its_weight_has(tiny_models, tmp_path):
 
 def test_fp8_values_where_a_float32_scale_is_expected(tiny_models, tmp_path):
     """An fp8 scale (torch has no isfinite for fp8) loads as its float value; a NaN one is named."""
-    from aura_flow.weights.writers import write_fp8
-
-    kw = tiny_models["transformer_only"]
-    extra = dict(text_encoder=kw["text_encoder"], vae=kw["vae"], tokenizer=Path(kw["vae"]).parent / "tokenizer.model")
-    path = write_fp8(tmp_path / "fp8.safetensors", load_file(str(kw["checkpoint"])), prefix="")
+    path, extra = fp8_transformer(tiny_models, tmp_path)
     sd = load_file(str(path))
     scale = next(k for k in sd if k.endswith(".scale_weight"))
     sd[scale] = sd[scale].to(torch.float8_e4m3fn)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import time
 from pathlib import Path
@@ -303,12 +302,18 @@ def test_a_single_file_with_a_damaged_tokenizer_and_vae(tmp_path, tiny_models):
         aura_flow.load(tmp_path / "all.safetensors", device="cpu", tokenizer=src.parent / "tokenizer.model")
 
 
-def test_fp8_metadata_and_scales(tmp_path, tiny_models):
+def fp8_transformer(tiny_models, tmp_path):
+    """The tiny transformer written as an fp8 file (``tmp_path/fp8.safetensors``), and the other parts' paths
+    (``aura_flow.load`` keywords) to load it with."""
     from aura_flow.weights.writers import write_fp8
 
     kw = tiny_models["transformer_only"]
     extra = dict(text_encoder=kw["text_encoder"], vae=kw["vae"], tokenizer=Path(kw["vae"]).parent / "tokenizer.model")
-    path = write_fp8(tmp_path / "fp8.safetensors", load_file(str(kw["checkpoint"])), prefix="")
+    return write_fp8(tmp_path / "fp8.safetensors", load_file(str(kw["checkpoint"])), prefix=""), extra
+
+
+def test_fp8_metadata_and_scales(tmp_path, tiny_models):
+    path, extra = fp8_transformer(tiny_models, tmp_path)
     sd = load_file(str(path))
     scale = next(k for k in sd if k.endswith(".scale_weight"))
     save_file(sd, str(path), metadata={"_quantization_metadata": "{not json"})
