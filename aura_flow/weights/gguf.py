@@ -12,6 +12,7 @@ Entry points: `is_gguf` (the magic bytes) and `load_gguf_transformer`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -74,6 +75,26 @@ def _orig_shape(reader, path, tensor) -> list[int] | None:
     return shape
 
 
+class GGUFSource:
+    """The GGUF file the tensors of one read come from, open only while they are read (`reading`): the model is
+    planned from the header with the file closed, then filled from one opening."""
+
+    def __init__(self, path):
+        self.name, self._fh = str(path), None
+
+    @contextlib.contextmanager
+    def reading(self):
+        with open(self.name, "rb") as self._fh:
+            yield
+        self._fh = None
+
+    def read_at(self, offset: int, out) -> int:
+        if self._fh is None:
+            raise RuntimeError(f"{self.name}: read outside GGUFSource.reading()")
+        self._fh.seek(offset)
+        return self._fh.readinto(out)
+
+
 class GGUFStored:
     """One tensor of a GGUF file: its type, logical shape, and where its bytes are; read when a layer needs them."""
 
@@ -86,8 +107,7 @@ class GGUFStored:
         """The tensor's bytes (uint8, file order), read into memory the tensor owns (their range was checked
         against the file's size when the header was read)."""
         out = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.file.seek(self.offset)
-        if self.file.readinto(memoryview(out.numpy())) != self.nbytes:
+        if self.file.read_at(self.offset, memoryview(out.numpy())) != self.nbytes:
             raise LoadError(f"{self.file.name}: tensor {self.name} ends past the end of the file; the download is "
                             f"truncated. Download it again.")
         if self.swapped:  # exchange the halves of the rows: whole blocks, since the half is block-aligned
@@ -148,8 +168,9 @@ def check_gguf(path) -> None:
     _open_checked(path)
 
 
-def read_gguf(path, file) -> tuple[dict[str, GGUFStored], dict]:
-    """``({unprefixed name: GGUFStored}, header metadata)`` of an AuraFlow GGUF; ``file`` is ``path`` opened 'rb'."""
+def read_gguf(path, file: GGUFSource) -> tuple[dict[str, GGUFStored], dict]:
+    """``({unprefixed name: GGUFStored}, header metadata)`` of an AuraFlow GGUF; ``file``: where the tensors of
+    ``path`` are read from (inside its `GGUFSource.reading`)."""
     reader, names = _open_checked(path)
     prefix = find_prefix(names, TRANSFORMER_KEYS) or ""
     size = os.path.getsize(path)
@@ -188,19 +209,23 @@ def load_gguf_transformer(path, compute_dtype: torch.dtype = torch.bfloat16, def
     the other tensors (position grid, register tokens, biases) decoded to ``compute_dtype``, the dtype the layers
     dequantize to when run. Every tensor info is checked against the model before a block is read. The file is
     closed when this returns. deferred: ``(the model on the meta device, finish)``, every tensor info checked and
-    nothing read; ``finish()`` loads it (reading the header again: the file is not held open in between)."""
+    nothing read; ``finish()`` opens the file and fills the model from that plan (the file is not held open in
+    between, and its header is read once)."""
     path = Path(os.fspath(path))
     if not is_gguf(path):
         raise LoadError(f"{path}: not a GGUF file (it does not start with 'GGUF'); pass an AuraFlow .gguf, or load a "
                         f".safetensors checkpoint with the ordinary loader.")
-    with open(path, "rb") as file:
-        stored, metadata = read_gguf(path, file)
-        if deferred:
-            model, _finish = assemble_transformer(stored, path, compute_dtype, metadata, deferred=True)
-            return model, lambda: load_gguf_transformer(path, compute_dtype)
-        model = assemble_transformer(stored, path, compute_dtype, metadata)
-    types = Counter(s.qtype.name for s in stored.values())
-    log.info("AuraFlow GGUF %s: %s; %.1f MiB of tensors, run in %s", path.name,
-             ", ".join(f"{n} {k}" for k, n in types.most_common()), sum(s.nbytes for s in stored.values()) / 2**20,
-             str(compute_dtype).replace("torch.", ""))
-    return model
+    source = GGUFSource(path)
+    stored, metadata = read_gguf(path, source)
+    planned, fill = assemble_transformer(stored, path, compute_dtype, metadata, deferred=True)
+
+    def finish():
+        with source.reading():
+            model = fill()
+        types = Counter(s.qtype.name for s in stored.values())
+        log.info("AuraFlow GGUF %s: %s; %.1f MiB of tensors, run in %s", path.name,
+                 ", ".join(f"{n} {k}" for k, n in types.most_common()),
+                 sum(s.nbytes for s in stored.values()) / 2**20, str(compute_dtype).replace("torch.", ""))
+        return model
+
+    return (planned, finish) if deferred else finish()
